@@ -1,0 +1,308 @@
+"""The `choice` command line: parse options, call the library, render. Nothing else."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from choicecli.errors import ChoiceError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode=None,
+    help="Fit conditional and nested logit models to long-format tables (Parquet or CSV).",
+)
+DEFAULT_MODEL = "choice_model"
+EXIT_NOT_CONVERGED = 3
+EXIT_INTERRUPTED = 130
+
+
+class Missing(StrEnum):
+    error = "error"
+    drop = "drop"
+
+
+class Level(StrEnum):
+    item = "item"
+    nest = "nest"
+
+
+class CoefFormat(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+    parquet = "parquet"
+
+
+class TableFormat(StrEnum):
+    parquet = "parquet"
+    csv = "csv"
+    json = "json"
+
+
+class Method(StrEnum):
+    auto = "auto"
+    newton = "newton"
+    lbfgs = "lbfgs"
+
+
+ModelDir = Annotated[
+    Path,
+    typer.Option(
+        "--model", "-m", envvar="CHOICE_MODEL", help="Model directory (default choice_model/)."
+    ),
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show a traceback on errors.")]
+
+
+def stderr_console(quiet: bool = False) -> Console:
+    """Diagnostics go to stderr; colour only on a terminal and without NO_COLOR."""
+    width = None if sys.stderr.isatty() else 120
+    return Console(stderr=True, quiet=quiet, no_color="NO_COLOR" in os.environ, width=width)
+
+
+def say_error(message: str) -> None:
+    """One unwrapped line on stderr."""
+    stderr_console().print(f"Error: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
+def handles_errors(command: Callable) -> Callable:
+    """Turn library errors into one stderr line and an exit code; Ctrl-C into 130."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        debug = kwargs.get("debug", False) or os.environ.get("CHOICE_DEBUG") == "1"
+        try:
+            return command(*args, **kwargs)
+        except ChoiceError as error:
+            if debug:
+                raise
+            say_error(str(error))
+            raise typer.Exit(error.exit_code) from None
+        except KeyboardInterrupt:
+            stderr_console().print("Interrupted; nothing was written.", highlight=False)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as error:  # a bug: say so in one line, never a traceback
+            if debug:
+                raise
+            say_error(
+                f"internal error ({type(error).__name__}: {error}); "
+                "rerun with --debug and report it"
+            )
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+@app.command()
+@handles_errors
+def fit(
+    data: Annotated[
+        str, typer.Argument(help="Parquet or CSV file in long format, or - for stdin.")
+    ],
+    formula: Annotated[
+        str, typer.Option("--formula", "-f", help="e.g. '(cost|constant) + (1|item)'.")
+    ],
+    nests: Annotated[
+        str | None,
+        typer.Option(help="Nests: 'a=x,y;b=z', a JSON file, or col:NAME. Fits a nested logit."),
+    ] = None,
+    nest_formula: Annotated[str, typer.Option(help="Nest-level formula (item = nest).")] = "",
+    shared_lambda: Annotated[bool, typer.Option(help="One lambda for all nests.")] = False,
+    lambda_init: Annotated[float, typer.Option(help="Starting lambda.")] = 1.0,
+    lambda_fixed: Annotated[bool, typer.Option(help="Hold lambda at --lambda-init.")] = False,
+    lambda_bounds: Annotated[
+        str | None, typer.Option(help="Bounds for lambda as LOW,HIGH, e.g. 0.01,1.")
+    ] = None,
+    case: Annotated[str, typer.Option(help="Choice-situation id column.")] = "case",
+    item: Annotated[str, typer.Option(help="Alternative id column.")] = "item",
+    choice: Annotated[str, typer.Option(help="Chosen indicator column (0/1, true/false).")] = (
+        "choice"
+    ),
+    user: Annotated[str | None, typer.Option(help="Decision-maker id column.")] = None,
+    session: Annotated[str | None, typer.Option(help="Session id column.")] = None,
+    available: Annotated[str | None, typer.Option(help="0/1 availability column.")] = None,
+    weights: Annotated[str | None, typer.Option(help="Case weight column.")] = None,
+    base: Annotated[str | None, typer.Option(help="Base alternative for item terms.")] = None,
+    missing: Annotated[Missing, typer.Option(help="Nulls in used columns: error or drop.")] = (
+        Missing.error
+    ),
+    input_format: Annotated[str | None, typer.Option(help="parquet or csv (default: suffix).")] = (
+        None
+    ),
+    model: ModelDir = Path(DEFAULT_MODEL),
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    method: Annotated[Method, typer.Option(help="Optimiser: auto, newton or lbfgs.")] = (
+        Method.auto
+    ),
+    max_iter: Annotated[int, typer.Option(help="Iteration cap.")] = 200,
+    tol: Annotated[float, typer.Option(help="Tolerance on the (Newton-scaled) gradient norm.")] = (
+        1e-7
+    ),
+    l2: Annotated[float, typer.Option(help="L2 penalty (l2/2)*sum(beta^2); not on lambda.")] = 0.0,
+    strict: Annotated[bool, typer.Option(help="Unidentified terms are an error.")] = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Fit a model and write the model directory.
+
+    Example: choice fit mc.parquet --formula '(cost|constant) + (1|item)' --case case --item alt
+    """
+    from choicecli import commands
+
+    code = commands.run_fit(
+        commands.FitRequest(
+            data=data,
+            formula=formula,
+            nests=nests,
+            nest_formula=nest_formula,
+            shared_lambda=shared_lambda,
+            lambda_init=lambda_init,
+            lambda_fixed=lambda_fixed,
+            lambda_bounds=lambda_bounds,
+            roles=dict(
+                case=case,
+                item=item,
+                choice=choice,
+                user=user,
+                session=session,
+                available=available,
+                weights=weights,
+            ),  # fmt: skip
+            base=base,
+            missing=missing.value,
+            input_format=input_format,
+            model=model,
+            device=device,
+            method=method.value,
+            max_iter=max_iter,
+            tol=tol,
+            l2=l2,
+            strict=strict,
+            argv=sys.argv,
+        ),
+        stderr_console(quiet),
+    )
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+@handles_errors
+def coef(
+    term: Annotated[
+        str | None, typer.Argument(help="e.g. 'intercept[user]'; all when omitted.")
+    ] = (None),
+    level: Annotated[Level, typer.Option(help="item or nest.")] = Level.item,
+    model: ModelDir = Path(DEFAULT_MODEL),
+    format: Annotated[
+        CoefFormat | None,
+        typer.Option(
+            "--format",
+            help="table, csv, json or parquet (default: table on a "
+            "terminal, CSV when piped, or the -o suffix).",
+        ),  # fmt: skip
+    ] = None,
+    output: Annotated[str, typer.Option("--output", "-o", help="File, or - for stdout.")] = "-",
+    debug: Debug = False,
+) -> None:
+    """Show coefficients from a fitted model.
+
+    Example: choice coef 'income[item]' --format csv
+    """
+    from choicecli import commands
+
+    commands.run_coef(term, level.value, model, format and format.value, output)
+
+
+@app.command()
+@handles_errors
+def predict(
+    data: Annotated[str, typer.Argument(help="Parquet or CSV file in long format, or -.")],
+    model: ModelDir = Path(DEFAULT_MODEL),
+    output: Annotated[str, typer.Option("--output", "-o", help="File, or - for stdout.")] = "-",
+    format: Annotated[TableFormat | None, typer.Option("--format")] = None,
+    shares: Annotated[bool, typer.Option(help="Predicted (and observed) shares instead.")] = False,
+    by: Annotated[str | None, typer.Option(help="Segment column for --shares.")] = None,
+    unseen: Annotated[
+        str, typer.Option(help="Unseen users: error, or zero (user coefficients set to 0).")
+    ] = "error",
+    case: Annotated[str | None, typer.Option(help="Override the fitted case column.")] = None,
+    item: Annotated[str | None, typer.Option(help="Override the fitted item column.")] = None,
+    choice: Annotated[str | None, typer.Option(help="Override the fitted choice column.")] = None,
+    user: Annotated[str | None, typer.Option(help="Override the fitted user column.")] = None,
+    input_format: Annotated[str | None, typer.Option(help="parquet or csv.")] = None,
+    batch_cases: Annotated[int, typer.Option(help="Cases scored per batch.")] = 200_000,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Score new data with a fitted model: utility, probability, predicted.
+
+    Example: choice predict next_month.parquet -o scores.parquet
+    """
+    from choicecli import commands
+
+    commands.run_predict(
+        commands.PredictRequest(
+            data=data,
+            model=model,
+            output=output,
+            format=format and format.value,
+            shares=shares,
+            by=by,
+            unseen=unseen,
+            roles={"case": case, "item": item, "choice": choice, "user": user},
+            input_format=input_format,
+            batch_cases=batch_cases,
+        ),
+        stderr_console(quiet),
+    )
+
+
+@app.command()
+@handles_errors
+def plot(
+    term: Annotated[
+        str | None, typer.Argument(help="Term to draw; all coefficients if omitted.")
+    ] = (None),
+    output: Annotated[Path, typer.Option("--output", "-o", help="PNG file to write.")] = Path(
+        "coefficients.png"
+    ),
+    level: Annotated[Level, typer.Option(help="item or nest.")] = Level.item,
+    model: ModelDir = Path(DEFAULT_MODEL),
+    shares: Annotated[
+        Path | None, typer.Option(help="Draw shares from a 'choice predict --shares' file.")
+    ] = None,
+    dpi: Annotated[int, typer.Option(help="Dots per inch.")] = 100,
+    title: Annotated[str | None, typer.Option(help="Chart title (default: the formula).")] = None,
+    debug: Debug = False,
+) -> None:
+    """Draw a PNG chart of coefficients, user distributions, lambdas or shares.
+
+    Example: choice plot 'intercept[user]' -o users.png
+    """
+    from choicecli import commands
+
+    commands.run_plot(term, level.value, model, output, shares, dpi, title)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""Long table to validated tensors and label maps.
+
+Notation: R rows (one per case x offered alternative), N cases, J alternatives, U users.
+Rows are sorted by case, then alternative; every per-row tensor below follows that order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import polars as pl
+import torch
+
+from choicecli.errors import DataError
+from choicecli.formula import suggest
+
+ROW = "__row"
+
+
+@dataclass(frozen=True)
+class Roles:
+    """Which columns of the long table play which part."""
+
+    case: str = "case"
+    item: str = "item"
+    choice: str | None = "choice"
+    user: str | None = None
+    session: str | None = None
+    available: str | None = None
+    weights: str | None = None
+
+    def names(self) -> list[str]:
+        return [
+            name
+            for name in (
+                self.case,
+                self.item,
+                self.choice,
+                self.user,
+                self.session,
+                self.available,
+                self.weights,
+            )  # fmt: skip
+            if name
+        ]
+
+
+@dataclass
+class ChoiceData:
+    """A validated long table as tensors, rows sorted by (case, alternative)."""
+
+    roles: Roles
+    item_labels: list  # (J,) labels in code order
+    user_labels: list | None  # (U,)
+    case_labels: list  # (N,)
+    case_index: torch.Tensor  # (R,) long, 0..N-1, non-decreasing
+    item_index: torch.Tensor  # (R,) long, 0..J-1
+    user_of_case: torch.Tensor | None  # (N,) long
+    chosen: torch.Tensor | None  # (R,) float64 0/1, one 1 per case
+    columns: dict[str, torch.Tensor]  # name -> (R,) float64
+    source_row: torch.Tensor  # (R,) long: the row's position in the input table
+    case_weights: torch.Tensor | None = None  # (N,) float64
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.case_index.shape[0])
+
+    @property
+    def n_cases(self) -> int:
+        return len(self.case_labels)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_labels)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_labels) if self.user_labels is not None else 0
+
+    @property
+    def user_of_row(self) -> torch.Tensor | None:  # (R,)
+        return None if self.user_of_case is None else self.user_of_case[self.case_index]
+
+    def alternatives_per_case(self) -> torch.Tensor:  # (N,)
+        return torch.bincount(self.case_index, minlength=self.n_cases)
+
+
+def check_columns(frame: pl.DataFrame, names: list[str], where: str) -> None:
+    """Every named column exists; else one error listing the table's columns."""
+    for name in names:
+        if name not in frame.columns:
+            raise DataError(
+                f"{where}: no column {name!r}{suggest(name, frame.columns)} "
+                f"(columns: {', '.join(frame.columns)})"
+            )
+
+
+def sorted_labels(series: pl.Series) -> list:
+    """Distinct labels in order: numeric ids numerically, others as sorted strings."""
+    return series.unique().sort().to_list()
+
+
+def encode(frame: pl.DataFrame, column: str, labels: list, what: str, where: str) -> pl.Series:
+    """Integer codes of `column` against `labels`; a value not in labels is an error."""
+    mapping = pl.DataFrame({column: labels, "__code": range(len(labels))}).cast(
+        {column: frame.schema[column]}, strict=False
+    )
+    coded = frame.select(column).join(mapping, on=column, how="left", maintain_order="left")
+    missing = coded.filter(pl.col("__code").is_null())
+    if missing.height:
+        first = missing.get_column(column)[0]
+        raise DataError(
+            f"{where}: {what} {first!r} in column {column!r} was not seen when the model was "
+            f"fitted ({missing.height} rows); known: {', '.join(map(str, labels[:10]))}"
+            + (" ..." if len(labels) > 10 else "")
+        )
+    return coded.get_column("__code")
+
+
+def load_choice_data(
+    frame: pl.DataFrame,
+    roles: Roles,
+    used_columns: list[str],
+    *,
+    where: str,
+    missing: str = "error",
+    item_labels: list | None = None,
+    user_labels: list | None = None,
+    drop_single_alternative: bool = True,
+) -> ChoiceData:
+    """Validate the long table and turn it into tensors (no Python loop over rows or cases)."""
+    check_columns(frame, roles.names() + used_columns, where)
+    table = frame.select(list(dict.fromkeys(roles.names() + used_columns))).with_row_index(ROW)
+    notes: list[str] = []
+    table = _check_numeric(table, used_columns + [c for c in (roles.weights,) if c], where)
+    table = _handle_missing(table, roles, used_columns, missing, where, notes)
+    if roles.choice:
+        table = table.with_columns(_chosen_flag(table, roles.choice, where))
+    if roles.available:
+        table = _apply_availability(table, roles, where, notes)
+    _check_duplicates(table, roles, where)
+    _check_constant_within_case(table, roles, where)
+    if roles.choice:
+        _check_one_chosen(table, roles, where)
+    if drop_single_alternative:
+        table = _drop_single_alternative(table, roles, notes)
+    if table.height == 0:
+        raise DataError(f"{where}: no cases left to fit after the checks above")
+
+    if item_labels is None:
+        item_labels = sorted_labels(table.get_column(roles.item))
+    case_labels = sorted_labels(table.get_column(roles.case))
+    table = table.with_columns(
+        encode(table, roles.item, item_labels, "alternative", where).alias("__item"),
+        (pl.col(roles.case).rank("dense").cast(pl.Int64) - 1).alias("__case"),
+    ).sort(["__case", "__item"])
+    user_of_case = None
+    if roles.user:
+        if user_labels is None:
+            user_labels = sorted_labels(table.get_column(roles.user))
+        users = encode(table, roles.user, user_labels, "user", where)
+        per_case = table.select("__case").with_columns(users.alias("__user")).unique("__case")
+        user_of_case = torch.from_numpy(per_case.sort("__case")["__user"].to_numpy().copy())
+
+    columns = {
+        name: torch.from_numpy(table.get_column(name).cast(pl.Float64).to_numpy().copy())
+        for name in used_columns
+    }
+    chosen = None
+    if roles.choice:
+        chosen = torch.from_numpy(table.get_column("__chosen").cast(pl.Float64).to_numpy().copy())
+    case_index = torch.from_numpy(table.get_column("__case").to_numpy().copy())
+    weights = None
+    if roles.weights:
+        per_row = torch.from_numpy(table.get_column(roles.weights).cast(pl.Float64).to_numpy())
+        weights = torch.zeros(len(case_labels), dtype=torch.float64).scatter_(
+            0, case_index, per_row
+        )  # (N,) any row of the case: weights are checked constant within case
+    return ChoiceData(
+        roles=roles,
+        item_labels=item_labels,
+        user_labels=user_labels,
+        case_labels=case_labels,
+        case_index=case_index,
+        item_index=torch.from_numpy(table.get_column("__item").to_numpy().copy()),
+        user_of_case=user_of_case,
+        chosen=chosen,
+        columns=columns,
+        source_row=torch.from_numpy(table.get_column(ROW).cast(pl.Int64).to_numpy().copy()),
+        case_weights=weights,
+        notes=notes,
+    )
+
+
+def _check_numeric(table: pl.DataFrame, names: list[str], where: str) -> pl.DataFrame:
+    casts = []
+    for name in dict.fromkeys(names):
+        dtype = table.schema[name]
+        if dtype == pl.Boolean:
+            casts.append(pl.col(name).cast(pl.Float64))
+        elif not dtype.is_numeric():
+            sample = table.get_column(name).drop_nulls()
+            shown = f" (e.g. {sample[0]!r})" if len(sample) else ""
+            raise DataError(
+                f"{where}: column {name!r} is {dtype}, not numeric{shown}; "
+                "a formula can only use numeric or true/false columns"
+            )
+    return table.with_columns(casts) if casts else table
+
+
+def _handle_missing(
+    table: pl.DataFrame, roles: Roles, used: list[str], missing: str, where: str, notes: list[str]
+) -> pl.DataFrame:
+    """Nulls/NaN in used columns: an error, or drop their cases with --missing drop."""
+    case = roles.case
+    for name in roles.names():
+        nulls = table.get_column(name).null_count()
+        if nulls:
+            first = (
+                table.filter(pl.col(name).is_null()).get_column(case)[0] if name != case else None
+            )
+            at = f" (first in case {first!r})" if first is not None else ""
+            raise DataError(f"{where}: column {name!r} has {nulls} empty values{at}; fill them in")
+    floats = [name for name in used + ([roles.weights] if roles.weights else [])]
+    for name in floats:
+        column = pl.col(name)
+        infinite = table.filter(column.is_infinite())
+        if infinite.height:
+            raise DataError(
+                f"{where}: column {name!r} has {infinite.height} infinite values "
+                f"(first in case {infinite.get_column(case)[0]!r}); replace or remove them"
+            )
+    if not floats:
+        return table
+    bad_row = pl.any_horizontal([pl.col(n).is_null() | pl.col(n).is_nan() for n in floats])
+    bad_cases = table.filter(bad_row).get_column(case).unique(maintain_order=True)
+    if bad_cases.len() == 0:
+        return table
+    if missing == "drop":
+        kept = table.filter(~pl.col(case).is_in(bad_cases.implode()))
+        notes.append(
+            f"dropped {bad_cases.len()} cases with null or NaN values in used columns "
+            f"(--missing drop); {kept.get_column(case).n_unique()} cases remain"
+        )
+        return kept
+    for name in floats:
+        hit = table.filter(pl.col(name).is_null() | pl.col(name).is_nan())
+        if hit.height:
+            n_cases = hit.get_column(case).n_unique()
+            raise DataError(
+                f"{where}: column {name!r} has null or NaN values in {n_cases} cases "
+                f"(first: case {hit.get_column(case)[0]!r}); fill them in, or pass "
+                "--missing drop to drop those cases"
+            )
+    return table
+
+
+def _chosen_flag(table: pl.DataFrame, name: str, where: str) -> pl.Expr:
+    series = table.get_column(name)
+    if series.dtype == pl.Boolean:
+        return pl.col(name).alias("__chosen")
+    if not series.dtype.is_numeric():
+        raise DataError(
+            f"{where}: choice column {name!r} is {series.dtype}; use 0/1 or true/false values"
+        )
+    bad = table.filter(~pl.col(name).is_in([0, 1]))
+    if bad.height:
+        raise DataError(
+            f"{where}: choice column {name!r} has values other than 0/1 ({bad.height} rows, "
+            f"first {bad.get_column(name)[0]!r} at row {bad.get_column(ROW)[0] + 1}); "
+            "mark the chosen row with 1 and the others with 0"
+        )
+    return (pl.col(name) == 1).alias("__chosen")
+
+
+def _apply_availability(
+    table: pl.DataFrame, roles: Roles, where: str, notes: list[str]
+) -> pl.DataFrame:
+    name = roles.available
+    series = table.get_column(name)
+    if not (series.dtype == pl.Boolean or series.dtype.is_numeric()):
+        raise DataError(f"{where}: availability column {name!r} must be 0/1 or true/false")
+    available = pl.col(name).cast(pl.Float64) != 0
+    if roles.choice:
+        bad = table.filter(pl.col("__chosen") & ~available)
+        if bad.height:
+            raise DataError(
+                f"{where}: {bad.height} cases choose an alternative marked unavailable in "
+                f"{name!r} (first: case {bad.get_column(roles.case)[0]!r}); fix the data"
+            )
+    kept = table.filter(available)
+    if kept.height < table.height:
+        notes.append(f"{table.height - kept.height} rows marked unavailable in {name!r} left out")
+    return kept
+
+
+def _check_duplicates(table: pl.DataFrame, roles: Roles, where: str) -> None:
+    counts = table.group_by([roles.case, roles.item], maintain_order=True).len()
+    duplicated = counts.filter(pl.col("len") > 1)
+    if duplicated.height:
+        first = duplicated.row(0, named=True)
+        raise DataError(
+            f"{where}: {duplicated.height} (case, alternative) pairs appear more than once "
+            f"(first: case {first[roles.case]!r}, alternative {first[roles.item]!r}); "
+            "keep one row per case and alternative"
+        )
+
+
+def _check_constant_within_case(table: pl.DataFrame, roles: Roles, where: str) -> None:
+    for name, what in ((roles.user, "user"), (roles.session, "session"), (roles.weights, "weight")):
+        if not name:
+            continue
+        varying = (
+            table.group_by(roles.case, maintain_order=True)
+            .agg(pl.col(name).n_unique().alias("n"))
+            .filter(pl.col("n") > 1)
+        )
+        if varying.height:
+            raise DataError(
+                f"{where}: the {what} column {name!r} changes within {varying.height} cases "
+                f"(first: case {varying.get_column(roles.case)[0]!r}); each case has one {what}"
+            )
+
+
+def _check_one_chosen(table: pl.DataFrame, roles: Roles, where: str) -> None:
+    per_case = table.group_by(roles.case, maintain_order=True).agg(
+        pl.col("__chosen").cast(pl.Int64).sum().alias("n")
+    )
+    for condition, what in ((pl.col("n") == 0, "no chosen row"), (pl.col("n") > 1, "several")):
+        bad = per_case.filter(condition)
+        if bad.height:
+            detail = what if what == "no chosen row" else "several chosen rows"
+            raise DataError(
+                f"{where}: {bad.height} cases have {detail} in {roles.choice!r} "
+                f"(first: case {bad.get_column(roles.case)[0]!r}); each case needs exactly one"
+            )
+
+
+def _drop_single_alternative(table: pl.DataFrame, roles: Roles, notes: list[str]) -> pl.DataFrame:
+    sizes = table.group_by(roles.case).len()
+    single = sizes.filter(pl.col("len") < 2).get_column(roles.case)
+    if single.len() == 0:
+        return table
+    notes.append(
+        f"dropped {single.len()} cases with a single alternative (they carry no information; "
+        f"first: case {single.sort()[0]!r})"
+    )
+    return table.filter(~pl.col(roles.case).is_in(single.implode()))

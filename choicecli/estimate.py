@@ -1,0 +1,226 @@
+"""Maximum likelihood: Newton with line search, L-BFGS for many parameters, standard errors.
+
+Notation: P free parameters. The objective maximises the log-likelihood minus an optional
+L2 penalty (l2 / 2) * sum(theta_k^2) over the penalised parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+class Model(Protocol):
+    n_parameters: int
+
+    def value_and_gradient(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def hessian(self, theta: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class EstimateOptions:
+    """Optimiser settings (all documented in README: fit options)."""
+
+    method: str = "auto"  # auto | newton | lbfgs
+    max_iterations: int = 200
+    tolerance: float = 1e-7  # on the Newton decrement sqrt(g' (-H)^-1 g), a scaled gradient norm
+    relative_tolerance: float = 1e-15  # on the relative change of the log-likelihood
+    max_newton_parameters: int = 3000
+    l2_penalty: float = 0.0
+
+
+@dataclass
+class Outcome:
+    theta: torch.Tensor  # (P,)
+    log_likelihood: float
+    gradient_norm: float
+    iterations: int
+    converged: bool
+    method: str
+    message: str
+    seconds: float
+    hessian: torch.Tensor | None = None  # (P, P) of the log-likelihood at theta
+    history: list[float] = field(default_factory=list)
+
+
+class Objective:
+    """The model's log-likelihood as a function of the free parameters."""
+
+    def __init__(
+        self,
+        model: Model,
+        free: torch.Tensor,  # (P,) positions of the free parameters in the model's layout
+        start: torch.Tensor,  # (P_layout,) values of every parameter; fixed ones stay put
+        penalised: torch.Tensor,  # (P,) bool
+        l2_penalty: float,
+    ) -> None:
+        self.model = model
+        self.free = free
+        self.start = start
+        self.penalised = penalised.to(start.dtype)
+        self.l2_penalty = l2_penalty
+
+    def expand(self, theta: torch.Tensor) -> torch.Tensor:  # (P_layout,)
+        return self.start.index_put((self.free,), theta)
+
+    def value_and_gradient(self, theta: torch.Tensor) -> tuple[float, torch.Tensor]:
+        value, gradient = self.model.value_and_gradient(self.expand(theta))
+        gradient = gradient[self.free]  # (P,)
+        if self.l2_penalty:
+            value = value - 0.5 * self.l2_penalty * (self.penalised * theta**2).sum()
+            gradient = gradient - self.l2_penalty * self.penalised * theta
+        return float(value), gradient
+
+    def hessian(self, theta: torch.Tensor) -> torch.Tensor:  # (P, P)
+        full = self.model.hessian(self.expand(theta))
+        hessian = full[self.free][:, self.free]
+        if self.l2_penalty:
+            hessian = hessian - torch.diag(self.l2_penalty * self.penalised)
+        return hessian
+
+
+def maximise(
+    objective: Objective,
+    theta: torch.Tensor,
+    options: EstimateOptions,
+    lower: torch.Tensor | None = None,
+    upper: torch.Tensor | None = None,
+    progress: Callable[[int, float, float], None] | None = None,
+) -> Outcome:
+    """Maximise the objective from theta; Newton where the parameter count allows."""
+    method = options.method
+    if method == "auto":
+        method = "newton" if theta.numel() <= options.max_newton_parameters else "lbfgs"
+    started = time.perf_counter()
+    if method == "newton":
+        outcome = _newton(objective, theta, options, lower, upper, progress)
+    else:
+        outcome = _lbfgs(objective, theta, options, lower, upper, progress)
+    outcome.seconds = time.perf_counter() - started
+    return outcome
+
+
+def _clip(theta: torch.Tensor, lower: torch.Tensor | None, upper: torch.Tensor | None):
+    if lower is not None:
+        theta = torch.maximum(theta, lower)
+    if upper is not None:
+        theta = torch.minimum(theta, upper)
+    return theta
+
+
+def _newton_direction(gradient: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """Solve (-H) d = g; add a growing ridge where -H is not positive definite."""
+    information = -hessian
+    scale = float(information.diagonal().abs().max().clamp_min(1e-12))
+    ridge = 0.0
+    identity = torch.eye(information.shape[0], dtype=information.dtype, device=information.device)
+    for _ in range(30):
+        factor, info = torch.linalg.cholesky_ex(information + ridge * identity)
+        if int(info) == 0:
+            return torch.cholesky_solve(gradient[:, None], factor)[:, 0]
+        ridge = scale * 1e-10 if ridge == 0.0 else ridge * 10.0
+    return gradient / scale
+
+
+def _newton(objective, theta, options, lower, upper, progress) -> Outcome:
+    value, gradient = objective.value_and_gradient(theta)
+    history = [value]
+    message = f"reached the iteration cap ({options.max_iterations}); raise --max-iter"
+    converged = False
+    hessian = None
+    decrement = math.inf
+    iteration = 0
+    for iteration in range(1, options.max_iterations + 1):
+        hessian = objective.hessian(theta)
+        direction = _newton_direction(gradient, hessian)
+        decrement = math.sqrt(max(float(gradient @ direction), 0.0))
+        if progress:
+            progress(iteration, value, decrement)
+        if decrement <= options.tolerance:
+            converged, message = True, "gradient norm below tolerance"
+            break
+        step, accepted = 1.0, False
+        for _ in range(60):
+            candidate = _clip(theta + step * direction, lower, upper)
+            new_value, new_gradient = objective.value_and_gradient(candidate)
+            if math.isfinite(new_value) and new_value >= value + 1e-4 * float(
+                gradient @ (candidate - theta)
+            ):
+                accepted = True
+                break
+            step *= 0.5
+        if not accepted:
+            converged = decrement < 1e-4 * max(1.0, math.sqrt(abs(value)))
+            message = (
+                "no further improvement possible (rounding); gradient norm small"
+                if converged
+                else "line search failed; the model may be unidentified or ill-conditioned"
+            )
+            break
+        change = abs(new_value - value) / max(abs(value), 1.0)
+        theta, value, gradient = candidate, new_value, new_gradient
+        history.append(value)
+        if change <= options.relative_tolerance and decrement <= math.sqrt(options.tolerance):
+            converged, message = True, "relative change of the log-likelihood below tolerance"
+            hessian = objective.hessian(theta)
+            break
+    return Outcome(theta, value, decrement, iteration, converged, "newton", message, 0.0,
+                   hessian, history)  # fmt: skip
+
+
+def _lbfgs(objective, theta, options, lower, upper, progress) -> Outcome:
+    """L-BFGS with strong-Wolfe line search on the mean negative log-likelihood."""
+    point = theta.clone().requires_grad_(True)
+    optimiser = torch.optim.LBFGS(
+        [point],
+        lr=1.0,
+        max_iter=options.max_iterations * 10,
+        history_size=30,
+        tolerance_grad=options.tolerance * 1e-3,
+        tolerance_change=options.relative_tolerance,
+        line_search_fn="strong_wolfe",
+    )
+    evaluations = 0
+    history: list[float] = []
+
+    def closure() -> torch.Tensor:
+        nonlocal evaluations
+        evaluations += 1
+        optimiser.zero_grad()
+        with torch.no_grad():
+            value, gradient = objective.value_and_gradient(_clip(point.detach(), lower, upper))
+        point.grad = -gradient
+        history.append(value)
+        if progress:
+            progress(evaluations, value, float(gradient.abs().max()))
+        return torch.tensor(-value, dtype=point.dtype)
+
+    optimiser.step(closure)
+    theta = _clip(point.detach(), lower, upper)
+    value, gradient = objective.value_and_gradient(theta)
+    gradient_norm = float(gradient.abs().max())
+    state = optimiser.state[optimiser._params[0]]
+    iterations = int(state.get("n_iter", evaluations))
+    converged = gradient_norm <= max(options.tolerance, 1e-6)
+    message = (
+        "gradient norm below tolerance"
+        if converged
+        else f"L-BFGS stopped with gradient norm {gradient_norm:.3g}; raise --max-iter"
+    )
+    return Outcome(theta, value, gradient_norm, iterations, converged, "lbfgs", message, 0.0,
+                   None, history)  # fmt: skip
+
+
+def covariance(hessian: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Inverse of the observed information -H; (covariance, whether -H was positive definite)."""
+    information = -hessian
+    factor, info = torch.linalg.cholesky_ex(information)
+    if int(info) == 0:
+        return torch.cholesky_inverse(factor), True
+    return torch.linalg.pinv(information, hermitian=True), False

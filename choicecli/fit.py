@@ -1,0 +1,315 @@
+"""Fit a model: build the problem, check identification, maximise, derive the result."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import polars as pl
+import torch
+
+from choicecli.design import Block
+from choicecli.errors import ModelError, UsageError
+from choicecli.estimate import EstimateOptions, Objective, covariance, maximise
+from choicecli.identify import dependent_parameters
+from choicecli.problem import ModelSpec, Problem, build_problem
+from choicecli.results import FitResult
+
+MAX_RANK_CHECK_PARAMETERS = 6000
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """How to fit: optimiser, device, strictness."""
+
+    estimate: EstimateOptions = EstimateOptions()
+    device: str = "auto"
+    strict: bool = False
+    standard_errors: bool = True
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto: CUDA when present, else CPU; cuda[:N] must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA device is available; use --device cpu")
+        device = torch.device(name)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA devices")
+        return device
+    raise UsageError(f"--device must be auto, cpu or cuda[:N], not {name!r}")
+
+
+def fit_model(
+    frame: pl.DataFrame,
+    spec: ModelSpec,
+    options: FitOptions,
+    *,
+    where: str,
+    progress: Callable[[int, float, float], None] | None = None,
+) -> tuple[FitResult, Problem]:
+    """Everything between a read table and a FitResult."""
+    started = time.perf_counter()
+    device = resolve_device(options.device)
+    problem = build_problem(frame, spec, where)
+    warnings = list(problem.notes)
+    unidentified = _unidentified(problem, warnings)
+    if unidentified and options.strict:
+        raise ModelError(f"--strict: {warnings[-1] if warnings else 'unidentified terms'}")
+    free_mask = ~problem.fixed
+    free_mask[unidentified] = False
+    free = free_mask.nonzero().flatten()
+    model = problem.model(device)
+    penalised = torch.ones(free.numel(), dtype=torch.bool)
+    if problem.lambda_index is not None:
+        penalised = ~torch.isin(free, problem.lambda_index)
+    objective = Objective(
+        model,
+        free.to(device),
+        problem.start.to(device),
+        penalised.to(device),
+        options.estimate.l2_penalty,
+    )
+    outcome = maximise(
+        objective,
+        problem.start[free].to(device),
+        options.estimate,
+        problem.lower[free].to(device),
+        problem.upper[free].to(device),
+        progress,
+    )
+    estimate = problem.start.clone()
+    estimate[free] = outcome.theta.cpu()
+    estimate[unidentified] = math.nan
+    std_error = torch.full_like(estimate, math.nan)
+    cov = torch.zeros(0, 0, dtype=torch.float64)
+    if options.standard_errors and free.numel() <= options.estimate.max_newton_parameters:
+        hessian = (
+            outcome.hessian if outcome.hessian is not None else objective.hessian(outcome.theta)
+        )
+        cov, definite = covariance(hessian.cpu())
+        if not definite:
+            warnings.append(
+                "the Hessian at the optimum is not negative definite: some coefficients are "
+                "weakly identified; their standard errors are unreliable"
+            )
+        std_error[free] = cov.diagonal().clamp_min(0).sqrt()
+    elif options.standard_errors:
+        warnings.append(
+            f"standard errors skipped: {free.numel()} parameters are too many for a dense "
+            f"Hessian (limit {options.estimate.max_newton_parameters})"
+        )
+    identified = torch.ones(len(problem.parameters), dtype=torch.bool)
+    identified[unidentified] = False
+    statistics = _statistics(problem, outcome, free.numel())
+    statistics["seconds"] = round(time.perf_counter() - started, 4)
+    statistics["device"] = str(device)
+    if not outcome.converged:
+        warnings.append(f"the fit did not converge: {outcome.message}")
+    warnings.extend(_lambda_warnings(problem, estimate))
+    result = FitResult(
+        spec=_spec_document(problem, options),
+        labels={
+            "items": problem.data.item_labels,
+            "users": problem.data.user_labels,
+            "nests": list(problem.nests) if problem.nests else None,
+        },
+        parameters=problem.parameters,
+        estimate=estimate,
+        std_error=std_error,
+        identified=identified,
+        covariance=cov,
+        estimated_index=free,
+        fit=statistics,
+        warnings=warnings,
+    )
+    return result, problem
+
+
+def _statistics(problem: Problem, outcome, n_estimated: int) -> dict:
+    data = problem.data
+    weights = data.case_weights if data.case_weights is not None else torch.ones(data.n_cases)
+    null = float(-(weights * torch.log(data.alternatives_per_case().double())).sum())
+    value = outcome.log_likelihood
+    n_cases = data.n_cases
+    return {
+        "log_likelihood": value,
+        "null_log_likelihood": null,
+        "rho_squared": 1.0 - value / null if null else None,
+        "adjusted_rho_squared": 1.0 - (value - n_estimated) / null if null else None,
+        "aic": -2.0 * value + 2.0 * n_estimated,
+        "bic": -2.0 * value + n_estimated * math.log(n_cases),
+        "n_rows": data.n_rows,
+        "n_cases": n_cases,
+        "n_alternatives": data.n_items,
+        "n_users": data.n_users,
+        "n_parameters": n_estimated,
+        "iterations": outcome.iterations,
+        "converged": outcome.converged,
+        "method": outcome.method,
+        "message": outcome.message,
+        "gradient_norm": outcome.gradient_norm,
+        "optimiser_seconds": round(outcome.seconds, 4),
+        "observed_shares": _shares(problem),
+    }
+
+
+def _shares(problem: Problem) -> dict[str, float]:
+    data = problem.data
+    if data.chosen is None:
+        return {}
+    counts = torch.zeros(data.n_items, dtype=torch.float64).index_add_(
+        0, data.item_index, data.chosen
+    )
+    return {
+        str(label): float(c) / data.n_cases
+        for label, c in zip(data.item_labels, counts, strict=True)
+    }
+
+
+def _spec_document(problem: Problem, options: FitOptions) -> dict:
+    spec: ModelSpec = problem.spec
+    return {
+        "formula": spec.formula,
+        "nest_formula": spec.nest_formula if problem.nested else None,
+        "nests": problem.nests,
+        "shared_lambda": spec.shared_lambda,
+        "lambda_init": spec.lambda_init,
+        "lambda_fixed": spec.lambda_fixed,
+        "lambda_bounds": list(spec.lambda_bounds) if spec.lambda_bounds else None,
+        "roles": asdict(spec.roles),
+        "base": str(problem.data.item_labels[problem.item_blocks[0].level.base])
+        if problem.item_blocks
+        else spec.base,
+        "missing": spec.missing,
+        "terms": [
+            {"level": level, "term": term.name, "features": names}
+            for level, terms, features in (
+                ("item", problem.terms, problem.features),
+                ("nest", problem.nest_terms, problem.nest_features),
+            )
+            for term, names in zip(terms, features, strict=True)
+        ],
+        "options": {**asdict(options.estimate), "device": options.device, "strict": options.strict},
+    }
+
+
+def _unidentified(problem: Problem, warnings: list[str]) -> list[int]:
+    """Positions of parameters the data cannot estimate, with one warning per term."""
+    reasons: dict[int, str] = {}
+    _single_case_users(problem, reasons)
+    _never_chosen(problem, reasons)
+    candidates = (~problem.fixed).nonzero().flatten()
+    candidates = candidates[~torch.isin(candidates, torch.tensor(sorted(reasons) or [-1]))]
+    if problem.lambda_index is not None:
+        candidates = candidates[~torch.isin(candidates, problem.lambda_index)]
+    if candidates.numel() > MAX_RANK_CHECK_PARAMETERS:
+        warnings.append(
+            f"rank check skipped: {candidates.numel()} parameters exceed "
+            f"{MAX_RANK_CHECK_PARAMETERS}; unidentified terms may not converge"
+        )
+    elif candidates.numel():
+        model = problem.identification_model()
+        information = -model.hessian(torch.zeros(len(problem.parameters), dtype=torch.float64))
+        for found in dependent_parameters(information, candidates):
+            reasons[found.index] = _dependence_reason(problem, found)
+    by_term: dict[str, list[str]] = {}
+    for index, reason in sorted(reasons.items()):
+        parameter = problem.parameters[index]
+        by_term.setdefault(f"{parameter.term} ({parameter.level} level)", []).append(reason)
+    for term, term_reasons in by_term.items():
+        distinct = list(dict.fromkeys(term_reasons))
+        count = len(term_reasons)
+        shown = "; ".join(distinct[:2]) + (" ..." if len(distinct) > 2 else "")
+        warnings.append(f"{term}: {count} coefficient(s) not estimated: {shown}")
+    return sorted(reasons)
+
+
+def _dependence_reason(problem: Problem, found) -> str:
+    parameter = problem.parameters[found.index]
+    if found.cancels:
+        name = "the intercept" if parameter.feature == "intercept" else f"{parameter.feature!r}"
+        return f"{name} does not vary across the alternatives of any case, so it cancels out"
+    partners = list(dict.fromkeys(problem.parameters[p].term for p in found.partners))
+    hint = ""
+    if parameter.feature != "intercept" and _constant_within_item(problem, parameter.feature):
+        hint = (
+            f"{parameter.feature!r} is constant within each alternative "
+            f"({problem.spec.roles.item!r}), so it is "
+        )
+    return f"{hint}collinear with {', '.join(partners[:3]) or 'earlier terms'}"
+
+
+def _constant_within_item(problem: Problem, feature: str | None) -> bool:
+    data = problem.data
+    if feature not in data.columns:
+        return False
+    values = data.columns[feature]
+    low = torch.full((data.n_items,), torch.inf, dtype=values.dtype)
+    high = torch.full((data.n_items,), -torch.inf, dtype=values.dtype)
+    low = low.scatter_reduce(0, data.item_index, values, "amin")
+    high = high.scatter_reduce(0, data.item_index, values, "amax")
+    return bool((high == low).all())
+
+
+def _user_blocks(problem: Problem) -> list[Block]:
+    return [b for b in problem.item_blocks + problem.nest_blocks if b.term.variation.by_user]
+
+
+def _single_case_users(problem: Problem, reasons: dict[int, str]) -> None:
+    """User-specific coefficients of users with one case would run off to infinity."""
+    data = problem.data
+    if data.user_of_case is None:
+        return
+    cases_per_user = torch.bincount(data.user_of_case, minlength=data.n_users)  # (U,)
+    single = (cases_per_user <= 1).nonzero().flatten()
+    if single.numel() == 0:
+        return
+    for block in _user_blocks(problem):
+        groups_per_user = block.layout_index.shape[0] // data.n_users
+        rows = block.layout_index.view(data.n_users, groups_per_user, -1)[single]  # (S, g, K)
+        for index in rows.flatten().tolist():
+            if not problem.parameters[index].fixed:
+                reasons[index] = "its user has a single case (the estimate would be infinite)"
+
+
+def _never_chosen(problem: Problem, reasons: dict[int, str]) -> None:
+    """An alternative intercept for an alternative nobody chose would run off to -infinity."""
+    data = problem.data
+    if data.chosen is None:
+        return
+    for block in problem.item_blocks:
+        if not (block.term.is_intercept and block.term.variation.by_item):
+            continue
+        groups = block.layout_index.shape[0]
+        chosen = torch.zeros(groups, dtype=torch.float64).index_add_(0, block.code, data.chosen)
+        offered = torch.bincount(block.code, minlength=groups)
+        for group in ((chosen == 0) & (offered > 0)).nonzero().flatten().tolist():
+            index = int(block.layout_index[group, 0])
+            if not problem.parameters[index].fixed:
+                label = problem.parameters[index].item
+                reasons[index] = f"alternative {label!r} is never chosen (estimate would be -inf)"
+
+
+def _lambda_warnings(problem: Problem, estimate: torch.Tensor) -> list[str]:
+    if problem.lambda_index is None:
+        return []
+    found = []
+    for index in problem.lambda_index.unique().tolist():
+        value = float(estimate[index])
+        parameter = problem.parameters[index]
+        if parameter.fixed and parameter.item is not None and not problem.spec.lambda_fixed:
+            found.append(f"lambda of nest {parameter.item!r} fixed at 1: a single alternative")
+        elif not 0.0 < value <= 1.0:
+            nest = f" of nest {parameter.item!r}" if parameter.item else ""
+            found.append(
+                f"lambda{nest} = {value:.4g} lies outside (0, 1]: not consistent with random "
+                "utility maximisation for all values of the data"
+            )
+    return found

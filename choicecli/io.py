@@ -1,0 +1,214 @@
+"""Reading tables (Parquet, CSV, stdin) and writing every output atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import polars as pl
+
+from choicecli.errors import DataError, UsageError
+
+PARQUET_MAGIC = b"PAR1"
+CSV_NULLS = ("", "NA", "NaN", "nan", "null", "NULL")
+CSV_TRUE = ("TRUE", "True", "true")
+CSV_FALSE = ("FALSE", "False", "false")
+
+
+def input_format(path: str, declared: str | None, head: bytes = b"") -> str:
+    """Decide 'parquet' or 'csv' from --input-format, the suffix, or the first bytes."""
+    if declared:
+        if declared not in ("parquet", "csv"):
+            raise UsageError(f"--input-format must be parquet or csv, not {declared!r}")
+        return declared
+    suffix = Path(path).suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
+    if suffix in (".csv", ".txt", ".tsv"):
+        return "csv"
+    return "parquet" if head.startswith(PARQUET_MAGIC) else "csv"
+
+
+def read_table(path: str, declared_format: str | None = None) -> tuple[pl.DataFrame, str]:
+    """Read a long-format table; returns the frame and the SHA-256 of the bytes read."""
+    if path == "-":
+        raw = sys.stdin.buffer.read()
+        where = "<stdin>"
+    else:
+        file = Path(path)
+        if not file.exists():
+            raise DataError(f"{path}: no such file")
+        if file.is_dir():
+            raise DataError(f"{path}: is a directory, expected a Parquet or CSV file")
+        raw = file.read_bytes()
+        where = path
+    if not raw.strip():
+        raise DataError(f"{where}: the file is empty")
+    digest = hashlib.sha256(raw).hexdigest()
+    fmt = input_format(path, declared_format, raw[:4])
+    frame = _read_parquet(raw, where) if fmt == "parquet" else _read_csv(raw, where)
+    if frame.height == 0:
+        raise DataError(f"{where}: the table has no rows")
+    return frame, digest
+
+
+def _read_parquet(raw: bytes, where: str) -> pl.DataFrame:
+    if not (raw.startswith(PARQUET_MAGIC) and raw.endswith(PARQUET_MAGIC)):
+        raise DataError(f"{where}: not a valid Parquet file (missing or truncated footer)")
+    try:
+        return pl.read_parquet(io.BytesIO(raw))
+    except Exception as exc:  # polars/pyarrow raise many types for corrupt files
+        raise DataError(f"{where}: cannot read Parquet: {_first_line(exc)}") from exc
+
+
+def _read_csv(raw: bytes, where: str) -> pl.DataFrame:
+    """Read CSV as R and pandas do: trim cells, TRUE/FALSE as booleans, empty or NA as null."""
+    try:
+        text = pl.read_csv(io.BytesIO(raw), infer_schema=False, null_values=None)
+    except Exception as exc:
+        raise DataError(f"{where}: cannot read CSV: {_first_line(exc)}") from exc
+    columns = []
+    for name in text.columns:
+        cleaned = pl.col(name).str.strip_chars()
+        cleaned = pl.when(cleaned.is_in(CSV_NULLS)).then(None).otherwise(cleaned)
+        columns.append(cleaned.alias(name if name else "_row"))
+    trimmed = text.select(columns)
+    return trimmed.select([_typed_column(trimmed.get_column(c)) for c in trimmed.columns])
+
+
+def _typed_column(series: pl.Series) -> pl.Series:
+    """Give a trimmed string column the narrowest type that holds every value."""
+    present = series.drop_nulls()
+    if present.len() == 0:
+        return series.cast(pl.Float64)
+    if present.is_in(CSV_TRUE + CSV_FALSE).all():
+        frame = pl.DataFrame({"v": series})
+        flag = pl.when(pl.col("v").is_null()).then(None).otherwise(pl.col("v").is_in(CSV_TRUE))
+        return frame.select(flag.alias(series.name)).to_series()
+    for dtype in (pl.Int64, pl.Float64):
+        try:
+            return series.cast(dtype, strict=True)
+        except Exception:  # polars raises InvalidOperationError / ComputeError
+            continue
+    return series
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    temp = Path(temp_name)
+    try:
+        yield temp
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(path: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `path`; swap it in only if the block succeeds.
+
+    An existing directory is moved aside, the new one renamed into place, then the old one removed,
+    so an interrupted write leaves either the old or the new directory, never a mix.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{path}: exists and is not a directory; choose another --model")
+    temp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield temp
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / "previous")
+        os.replace(temp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
+def clean_stale_temporaries(path: Path) -> None:
+    """Remove temporaries a killed run left beside `path`; restore a directory moved aside."""
+    path = Path(path)
+    if not path.parent.exists():
+        return
+    for leftover in path.parent.glob(f".{path.name}.*.old"):
+        previous = leftover / "previous"
+        if previous.exists() and not path.exists():
+            os.replace(previous, path)
+        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
+def write_table(
+    frame: pl.DataFrame, destination: str | Path, fmt: str, metadata: dict[str, str] | None = None
+) -> None:
+    """Write a frame as parquet, csv or json to a path (atomically) or to stdout ('-')."""
+    if str(destination) == "-":
+        sys.stdout.write(render_table_text(frame, fmt))
+        sys.stdout.flush()
+        return
+    target = Path(destination)
+    with atomic_file(target) as temp:
+        if fmt == "parquet":
+            _write_parquet(frame, temp, metadata or {})
+        else:
+            temp.write_text(render_table_text(frame, fmt))
+
+
+def render_table_text(frame: pl.DataFrame, fmt: str) -> str:
+    if fmt == "csv":
+        return frame.write_csv()
+    if fmt == "json":
+        return json.dumps(frame.to_dicts(), indent=2, default=str) + "\n"
+    raise UsageError(f"cannot write format {fmt!r} as text; use csv or json")
+
+
+def _write_parquet(frame: pl.DataFrame, path: Path, metadata: dict[str, str]) -> None:
+    import pyarrow.parquet as pq
+
+    table = frame.to_arrow()
+    existing = table.schema.metadata or {}
+    merged = {**existing, **{key.encode(): value.encode() for key, value in metadata.items()}}
+    pq.write_table(table.replace_schema_metadata(merged), path)
+
+
+def output_format(destination: str, declared: str | None, default: str) -> str:
+    """Pick an output format from --format, the destination suffix, or a default."""
+    if declared:
+        return declared
+    suffix = Path(destination).suffix.lower().lstrip(".")
+    return suffix if suffix in ("parquet", "csv", "json") else default

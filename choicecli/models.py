@@ -1,0 +1,280 @@
+"""Conditional and nested logit: utilities, log-likelihoods, gradients, Hessians. No I/O.
+
+Notation: R rows (case x offered alternative, sorted by case), N cases, J alternatives,
+M nests, P parameters of the full layout (fixed ones included), F value columns of all blocks.
+Models take the full layout vector `theta` (P,); `estimate` maps free parameters into it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from choicecli.design import Block
+
+ROWS_PER_CHUNK = 1 << 20
+
+
+def segment_logsumexp(values: torch.Tensor, segment: torch.Tensor, n_segments: int) -> torch.Tensor:
+    """log(sum(exp(values))) within each segment; empty segments give -inf. (S,)"""
+    top = torch.full((n_segments,), -torch.inf, dtype=values.dtype, device=values.device)
+    top = top.scatter_reduce(0, segment, values.detach(), reduce="amax", include_self=True)
+    safe_top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # (S,)
+    total = torch.zeros(n_segments, dtype=values.dtype, device=values.device)
+    total = total.index_add(0, segment, torch.exp(values - safe_top[segment]))  # (S,)
+    return safe_top + torch.log(total)
+
+
+def block_utility(blocks: list[Block], theta: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Sum over blocks of x[r] . beta[code[r]]. (R,)"""
+    utility = torch.zeros(n_rows, dtype=theta.dtype, device=theta.device)
+    for block in blocks:
+        coefficients = theta[block.layout_index]  # (G, K)
+        utility = utility + (block.x * coefficients[block.code]).sum(dim=1)  # (R,)
+    return utility
+
+
+class ConditionalLogit:
+    """P(i | n) = exp(V[n,i]) / sum_j exp(V[n,j]), V linear in theta; analytic derivatives."""
+
+    def __init__(
+        self,
+        blocks: list[Block],
+        n_parameters: int,
+        case_index: torch.Tensor,  # (R,)
+        item_index: torch.Tensor,  # (R,)
+        n_cases: int,
+        n_items: int,
+        user_of_case: torch.Tensor | None = None,  # (N,)
+        chosen: torch.Tensor | None = None,  # (R,) 0/1
+        case_weights: torch.Tensor | None = None,  # (N,)
+    ) -> None:
+        self.blocks = blocks
+        self.n_parameters = n_parameters
+        self.case_index = case_index
+        self.item_index = item_index
+        self.n_cases = n_cases
+        self.n_items = n_items
+        self.n_rows = int(case_index.shape[0])
+        self.user_of_case = user_of_case
+        self.chosen = chosen
+        device = case_index.device
+        self.case_weights = (
+            case_weights
+            if case_weights is not None
+            else torch.ones(n_cases, dtype=torch.float64, device=device)
+        )
+        self.dense = self.n_rows == n_cases * n_items  # full choice sets: (N, J) views are free
+        self.by_user = any(block.term.variation.by_user for block in blocks)
+
+    # -- likelihood -------------------------------------------------------------------------
+    def utility(self, theta: torch.Tensor) -> torch.Tensor:  # (R,)
+        return block_utility(self.blocks, theta, self.n_rows)
+
+    def log_probabilities(self, theta: torch.Tensor) -> torch.Tensor:  # (R,)
+        utility = self.utility(theta)
+        if self.dense:
+            grid = utility.view(self.n_cases, self.n_items)  # (N, J)
+            return (grid - grid.logsumexp(dim=1, keepdim=True)).view(-1)
+        normaliser = segment_logsumexp(utility, self.case_index, self.n_cases)  # (N,)
+        return utility - normaliser[self.case_index]
+
+    def log_likelihood(self, theta: torch.Tensor) -> torch.Tensor:
+        log_p = self.log_probabilities(theta)  # (R,)
+        row_weight = self.case_weights[self.case_index]  # (R,)
+        return (row_weight * self.chosen * log_p).sum()
+
+    def value_and_gradient(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-likelihood and its gradient: sum_r w (y_r - p_r) z_r. ((), (P,))"""
+        log_p = self.log_probabilities(theta)  # (R,)
+        row_weight = self.case_weights[self.case_index]  # (R,)
+        value = (row_weight * self.chosen * log_p).sum()
+        residual = row_weight * (self.chosen - torch.exp(log_p))  # (R,)
+        gradient = torch.zeros_like(theta)
+        for block in self.blocks:
+            per_group = torch.zeros(
+                block.layout_index.shape, dtype=theta.dtype, device=theta.device
+            ).index_add_(0, block.code, block.x * residual[:, None])  # (G, K)
+            gradient.index_add_(0, block.layout_index.reshape(-1), per_group.reshape(-1))
+        return value, gradient
+
+    # -- Hessian ----------------------------------------------------------------------------
+    def hessian(self, theta: torch.Tensor) -> torch.Tensor:
+        """Hessian of the log-likelihood: -sum_n w_n Z_n' (diag p_n - p_n p_n') Z_n. (P, P)
+
+        Computed in two parts, each grouped by what the coefficients vary with, so the cost
+        is rows x F^2 plus cases x Q^2, never rows x P^2:
+        H1 = sum_r w p_r z_r z_r' grouped by (user, alternative) and
+        H2 = sum_n w_n m_n m_n' with m_n = sum_r p_r z_r held compactly per case.
+        """
+        probability = torch.exp(self.log_probabilities(theta))  # (R,)
+        weight = self.case_weights[self.case_index] * probability  # (R,)
+        hessian = torch.zeros(
+            self.n_parameters, self.n_parameters, dtype=theta.dtype, device=theta.device
+        )
+        self._add_row_part(hessian, weight)
+        self._subtract_case_part(hessian, probability)
+        return -hessian
+
+    def _key_users(self) -> int:
+        if not self.by_user:
+            return 1
+        return int(self.user_of_case.max()) + 1 if self.user_of_case is not None else 1
+
+    def _code_table(self, block: Block, n_key_users: int) -> torch.Tensor:
+        """The block's code for every (user, alternative) key. (U', J)"""
+        device = self.case_index.device
+        users = torch.arange(n_key_users, device=device)[:, None]  # (U', 1)
+        items = torch.arange(self.n_items, device=device)[None, :]  # (1, J)
+        variation = block.term.variation
+        level_items = items if block.level.code_of_item is None else block.level.code_of_item[items]
+        code = torch.zeros(n_key_users, self.n_items, dtype=torch.long, device=device)
+        if variation.by_user:
+            code = code + users * (len(block.level.labels) if variation.by_item else 1)
+        if variation.by_item:
+            code = code + level_items
+        return code
+
+    def _add_row_part(self, hessian: torch.Tensor, weight: torch.Tensor) -> None:
+        n_key_users = self._key_users()
+        values = torch.cat([block.x for block in self.blocks], dim=1)  # (R, F)
+        n_features = values.shape[1]
+        key = self.item_index
+        if self.by_user:
+            key = self.user_of_case[self.case_index] * self.n_items + self.item_index  # (R,)
+        n_keys = n_key_users * self.n_items
+        grouped = torch.zeros(n_keys, n_features * n_features, dtype=values.dtype,
+                              device=values.device)  # fmt: skip
+        step = max(1, ROWS_PER_CHUNK * 8 // (n_features * n_features))
+        for start in range(0, self.n_rows, step):
+            part = values[start : start + step]  # (c, F)
+            outer = (part * weight[start : start + step, None])[:, :, None] * part[:, None, :]
+            grouped.index_add_(0, key[start : start + step], outer.reshape(part.shape[0], -1))
+        slots = torch.cat(
+            [
+                block.layout_index[self._code_table(block, n_key_users).reshape(-1)]
+                for block in self.blocks
+            ],
+            dim=1,
+        )  # (U'J, F) parameter number of each value column under each key
+        hessian.index_put_(
+            (slots[:, :, None], slots[:, None, :]),
+            grouped.view(n_keys, n_features, n_features),
+            accumulate=True,
+        )
+
+    def _subtract_case_part(self, hessian: torch.Tensor, probability: torch.Tensor) -> None:
+        n_key_users = self._key_users()
+        case_level = [b for b in self.blocks if not b.term.variation.by_item]
+        item_level = [b for b in self.blocks if b.term.variation.by_item]
+        device, dtype = probability.device, probability.dtype
+        parts, slots = [], []
+        if case_level:
+            values = torch.cat([b.x for b in case_level], dim=1)  # (R, Fa)
+            summed = torch.zeros(self.n_cases, values.shape[1], dtype=dtype, device=device)
+            parts.append(summed.index_add_(0, self.case_index, values * probability[:, None]))
+            slots.append(
+                torch.cat(
+                    [b.layout_index[self._code_table(b, n_key_users)[:, 0]] for b in case_level],
+                    dim=1,
+                )
+            )  # (U', Fa)
+        if item_level:
+            values = torch.cat([b.x for b in item_level], dim=1)  # (R, Fb)
+            n_values = values.shape[1]
+            spread = torch.zeros(self.n_cases * self.n_items, n_values, dtype=dtype, device=device)
+            spread[self.case_index * self.n_items + self.item_index] = values * probability[:, None]
+            parts.append(spread.view(self.n_cases, self.n_items * n_values))  # (N, J*Fb)
+            slots.append(
+                torch.cat(
+                    [b.layout_index[self._code_table(b, n_key_users)] for b in item_level],
+                    dim=2,
+                ).reshape(n_key_users, -1)
+            )  # (U', J*Fb)
+        compact = torch.cat(parts, dim=1)  # (N, Q)
+        slot = torch.cat(slots, dim=1)  # (U', Q)
+        weighted = compact * self.case_weights[:, None]  # (N, Q)
+        n_compact = compact.shape[1]
+        if n_key_users == 1:
+            grouped = (weighted.T @ compact)[None]  # (1, Q, Q)
+        else:
+            grouped = torch.zeros(n_key_users, n_compact * n_compact, dtype=dtype, device=device)
+            step = max(1, ROWS_PER_CHUNK * 8 // (n_compact * n_compact))
+            for start in range(0, self.n_cases, step):
+                outer = (
+                    weighted[start : start + step, :, None] * compact[start : start + step, None]
+                )
+                grouped.index_add_(
+                    0, self.user_of_case[start : start + step], outer.reshape(outer.shape[0], -1)
+                )
+            grouped = grouped.view(n_key_users, n_compact, n_compact)
+        hessian.index_put_((slot[:, :, None], slot[:, None, :]), -grouped, accumulate=True)
+
+
+class NestedLogit:
+    """Two-level nested logit (Train ch. 4); derivatives by automatic differentiation.
+
+    P(i) = P(i | k) P(k), P(i | k) = exp(Y_i / l_k) / sum_{j in k} exp(Y_j / l_k),
+    I_k = log sum_{j in k} exp(Y_j / l_k), P(k) = exp(W_k + l_k I_k) / sum_m exp(W_m + l_m I_m).
+    """
+
+    def __init__(
+        self,
+        item_blocks: list[Block],
+        nest_blocks: list[Block],
+        lambda_index: torch.Tensor,  # (M,) parameter number of each nest's lambda
+        nest_of_item: torch.Tensor,  # (J,)
+        n_parameters: int,
+        case_index: torch.Tensor,  # (R,)
+        item_index: torch.Tensor,  # (R,)
+        n_cases: int,
+        chosen: torch.Tensor | None = None,  # (R,)
+        case_weights: torch.Tensor | None = None,  # (N,)
+    ) -> None:
+        self.item_blocks = item_blocks
+        self.nest_blocks = nest_blocks
+        self.lambda_index = lambda_index
+        self.n_parameters = n_parameters
+        self.case_index = case_index
+        self.n_cases = n_cases
+        self.n_rows = int(case_index.shape[0])
+        self.chosen = chosen
+        device = case_index.device
+        self.case_weights = (
+            case_weights
+            if case_weights is not None
+            else torch.ones(n_cases, dtype=torch.float64, device=device)
+        )
+        n_nests = int(lambda_index.shape[0])
+        self.nest_of_row = nest_of_item[item_index]  # (R,)
+        pair_key = case_index * n_nests + self.nest_of_row  # (R,) one per (case, nest) pair
+        unique_keys, self.pair_of_row = torch.unique(pair_key, return_inverse=True)  # (Q,), (R,)
+        self.n_pairs = int(unique_keys.shape[0])
+        self.case_of_pair = unique_keys // n_nests  # (Q,)
+        self.nest_of_pair = unique_keys % n_nests  # (Q,)
+        first_row = torch.full((self.n_pairs,), self.n_rows, dtype=torch.long, device=device)
+        rows = torch.arange(self.n_rows, device=device)
+        self.first_row_of_pair = first_row.scatter_reduce(0, self.pair_of_row, rows, "amin")
+
+    def log_probabilities(self, theta: torch.Tensor) -> torch.Tensor:  # (R,)
+        lambdas = theta[self.lambda_index]  # (M,)
+        scaled = block_utility(self.item_blocks, theta, self.n_rows) / lambdas[self.nest_of_row]
+        inclusive = segment_logsumexp(scaled, self.pair_of_row, self.n_pairs)  # (Q,)
+        nest_utility = block_utility(self.nest_blocks, theta, self.n_rows)  # (R,)
+        upper = nest_utility[self.first_row_of_pair] + lambdas[self.nest_of_pair] * inclusive
+        normaliser = segment_logsumexp(upper, self.case_of_pair, self.n_cases)  # (N,)
+        pair = self.pair_of_row
+        return scaled - inclusive[pair] + upper[pair] - normaliser[self.case_index]
+
+    def log_likelihood(self, theta: torch.Tensor) -> torch.Tensor:
+        row_weight = self.case_weights[self.case_index]  # (R,)
+        return (row_weight * self.chosen * self.log_probabilities(theta)).sum()
+
+    def value_and_gradient(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.enable_grad():
+            point = theta.detach().requires_grad_(True)
+            value = self.log_likelihood(point)
+            (gradient,) = torch.autograd.grad(value, point)
+        return value.detach(), gradient
+
+    def hessian(self, theta: torch.Tensor) -> torch.Tensor:  # (P, P)
+        return torch.func.hessian(self.log_likelihood)(theta.detach())

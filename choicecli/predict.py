@@ -1,0 +1,181 @@
+"""Score a long table with a fitted model: utilities, probabilities, shares.
+
+Notation: R rows of a batch (sorted by case), N its cases.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import polars as pl
+import torch
+
+from choicecli.data import Roles, check_columns
+from choicecli.errors import DataError
+from choicecli.models import block_utility
+from choicecli.problem import ModelSpec, build_problem
+from choicecli.results import FitResult
+
+INPUT_ROW = "__input_row"
+
+
+def spec_from_result(result: FitResult, overrides: dict[str, str]) -> ModelSpec:
+    spec = result.spec
+    roles = Roles(**{**spec["roles"], **overrides})
+    return ModelSpec(
+        formula=spec["formula"],
+        roles=roles,
+        nest_formula=spec.get("nest_formula") or "",
+        nests=spec.get("nests"),
+        shared_lambda=spec.get("shared_lambda", False),
+        lambda_init=spec.get("lambda_init", 1.0),
+        lambda_fixed=spec.get("lambda_fixed", False),
+        base=spec.get("base"),
+        missing="error",
+    )
+
+
+def _parameter_key(parameter) -> tuple:
+    return (parameter.level, parameter.term, parameter.feature, parameter.item, parameter.user)
+
+
+def predict_frame(
+    result: FitResult,
+    frame: pl.DataFrame,
+    *,
+    where: str,
+    roles: dict[str, str] | None = None,
+    unseen: str = "error",
+    batch_cases: int = 200_000,
+) -> tuple[pl.DataFrame, dict]:
+    """One output row per input row, in input order; a fit report when choices are present."""
+    spec = spec_from_result(result, roles or {})
+    if spec.roles.choice and spec.roles.choice not in frame.columns:
+        spec = replace(spec, roles=replace(spec.roles, choice=None, weights=None))
+    check_columns(frame, [spec.roles.case, spec.roles.item], where)
+    user_labels = result.labels.get("users")
+    if user_labels is not None and unseen == "zero" and spec.roles.user in frame.columns:
+        seen = pl.Series(user_labels).cast(frame.schema[spec.roles.user], strict=False)
+        fresh = frame.get_column(spec.roles.user).unique().filter(~seen.is_in(seen.implode()))
+        fresh = fresh.filter(~fresh.is_in(seen.implode()))
+        user_labels = list(user_labels) + fresh.sort().to_list()
+    estimates = {
+        _parameter_key(p): float(v)
+        for p, v in zip(result.parameters, result.estimate.tolist(), strict=True)
+    }
+    ordered = frame.with_row_index(INPUT_ROW).sort(spec.roles.case, maintain_order=True)
+    case_column = ordered.get_column(spec.roles.case)
+    starts = (case_column != case_column.shift(1)).fill_null(True).arg_true()  # first row of cases
+    pieces = []
+    totals = {"log_likelihood": 0.0, "null": 0.0, "hits": 0, "cases": 0}
+    for batch_start in range(0, starts.len(), batch_cases):
+        first = int(starts[batch_start])
+        last = (
+            int(starts[batch_start + batch_cases])
+            if batch_start + batch_cases < starts.len()
+            else None
+        )
+        batch = ordered.slice(first, None if last is None else last - first)
+        pieces.append(_score_batch(result, spec, batch, where, user_labels, estimates, totals))
+    scored = pl.concat(pieces).sort(INPUT_ROW).drop(INPUT_ROW)
+    report = {}
+    if spec.roles.choice:
+        report = {
+            "log_likelihood": totals["log_likelihood"],
+            "n_cases": totals["cases"],
+            "mean_log_likelihood": totals["log_likelihood"] / max(totals["cases"], 1),
+            "hit_rate": totals["hits"] / max(totals["cases"], 1),
+            "null_log_likelihood": totals["null"],
+        }
+    return scored, report
+
+
+def _score_batch(result, spec, batch, where, user_labels, estimates, totals) -> pl.DataFrame:
+    problem = build_problem_for_prediction(result, spec, batch, where, user_labels)
+    theta = torch.tensor(
+        [estimates.get(_parameter_key(p), 0.0) for p in problem.parameters], dtype=torch.float64
+    )
+    theta = torch.nan_to_num(theta, nan=0.0)  # not-estimated coefficients contribute nothing
+    model = problem.model(torch.device("cpu"))
+    data = problem.data
+    log_p = model.log_probabilities(theta)  # (R,)
+    utility = block_utility(problem.item_blocks + problem.nest_blocks, theta, data.n_rows)
+    probability = torch.exp(log_p)
+    best = segment_best(probability, data.case_index, data.n_cases)  # (R,) bool
+    if data.chosen is not None:
+        totals["log_likelihood"] += float((data.chosen * log_p).sum())
+        totals["null"] -= float(torch.log(data.alternatives_per_case().double()).sum())
+        totals["hits"] += int((best & (data.chosen > 0)).sum())
+        totals["cases"] += data.n_cases
+    roles = spec.roles
+    keep = [c for c in (roles.case, roles.item, roles.user, roles.choice) if c]
+    source = batch.select([INPUT_ROW, *keep])[data.source_row.numpy()]
+    return source.with_columns(
+        pl.Series("utility", utility.numpy()),
+        pl.Series("probability", probability.numpy()),
+        pl.Series("predicted", best.numpy()),
+    )
+
+
+def build_problem_for_prediction(result, spec, batch, where, user_labels):
+    return build_problem(
+        batch.drop(INPUT_ROW),
+        spec,
+        where,
+        item_labels=result.labels["items"],
+        user_labels=user_labels,
+        drop_single_alternative=False,
+    )
+
+
+def segment_best(probability: torch.Tensor, case_index: torch.Tensor, n_cases: int) -> torch.Tensor:
+    """True on the first most probable row of each case. (R,)"""
+    top = torch.full((n_cases,), -1.0, dtype=probability.dtype).scatter_reduce(
+        0, case_index, probability, "amax"
+    )
+    rows = torch.arange(probability.shape[0])
+    candidate = torch.where(probability == top[case_index], rows, probability.shape[0])
+    first = torch.full((n_cases,), probability.shape[0], dtype=torch.long).scatter_reduce(
+        0, case_index, candidate, "amin"
+    )
+    return rows == first[case_index]
+
+
+def share_table(scored: pl.DataFrame, result: FitResult, by: str | None) -> pl.DataFrame:
+    """Predicted (and observed) share of each alternative, per segment when `by` is given."""
+    roles = result.spec["roles"]
+    case, item, choice = roles["case"], roles["item"], roles["choice"]
+    groups = [by] if by else []
+    if by and by not in scored.columns:
+        raise DataError(f"--by {by!r}: no such column among {', '.join(scored.columns)}")
+    n_cases = scored.group_by(groups or pl.lit(1)).agg(pl.col(case).n_unique().alias("__n"))
+    aggregations = [pl.col("probability").sum().alias("predicted_share")]
+    if choice in scored.columns:
+        aggregations.append(pl.col(choice).cast(pl.Float64).sum().alias("observed_share"))
+    table = scored.group_by([*groups, item]).agg(aggregations)
+    joined = (
+        table.join(n_cases, on=groups)
+        if groups
+        else table.with_columns(pl.lit(n_cases.get_column("__n")[0]).alias("__n"))
+    )
+    shares = [pl.col("predicted_share") / pl.col("__n")]
+    if choice in scored.columns:
+        shares.append(pl.col("observed_share") / pl.col("__n"))
+    return (
+        joined.with_columns(shares)
+        .drop("__n")
+        .with_columns(pl.col(item).cast(pl.String).alias("item"))
+        .select(
+            [
+                *groups,
+                "item",
+                *[c for c in ("predicted_share", "observed_share") if c in joined.columns],
+            ]
+        )  # fmt: skip
+        .sort([*groups, "item"])
+    )
+
+
+def finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None

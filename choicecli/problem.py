@@ -1,0 +1,268 @@
+"""From a spec and a long table to a model ready to evaluate: data, layout, blocks, model.
+
+Shared by fitting and prediction, so both build exactly the same parameter layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import polars as pl
+import torch
+
+from choicecli.data import ChoiceData, Roles, load_choice_data
+from choicecli.design import Block, Level, Parameter, build_blocks, build_layout, resolve_features
+from choicecli.errors import FormulaError, UsageError
+from choicecli.formula import Term, parse_formula
+from choicecli.models import ConditionalLogit, NestedLogit
+from choicecli.nests import nest_codes, parse_nests
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to fit: formulas, column roles, nests and lambda settings."""
+
+    formula: str
+    roles: Roles
+    nest_formula: str = ""
+    nests: dict[str, list[str]] | str | None = None  # spec text, or resolved nest -> alternatives
+    shared_lambda: bool = False
+    lambda_init: float = 1.0
+    lambda_fixed: bool = False
+    lambda_bounds: tuple[float, float] | None = None
+    base: str | None = None
+    missing: str = "error"
+
+
+@dataclass
+class Problem:
+    spec: ModelSpec
+    data: ChoiceData
+    terms: list[Term]
+    nest_terms: list[Term]
+    features: list[list[str]]
+    nest_features: list[list[str]]
+    parameters: list[Parameter]
+    item_blocks: list[Block]
+    nest_blocks: list[Block]
+    start: torch.Tensor  # (P,) starting values; fixed parameters keep theirs
+    fixed: torch.Tensor  # (P,) bool
+    lower: torch.Tensor  # (P,)
+    upper: torch.Tensor  # (P,)
+    nests: dict[str, list[str]] | None = None
+    nest_of_item: torch.Tensor | None = None  # (J,)
+    lambda_index: torch.Tensor | None = None  # (M,)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def nested(self) -> bool:
+        return self.nests is not None
+
+    def model(self, device: torch.device) -> ConditionalLogit | NestedLogit:
+        """The likelihood object on `device`."""
+        data = self.data
+        to = {"device": device}
+        item_blocks = [_block_to(b, device) for b in self.item_blocks]
+        chosen = data.chosen.to(**to) if data.chosen is not None else None
+        weights = data.case_weights.to(**to) if data.case_weights is not None else None
+        if not self.nested:
+            return ConditionalLogit(
+                item_blocks,
+                len(self.parameters),
+                data.case_index.to(**to),
+                data.item_index.to(**to),
+                data.n_cases,
+                data.n_items,
+                data.user_of_case.to(**to) if data.user_of_case is not None else None,
+                chosen,
+                weights,
+            )
+        return NestedLogit(
+            item_blocks,
+            [_block_to(b, device) for b in self.nest_blocks],
+            self.lambda_index.to(**to),
+            self.nest_of_item.to(**to),
+            len(self.parameters),
+            data.case_index.to(**to),
+            data.item_index.to(**to),
+            data.n_cases,
+            chosen,
+            weights,
+        )
+
+    def identification_model(self) -> ConditionalLogit:
+        """The conditional logit with both levels' terms: the nested model at lambda = 1."""
+        data = self.data
+        return ConditionalLogit(
+            self.item_blocks + self.nest_blocks,
+            len(self.parameters),
+            data.case_index,
+            data.item_index,
+            data.n_cases,
+            data.n_items,
+            data.user_of_case,
+            data.chosen,
+            data.case_weights,
+        )
+
+
+def _block_to(block: Block, device: torch.device) -> Block:
+    level = block.level
+    if level.code_of_item is not None:
+        level = Level(level.name, level.labels, level.code_of_item.to(device), level.base)
+    return Block(
+        block.term,
+        level,
+        block.features,
+        block.x.to(device),
+        block.code.to(device),
+        block.layout_index.to(device),
+    )
+
+
+def build_problem(
+    frame: pl.DataFrame,
+    spec: ModelSpec,
+    where: str,
+    *,
+    item_labels: list | None = None,
+    user_labels: list | None = None,
+    drop_single_alternative: bool = True,
+) -> Problem:
+    """Parse, validate and lay out everything a fit or a prediction needs."""
+    terms = parse_formula(spec.formula)
+    role_names = spec.roles.names()
+    features = [resolve_features(t, frame.columns, role_names, where) for t in terms]
+    nests = None
+    nest_terms: list[Term] = []
+    nest_features: list[list[str]] = []
+    if spec.nests is not None:
+        nests = (
+            spec.nests
+            if isinstance(spec.nests, dict)
+            else parse_nests(spec.nests, frame, spec.roles.item)
+        )
+        nest_terms = parse_formula(spec.nest_formula, allow_empty=True, label="nest formula")
+        nest_features = [resolve_features(t, frame.columns, role_names, where) for t in nest_terms]
+    elif spec.nest_formula.strip():
+        raise UsageError("--nest-formula needs --nests to say which alternatives form each nest")
+    used = [name for names in features + nest_features for name in names if name != "intercept"]
+    used = list(dict.fromkeys(used))
+    data = load_choice_data(
+        frame,
+        spec.roles,
+        used,
+        where=where,
+        missing=spec.missing,
+        item_labels=item_labels,
+        user_labels=user_labels,
+        drop_single_alternative=drop_single_alternative,
+    )
+    base = _base_index(spec.base, data.item_labels)
+    item_level = Level("item", data.item_labels, None, base)
+    parameters: list[Parameter] = []
+    item_layout = build_layout(terms, features, item_level, data.user_labels, parameters)
+    item_blocks = build_blocks(terms, features, item_layout, item_level, data)
+    problem_nests = dict(nests) if nests is not None else None
+    nest_blocks: list[Block] = []
+    nest_of_item = lambda_index = None
+    if nests is not None:
+        nest_of_item = nest_codes(nests, data.item_labels)
+        nest_level = Level("nest", list(nests), nest_of_item, 0)
+        nest_layout = build_layout(
+            nest_terms, nest_features, nest_level, data.user_labels, parameters
+        )
+        nest_blocks = build_blocks(nest_terms, nest_features, nest_layout, nest_level, data)
+        _check_constant_within_nest(nest_blocks, data, nest_of_item, where)
+        lambda_index = _lambda_layout(nests, spec, parameters)
+    n_parameters = len(parameters)
+    fixed = torch.tensor([p.fixed for p in parameters], dtype=torch.bool)
+    start = torch.zeros(n_parameters, dtype=torch.float64)
+    lower = torch.full((n_parameters,), -torch.inf, dtype=torch.float64)
+    upper = torch.full((n_parameters,), torch.inf, dtype=torch.float64)
+    if lambda_index is not None:
+        start[lambda_index] = spec.lambda_init
+        start[lambda_index[fixed[lambda_index]]] = 1.0  # single-alternative nests: lambda cancels
+        if spec.lambda_fixed:
+            start[lambda_index] = spec.lambda_init
+        lower[lambda_index] = spec.lambda_bounds[0] if spec.lambda_bounds else 1e-3
+        if spec.lambda_bounds:
+            upper[lambda_index] = spec.lambda_bounds[1]
+    return Problem(
+        spec=spec,
+        data=data,
+        terms=terms,
+        nest_terms=nest_terms,
+        features=features,
+        nest_features=nest_features,
+        parameters=parameters,
+        item_blocks=item_blocks,
+        nest_blocks=nest_blocks,
+        start=start,
+        fixed=fixed,
+        lower=lower,
+        upper=upper,
+        nests=problem_nests,
+        nest_of_item=nest_of_item,
+        lambda_index=lambda_index,
+        notes=list(data.notes),
+    )
+
+
+def _base_index(base: str | None, item_labels: list) -> int:
+    if base is None:
+        return 0
+    labels = [str(label) for label in item_labels]
+    if base not in labels:
+        raise FormulaError(
+            f"--base {base!r} is not an alternative in the data ({', '.join(labels)})"
+        )
+    return labels.index(base)
+
+
+def _lambda_layout(
+    nests: dict[str, list[str]], spec: ModelSpec, parameters: list[Parameter]
+) -> torch.Tensor:
+    """Append the lambda parameters; return each nest's lambda position. (M,)"""
+    start = len(parameters)
+    if spec.shared_lambda:
+        parameters.append(
+            Parameter("nest", "lambda", "lambda", "constant", None, None, None, spec.lambda_fixed)
+        )
+        return torch.full((len(nests),), start, dtype=torch.long)
+    for nest, members in nests.items():
+        single = len(members) == 1
+        parameters.append(
+            Parameter(
+                "nest", "lambda", "lambda", "item", None, nest, None, spec.lambda_fixed or single
+            )  # fmt: skip
+        )
+    return torch.arange(start, start + len(nests), dtype=torch.long)
+
+
+def _check_constant_within_nest(
+    blocks: list[Block], data: ChoiceData, nest_of_item: torch.Tensor, where: str
+) -> None:
+    """Nest-formula columns must not vary within a (case, nest) pair."""
+    n_nests = int(nest_of_item.max()) + 1
+    pair = data.case_index * n_nests + nest_of_item[data.item_index]  # (R,)
+    for block in blocks:
+        for k, name in enumerate(block.features):
+            if name == "intercept":
+                continue
+            values = block.x[:, k]
+            size = data.n_cases * n_nests
+            low = torch.full((size,), torch.inf, dtype=values.dtype).scatter_reduce(
+                0, pair, values, "amin"
+            )
+            high = torch.full((size,), -torch.inf, dtype=values.dtype).scatter_reduce(
+                0, pair, values, "amax"
+            )
+            varying = (high > low).nonzero().flatten()
+            if varying.numel():
+                case = data.case_labels[int(varying[0]) // n_nests]
+                raise FormulaError(
+                    f"{where}: nest-formula column {name!r} varies within a nest in "
+                    f"{varying.numel()} (case, nest) pairs (first: case {case!r}); nest-level "
+                    "columns must be constant within each nest of a case"
+                )

@@ -1,0 +1,194 @@
+"""The fit result, its coefficient table, and the model directory (save and load).
+
+A model directory holds model.json (spec, labels, statistics, provenance),
+params.safetensors (estimates and covariance; loading it executes nothing) and
+coefficients.parquet (one row per parameter).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+
+from choicecli.design import Parameter
+from choicecli.errors import ArtifactError
+from choicecli.io import atomic_directory
+
+SCHEMA_VERSION = 1
+MODEL_FILE = "model.json"
+PARAMS_FILE = "params.safetensors"
+COEFFICIENTS_FILE = "coefficients.parquet"
+Z_95 = 1.959963984540054
+COEFFICIENT_COLUMNS = {
+    "level": pl.String,
+    "term": pl.String,
+    "variable": pl.String,
+    "variation": pl.String,
+    "feature": pl.String,
+    "item": pl.String,
+    "user": pl.String,
+    "estimate": pl.Float64,
+    "std_error": pl.Float64,
+    "z_value": pl.Float64,
+    "p_value": pl.Float64,
+    "ci_low": pl.Float64,
+    "ci_high": pl.Float64,
+    "fixed": pl.Boolean,
+    "identified": pl.Boolean,
+}
+
+
+@dataclass
+class FitResult:
+    """Primitives of a fit; everything else (z, p, intervals) is derived."""
+
+    spec: dict[str, Any]  # formulas, roles, nests, base, options
+    labels: dict[str, list]  # items, users, nests
+    parameters: list[Parameter]
+    estimate: torch.Tensor  # (P,) NaN where not estimated
+    std_error: torch.Tensor  # (P,) NaN where not available
+    identified: torch.Tensor  # (P,) bool
+    covariance: torch.Tensor  # (k, k) of the estimated parameters
+    estimated_index: torch.Tensor  # (k,) their positions in the layout
+    fit: dict[str, Any]  # statistics
+    warnings: list[str] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def coefficient_table(self) -> pl.DataFrame:
+        estimate = self.estimate.tolist()
+        error = self.std_error.tolist()
+        rows = {name: [] for name in COEFFICIENT_COLUMNS}
+        for index, parameter in enumerate(self.parameters):
+            value = _number(estimate[index])
+            spread = _number(error[index])
+            z = value / spread if value is not None and spread else None
+            p = math.erfc(abs(z) / math.sqrt(2.0)) if z is not None else None
+            record = asdict(parameter)
+            record.update(
+                estimate=value,
+                std_error=spread,
+                z_value=z,
+                p_value=p,
+                ci_low=value - Z_95 * spread if z is not None else None,
+                ci_high=value + Z_95 * spread if z is not None else None,
+                identified=bool(self.identified[index]),
+            )
+            for name in COEFFICIENT_COLUMNS:
+                rows[name].append(record[name])
+        return pl.DataFrame(rows, schema=COEFFICIENT_COLUMNS)
+
+    def model_document(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "kind": "nested_logit" if self.spec.get("nests") else "conditional_logit",
+            "spec": self.spec,
+            "labels": {key: _jsonable(values) for key, values in self.labels.items()},
+            "parameters": [asdict(p) for p in self.parameters],
+            "fit": self.fit,
+            "warnings": self.warnings,
+            "provenance": self.provenance,
+        }
+
+    def save(self, directory: Path) -> None:
+        """Write the model directory atomically: all three files appear together or none."""
+        from safetensors.torch import save_file
+
+        document = self.model_document()
+        metadata = {
+            "choice.spec": json.dumps(self.spec),
+            "choice.provenance": json.dumps(self.provenance),
+        }
+        with atomic_directory(Path(directory)) as temp:
+            (temp / MODEL_FILE).write_text(json.dumps(document, indent=2, default=str) + "\n")
+            tensors = {
+                "estimate": self.estimate.double().cpu().contiguous(),
+                "std_error": self.std_error.double().cpu().contiguous(),
+                "identified": self.identified.to(torch.uint8).cpu().contiguous(),
+                "covariance": self.covariance.double().cpu().contiguous(),
+                "estimated_index": self.estimated_index.long().cpu().contiguous(),
+            }
+            save_file(tensors, str(temp / PARAMS_FILE), metadata={"schema_version": "1"})
+            table = self.coefficient_table().to_arrow()
+            merged = {k.encode(): v.encode() for k, v in metadata.items()}
+            import pyarrow.parquet as pq
+
+            pq.write_table(table.replace_schema_metadata(merged), temp / COEFFICIENTS_FILE)
+
+
+def load_result(directory: Path) -> FitResult:
+    """Read a model directory, refusing anything damaged, foreign or newer."""
+    directory = Path(directory)
+    model_path = directory / MODEL_FILE
+    if not model_path.is_file():
+        raise ArtifactError(
+            f"{directory}: no model here ({MODEL_FILE} missing); run 'choice fit' first "
+            "or point --model / CHOICE_MODEL at a model directory"
+        )
+    try:
+        document = json.loads(model_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{model_path}: damaged ({exc}); refit the model") from exc
+    if not isinstance(document, dict) or "schema_version" not in document:
+        raise ArtifactError(f"{model_path}: not a choice model file (no schema_version)")
+    version = document["schema_version"]
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{model_path}: written by a newer choice (schema {version}, this one reads "
+            f"{SCHEMA_VERSION}); upgrade choice"
+        )
+    try:
+        parameters = [Parameter(**p) for p in document["parameters"]]
+        tensors = _load_tensors(directory / PARAMS_FILE)
+        result = FitResult(
+            spec=document["spec"],
+            labels=document["labels"],
+            parameters=parameters,
+            estimate=tensors["estimate"],
+            std_error=tensors["std_error"],
+            identified=tensors["identified"].bool(),
+            covariance=tensors["covariance"],
+            estimated_index=tensors["estimated_index"],
+            fit=document["fit"],
+            warnings=document.get("warnings", []),
+            provenance=document.get("provenance", {}),
+        )
+    except (KeyError, TypeError) as exc:
+        raise ArtifactError(f"{model_path}: incomplete or edited ({exc}); refit the model") from exc
+    count = len(parameters)
+    if any(result.__dict__[n].shape != (count,) for n in ("estimate", "std_error", "identified")):
+        raise ArtifactError(
+            f"{directory / PARAMS_FILE}: holds {result.estimate.shape[0]} parameters but "
+            f"{MODEL_FILE} lists {count}; the files do not belong together, refit the model"
+        )
+    return result
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing; refit the model")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ArtifactError(
+            f"{path}: not a valid safetensors file ({exc}); parameter files are never "
+            "unpickled, refit the model"
+        ) from exc
+
+
+def _number(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def _jsonable(values: list | None) -> list | None:
+    if values is None:
+        return None
+    return [v if isinstance(v, (int, float, str, bool)) or v is None else str(v) for v in values]
