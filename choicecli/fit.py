@@ -215,6 +215,12 @@ def _unidentified(problem: Problem, warnings: list[str]) -> list[int]:
             f"{MAX_RANK_CHECK_PARAMETERS}; unidentified terms may not converge"
         )
     elif candidates.numel():
+        # Intercepts first (as R's lm puts the intercept first), then formula order: a column
+        # constant within alternative beside (1|item) is the one left out.
+        is_intercept = torch.tensor(
+            [problem.parameters[i].feature == "intercept" for i in candidates.tolist()]
+        )
+        candidates = torch.cat([candidates[is_intercept], candidates[~is_intercept]])
         model = problem.identification_model()
         information = -model.hessian(torch.zeros(len(problem.parameters), dtype=torch.float64))
         for found in dependent_parameters(information, candidates):

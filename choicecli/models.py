@@ -277,4 +277,7 @@ class NestedLogit:
         return value.detach(), gradient
 
     def hessian(self, theta: torch.Tensor) -> torch.Tensor:  # (P, P)
-        return torch.func.hessian(self.log_likelihood)(theta.detach())
+        with torch.enable_grad():
+            return torch.autograd.functional.hessian(
+                self.log_likelihood, theta.detach(), vectorize=True
+            )

@@ -323,11 +323,14 @@ def _save(
     from matplotlib.figure import Figure
 
     width, height = float(size[0]), float(size[1])
-    if width <= 0 or height <= 0 or dpi <= 0:
+    if round(width * dpi) < 1 or round(height * dpi) < 1:
         raise UsageError(f"the figure size and dpi must be positive, not {size} at {dpi} dpi")
     output = Path(output)
     with matplotlib.style.context("default"), matplotlib.rc_context(STYLE):
-        fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
+        # Agg truncates inches * dpi to whole pixels; aim a hair above the rounded count so the
+        # PNG is exactly round(size * dpi) pixels even when the product is 434.99999...
+        figsize = ((round(width * dpi) + 1e-3) / dpi, (round(height * dpi) + 1e-3) / dpi)
+        fig = Figure(figsize=figsize, dpi=dpi, layout="constrained")
         FigureCanvasAgg(fig)
         build(fig)
         with atomic_file(output) as temp:
