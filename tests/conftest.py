@@ -1,0 +1,67 @@
+"""Shared fixtures: reference data locations, small tables, and a problem builder."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+
+from choicecli.data import Roles
+from choicecli.problem import ModelSpec, build_problem
+
+TESTS = Path(__file__).parent
+REPO = TESTS.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+SAMPLE_DATA = REPO / "sample_data"
+CHOICE_EXECUTABLE = Path(sys.executable).parent / "choice"
+
+MODE_CANADA_FORMULA = "(cost|constant) + (freq|constant) + (ovt|constant) + (income|item) + (ivt|item-full) + (1|item)"
+HC_FORMULA = (
+    "(ich|constant) + (och|constant) + (icca|constant) + (occa|constant) + "
+    "(inc.room|constant) + (inc.cooling|constant) + (int.cooling|constant)"
+)
+
+
+def shared_file(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"reference data {path} is not available")
+    return path
+
+
+@pytest.fixture(scope="session")
+def mode_canada_parquet(tmp_path_factory) -> Path:
+    """ModeCanada rows with noalt == 4, as Parquet."""
+    frame = pl.read_csv(shared_file("ModeCanada.csv")).filter(pl.col("noalt") == 4)
+    path = tmp_path_factory.mktemp("mc") / "mc.parquet"
+    frame.write_parquet(path)
+    return path
+
+
+def toy_frame() -> pl.DataFrame:
+    """Three cases, varying choice sets, two users."""
+    return pl.DataFrame(
+        {
+            "case": [1, 1, 1, 2, 2, 3, 3, 3],
+            "item": ["a", "b", "c", "a", "c", "a", "b", "c"],
+            "choice": [0, 1, 0, 0, 1, 1, 0, 0],
+            "user": ["u1", "u1", "u1", "u2", "u2", "u1", "u1", "u1"],
+            "x": [1.0, 2.0, 0.5, -1.0, 0.3, 0.7, 1.5, -0.2],
+            "z": [0.2, -0.4, 1.1, 0.9, 0.1, -0.6, 0.3, 0.8],
+            "w": [1.5, 1.5, 1.5, -0.5, -0.5, 0.25, 0.25, 0.25],
+        }
+    )
+
+
+def problem_for(frame: pl.DataFrame, formula: str, **spec_options):
+    roles = spec_options.pop("roles", Roles(case="case", item="item", choice="choice", user="user"))
+    spec = ModelSpec(formula=formula, roles=roles, **spec_options)
+    return build_problem(frame, spec, "test")
+
+
+def random_theta(n: int, seed: int = 0, scale: float = 0.5) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(n, generator=generator, dtype=torch.float64)

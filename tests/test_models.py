@@ -1,0 +1,141 @@
+"""Likelihoods by hand on toy arrays; gradients and Hessians against autograd and differences."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import problem_for, random_theta, toy_frame
+
+ALL_VARIATIONS = (
+    "(x|constant) + (1|item) + (z|item-full) + (w|item) + (x|user) + (z|user-item) "
+    "+ (w|user-item-full)"
+)
+
+
+def test_conditional_logit_matches_hand_computation():
+    frame = toy_frame()
+    problem = problem_for(frame, "(x|constant) + (1|item)")
+    model = problem.model(torch.device("cpu"))
+    beta, intercept_b, intercept_c = 0.7, 0.3, -0.4
+    theta = torch.tensor([beta, 0.0, intercept_b, intercept_c], dtype=torch.float64)
+    intercepts = {"a": 0.0, "b": intercept_b, "c": intercept_c}
+    expected = 0.0
+    for case in (1, 2, 3):
+        rows = frame.filter(frame["case"] == case).to_dicts()
+        utilities = [beta * r["x"] + intercepts[r["item"]] for r in rows]
+        denominator = sum(math.exp(u) for u in utilities)
+        chosen = next(u for u, r in zip(utilities, rows, strict=True) if r["choice"] == 1)
+        expected += chosen - math.log(denominator)
+    assert float(model.log_likelihood(theta)) == pytest.approx(expected, abs=1e-12)
+
+
+def test_nested_logit_matches_hand_computation():
+    frame = toy_frame()
+    problem = problem_for(
+        frame, "(x|constant)", nests="n1=a,b;n2=c", nest_formula="(w|item)", shared_lambda=False
+    )
+    model = problem.model(torch.device("cpu"))
+    names = [p.term + ":" + str(p.item) for p in problem.parameters]
+    theta = torch.zeros(len(names), dtype=torch.float64)
+    beta, gamma_n2, lam1 = 0.8, 0.35, 0.6
+    theta[names.index("x[constant]:None")] = beta
+    theta[names.index("w[item]:n2")] = gamma_n2
+    theta[names.index("lambda:n1")] = lam1
+    theta[names.index("lambda:n2")] = 1.0  # a single-alternative nest: lambda cancels
+    lambdas = {"n1": lam1, "n2": 1.0}
+    nest_of = {"a": "n1", "b": "n1", "c": "n2"}
+    expected = 0.0
+    for case in (1, 2, 3):
+        rows = frame.filter(frame["case"] == case).to_dicts()
+        inclusive, upper = {}, {}
+        for nest in {nest_of[r["item"]] for r in rows}:
+            members = [r for r in rows if nest_of[r["item"]] == nest]
+            inclusive[nest] = math.log(
+                sum(math.exp(beta * r["x"] / lambdas[nest]) for r in members)
+            )
+            w_value = members[0]["w"] * (gamma_n2 if nest == "n2" else 0.0)
+            upper[nest] = w_value + lambdas[nest] * inclusive[nest]
+        chosen = next(r for r in rows if r["choice"] == 1)
+        nest = nest_of[chosen["item"]]
+        log_conditional = beta * chosen["x"] / lambdas[nest] - inclusive[nest]
+        log_marginal = upper[nest] - math.log(sum(math.exp(v) for v in upper.values()))
+        expected += log_conditional + log_marginal
+    assert float(model.log_likelihood(theta)) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("formula", [ALL_VARIATIONS, "(x|constant) + (1|item) + (z|user)"])
+def test_conditional_logit_gradient_and_hessian_match_autograd(formula):
+    problem = problem_for(toy_frame(), formula)
+    model = problem.model(torch.device("cpu"))
+    theta = random_theta(len(problem.parameters), seed=3)
+    value, gradient = model.value_and_gradient(theta)
+    auto_gradient = torch.func.grad(model.log_likelihood)(theta)
+    auto_hessian = torch.func.hessian(model.log_likelihood)(theta)
+    assert torch.allclose(gradient, auto_gradient, atol=1e-12)
+    assert torch.allclose(model.hessian(theta), auto_hessian, atol=1e-12)
+    assert float(value) == pytest.approx(float(model.log_likelihood(theta)), abs=1e-12)
+
+
+def test_conditional_logit_gradient_matches_finite_differences():
+    problem = problem_for(toy_frame(), ALL_VARIATIONS)
+    model = problem.model(torch.device("cpu"))
+    theta = random_theta(len(problem.parameters), seed=5)
+    _, gradient = model.value_and_gradient(theta)
+    step = 1e-6
+    for index in range(theta.numel()):
+        shift = torch.zeros_like(theta)
+        shift[index] = step
+        difference = (model.log_likelihood(theta + shift) - model.log_likelihood(theta - shift)) / (
+            2 * step
+        )
+        assert float(gradient[index]) == pytest.approx(float(difference), abs=1e-7)
+
+
+def test_nested_logit_gradient_matches_finite_differences_including_lambda():
+    problem = problem_for(
+        toy_frame(),
+        "(x|constant) + (1|item) + (z|user)",
+        nests="n1=a,b;n2=c",
+        nest_formula="(w|item) + (1|user)",
+    )
+    model = problem.model(torch.device("cpu"))
+    theta = random_theta(len(problem.parameters), seed=7)
+    theta[problem.lambda_index] = torch.tensor([0.7, 0.9], dtype=torch.float64)
+    _, gradient = model.value_and_gradient(theta)
+    step = 1e-6
+    for index in range(theta.numel()):
+        shift = torch.zeros_like(theta)
+        shift[index] = step
+        difference = (model.log_likelihood(theta + shift) - model.log_likelihood(theta - shift)) / (
+            2 * step
+        )
+        assert float(gradient[index]) == pytest.approx(float(difference), abs=1e-7)
+    hessian = model.hessian(theta)
+    assert torch.allclose(hessian, hessian.T, atol=1e-10)
+
+
+def test_nested_logit_with_unit_lambdas_equals_conditional_logit():
+    frame = toy_frame()
+    nested = problem_for(frame, "(x|constant) + (1|item)", nests="n1=a,b;n2=c")
+    plain = problem_for(frame, "(x|constant) + (1|item)")
+    theta_plain = random_theta(len(plain.parameters), seed=11)
+    theta_nested = torch.cat([theta_plain, torch.ones(2, dtype=torch.float64)])
+    nested_value = nested.model(torch.device("cpu")).log_likelihood(theta_nested)
+    plain_value = plain.model(torch.device("cpu")).log_likelihood(theta_plain)
+    assert float(nested_value) == pytest.approx(float(plain_value), abs=1e-12)
+
+
+def test_extreme_utilities_stay_finite():
+    problem = problem_for(toy_frame(), "(x|constant) + (1|item)")
+    model = problem.model(torch.device("cpu"))
+    theta = torch.tensor([1e6, 0.0, -1e6, 1e6], dtype=torch.float64)
+    value, gradient = model.value_and_gradient(theta)
+    assert math.isfinite(float(value))
+    assert torch.isfinite(gradient).all()
+    assert torch.isfinite(model.hessian(theta)).all()
+    nested = problem_for(toy_frame(), "(x|constant)", nests="n1=a,b;n2=c")
+    nested_theta = torch.tensor([1e4, 1e-3, 1.0], dtype=torch.float64)
+    assert math.isfinite(float(nested.model(torch.device("cpu")).log_likelihood(nested_theta)))
