@@ -18,7 +18,16 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 SAMPLE_DATA = REPO / "sample_data"
 CHOICE_EXECUTABLE = Path(sys.executable).parent / "choice"
 
-MODE_CANADA_FORMULA = "(cost|constant) + (freq|constant) + (ovt|constant) + (income|item) + (ivt|item-full) + (1|item)"
+MODE_CANADA_FORMULA = " + ".join(
+    [
+        "(cost|constant)",
+        "(freq|constant)",
+        "(ovt|constant)",
+        "(income|item)",
+        "(ivt|item-full)",
+        "(1|item)",
+    ]  # fmt: skip
+)
 HC_FORMULA = (
     "(ich|constant) + (och|constant) + (icca|constant) + (occa|constant) + "
     "(inc.room|constant) + (inc.cooling|constant) + (int.cooling|constant)"
