@@ -139,15 +139,8 @@ def load_choice_data(
         table = table.with_columns(_chosen_flag(table, roles.choice, where))
     if roles.available:
         table = _apply_availability(table, roles, where, notes)
-    _check_duplicates(table, roles, where)
-    _check_constant_within_case(table, roles, where)
-    if roles.choice:
-        _check_one_chosen(table, roles, where)
-    if drop_single_alternative:
-        table = _drop_single_alternative(table, roles, notes)
     if table.height == 0:
-        raise DataError(f"{where}: no cases left to fit after the checks above")
-
+        raise DataError(f"{where}: no rows left to fit after the checks above")
     if item_labels is None:
         item_labels = sorted_labels(table.get_column(roles.item))
     case_labels = sorted_labels(table.get_column(roles.case))
@@ -155,42 +148,73 @@ def load_choice_data(
         encode(table, roles.item, item_labels, "alternative", where).alias("__item"),
         (pl.col(roles.case).rank("dense").cast(pl.Int64) - 1).alias("__case"),
     ).sort(["__case", "__item"])
-    user_of_case = None
+    case_index = _tensor(table, "__case")  # (R,)
+    item_index = _tensor(table, "__item")  # (R,)
+    _check_duplicates(case_index, item_index, case_labels, item_labels, where)
+    users = None
     if roles.user:
         if user_labels is None:
             user_labels = sorted_labels(table.get_column(roles.user))
-        users = encode(table, roles.user, user_labels, "user", where)
-        per_case = table.select("__case").with_columns(users.alias("__user")).unique("__case")
-        user_of_case = torch.from_numpy(per_case.sort("__case")["__user"].to_numpy().copy())
-
-    columns = {
-        name: torch.from_numpy(table.get_column(name).cast(pl.Float64).to_numpy().copy())
-        for name in used_columns
-    }
-    chosen = None
-    if roles.choice:
-        chosen = torch.from_numpy(table.get_column("__chosen").cast(pl.Float64).to_numpy().copy())
-    case_index = torch.from_numpy(table.get_column("__case").to_numpy().copy())
+        user_codes = encode(table, roles.user, user_labels, "user", where)
+        users = torch.from_numpy(user_codes.to_numpy().copy())
+    within_case = [(roles.user, "user", users)]
+    if roles.session:
+        sessions = _tensor(table.select(pl.col(roles.session).rank("dense")), roles.session)
+        within_case.append((roles.session, "session", sessions))
+    if roles.weights:
+        within_case.append((roles.weights, "weight", _tensor(table, roles.weights)))
+    for name, what, values in within_case:
+        if values is not None:
+            _check_constant_within_case(case_index, values, case_labels, name, what, where)
+    chosen = _tensor(table, "__chosen").double() if roles.choice else None
+    if chosen is not None:
+        _check_one_chosen(case_index, chosen, case_labels, roles.choice, where)
+    keep = torch.ones(case_index.shape[0], dtype=torch.bool)
+    if drop_single_alternative:
+        keep = _single_alternative_rows(case_index, case_labels, notes)
+    if not bool(keep.any()):
+        raise DataError(f"{where}: no cases left to fit after the checks above")
+    kept_cases = torch.zeros(len(case_labels), dtype=torch.bool)
+    kept_cases[case_index[keep]] = True
+    new_code = torch.cumsum(kept_cases.long(), 0) - 1  # (N_old,) compacted case codes
+    row_order = _tensor(table, ROW).long()
+    case_index = new_code[case_index[keep]]
+    if not bool(kept_cases.all()):
+        case_labels = [
+            label for label, k in zip(case_labels, kept_cases.tolist(), strict=True) if k
+        ]
+    first_row = _first_row_of_case(case_index, len(case_labels))  # (N,)
+    columns = {name: _tensor(table, name).double()[keep] for name in used_columns}
     weights = None
     if roles.weights:
-        per_row = torch.from_numpy(table.get_column(roles.weights).cast(pl.Float64).to_numpy())
-        weights = torch.zeros(len(case_labels), dtype=torch.float64).scatter_(
-            0, case_index, per_row
-        )  # (N,) any row of the case: weights are checked constant within case
+        weights = _tensor(table, roles.weights).double()[keep][first_row]
     return ChoiceData(
         roles=roles,
         item_labels=item_labels,
         user_labels=user_labels,
         case_labels=case_labels,
         case_index=case_index,
-        item_index=torch.from_numpy(table.get_column("__item").to_numpy().copy()),
-        user_of_case=user_of_case,
-        chosen=chosen,
+        item_index=item_index[keep],
+        user_of_case=None if users is None else users[keep][first_row],
+        chosen=None if chosen is None else chosen[keep],
         columns=columns,
-        source_row=torch.from_numpy(table.get_column(ROW).cast(pl.Int64).to_numpy().copy()),
+        source_row=row_order[keep],
         case_weights=weights,
         notes=notes,
     )
+
+
+def _tensor(table: pl.DataFrame, name: str) -> torch.Tensor:
+    series = table.get_column(name)
+    if series.dtype == pl.Boolean:
+        series = series.cast(pl.Int8)
+    return torch.from_numpy(series.to_numpy().copy())
+
+
+def _first_row_of_case(case_index: torch.Tensor, n_cases: int) -> torch.Tensor:
+    """Index of each case's first row (rows are sorted by case). (N,)"""
+    sizes = torch.bincount(case_index, minlength=n_cases)
+    return torch.cumsum(sizes, 0) - sizes
 
 
 def _check_numeric(table: pl.DataFrame, names: list[str], where: str) -> pl.DataFrame:
@@ -295,55 +319,54 @@ def _apply_availability(
     return kept
 
 
-def _check_duplicates(table: pl.DataFrame, roles: Roles, where: str) -> None:
-    counts = table.group_by([roles.case, roles.item], maintain_order=True).len()
-    duplicated = counts.filter(pl.col("len") > 1)
-    if duplicated.height:
-        first = duplicated.row(0, named=True)
+def _check_duplicates(
+    case_index: torch.Tensor, item_index: torch.Tensor, case_labels, item_labels, where: str
+) -> None:
+    repeated = (case_index[1:] == case_index[:-1]) & (item_index[1:] == item_index[:-1])
+    if bool(repeated.any()):
+        first = int(repeated.nonzero()[0])
         raise DataError(
-            f"{where}: {duplicated.height} (case, alternative) pairs appear more than once "
-            f"(first: case {first[roles.case]!r}, alternative {first[roles.item]!r}); "
-            "keep one row per case and alternative"
+            f"{where}: {int(repeated.sum())} (case, alternative) pairs appear more than once "
+            f"(first: case {case_labels[int(case_index[first])]!r}, alternative "
+            f"{item_labels[int(item_index[first])]!r}); keep one row per case and alternative"
         )
 
 
-def _check_constant_within_case(table: pl.DataFrame, roles: Roles, where: str) -> None:
-    for name, what in ((roles.user, "user"), (roles.session, "session"), (roles.weights, "weight")):
-        if not name:
-            continue
-        varying = (
-            table.group_by(roles.case, maintain_order=True)
-            .agg(pl.col(name).n_unique().alias("n"))
-            .filter(pl.col("n") > 1)
+def _check_constant_within_case(
+    case_index: torch.Tensor, values: torch.Tensor, case_labels, name: str, what: str, where: str
+) -> None:
+    changes = (case_index[1:] == case_index[:-1]) & (values[1:] != values[:-1])
+    if bool(changes.any()):
+        cases = case_index[1:][changes].unique()
+        raise DataError(
+            f"{where}: the {what} column {name!r} changes within {cases.numel()} cases "
+            f"(first: case {case_labels[int(cases[0])]!r}); each case has one {what}"
         )
-        if varying.height:
+
+
+def _check_one_chosen(
+    case_index: torch.Tensor, chosen: torch.Tensor, case_labels, name: str, where: str
+) -> None:
+    count = torch.bincount(case_index, weights=chosen, minlength=len(case_labels))  # (N,)
+    for bad, detail in ((count == 0, "no chosen row"), (count > 1, "several chosen rows")):
+        if bool(bad.any()):
+            first = case_labels[int(bad.nonzero()[0])]
             raise DataError(
-                f"{where}: the {what} column {name!r} changes within {varying.height} cases "
-                f"(first: case {varying.get_column(roles.case)[0]!r}); each case has one {what}"
+                f"{where}: {int(bad.sum())} cases have {detail} in {name!r} "
+                f"(first: case {first!r}); each case needs exactly one"
             )
 
 
-def _check_one_chosen(table: pl.DataFrame, roles: Roles, where: str) -> None:
-    per_case = table.group_by(roles.case, maintain_order=True).agg(
-        pl.col("__chosen").cast(pl.Int64).sum().alias("n")
-    )
-    for condition, what in ((pl.col("n") == 0, "no chosen row"), (pl.col("n") > 1, "several")):
-        bad = per_case.filter(condition)
-        if bad.height:
-            detail = what if what == "no chosen row" else "several chosen rows"
-            raise DataError(
-                f"{where}: {bad.height} cases have {detail} in {roles.choice!r} "
-                f"(first: case {bad.get_column(roles.case)[0]!r}); each case needs exactly one"
-            )
-
-
-def _drop_single_alternative(table: pl.DataFrame, roles: Roles, notes: list[str]) -> pl.DataFrame:
-    sizes = table.group_by(roles.case).len()
-    single = sizes.filter(pl.col("len") < 2).get_column(roles.case)
-    if single.len() == 0:
-        return table
-    notes.append(
-        f"dropped {single.len()} cases with a single alternative (they carry no information; "
-        f"first: case {single.sort()[0]!r})"
-    )
-    return table.filter(~pl.col(roles.case).is_in(single.implode()))
+def _single_alternative_rows(
+    case_index: torch.Tensor, case_labels: list, notes: list[str]
+) -> torch.Tensor:
+    """Rows to keep: cases with a single alternative carry no information. (R,) bool"""
+    sizes = torch.bincount(case_index, minlength=len(case_labels))  # (N,)
+    single = sizes < 2
+    if bool(single.any()):
+        first = case_labels[int(single.nonzero()[0])]
+        notes.append(
+            f"dropped {int(single.sum())} cases with a single alternative (they carry no "
+            f"information; first: case {first!r})"
+        )
+    return ~single[case_index]

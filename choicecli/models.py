@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from choicecli.design import Block
+from choicecli.formula import Variation
 
 ROWS_PER_CHUNK = 1 << 20
 
@@ -34,7 +35,13 @@ def block_utility(blocks: list[Block], theta: torch.Tensor, n_rows: int) -> torc
 
 
 class ConditionalLogit:
-    """P(i | n) = exp(V[n,i]) / sum_j exp(V[n,j]), V linear in theta; analytic derivatives."""
+    """P(i | n) = exp(V[n,i]) / sum_j exp(V[n,j]), V linear in theta; analytic derivatives.
+
+    Rows are held in one of three layouts: 'full' (every case offers every alternative, so
+    (N, J) views are free), 'padded' (nearly full: rows scattered into N x J slots, the
+    missing ones masked) or 'ragged' (sparse choice sets: segment sums over rows). Cost grows
+    with the rows in the ragged layout, with N x J in the others.
+    """
 
     def __init__(
         self,
@@ -47,50 +54,150 @@ class ConditionalLogit:
         user_of_case: torch.Tensor | None = None,  # (N,)
         chosen: torch.Tensor | None = None,  # (R,) 0/1
         case_weights: torch.Tensor | None = None,  # (N,)
+        dense_threshold: float = 0.5,
     ) -> None:
-        self.blocks = blocks
         self.n_parameters = n_parameters
-        self.case_index = case_index
-        self.item_index = item_index
         self.n_cases = n_cases
         self.n_items = n_items
-        self.n_rows = int(case_index.shape[0])
         self.user_of_case = user_of_case
-        self.chosen = chosen
         device = case_index.device
         self.case_weights = (
             case_weights
             if case_weights is not None
             else torch.ones(n_cases, dtype=torch.float64, device=device)
         )
-        self.dense = self.n_rows == n_cases * n_items  # full choice sets: (N, J) views are free
         self.by_user = any(block.term.variation.by_user for block in blocks)
+        n_rows = int(case_index.shape[0])
+        n_slots = n_cases * n_items
+        self.positions = None  # (R,) slot of each row in the padded layout
+        self.mask = None  # (N*J,) offered slots in the padded layout
+        if n_rows == n_slots:
+            self.layout = "full"
+        elif n_rows >= dense_threshold * n_slots:
+            self.layout = "padded"
+            self.positions = case_index * n_items + item_index  # (R,)
+            self.mask = torch.zeros(n_slots, dtype=torch.bool, device=device)
+            self.mask[self.positions] = True
+            blocks = [_padded(block, self.positions, n_slots) for block in blocks]
+            case_index = torch.arange(n_cases, device=device).repeat_interleave(n_items)
+            item_index = torch.arange(n_items, device=device).repeat(n_cases)
+            if chosen is not None:
+                chosen = torch.zeros(n_slots, dtype=chosen.dtype, device=device).index_copy_(
+                    0, self.positions, chosen
+                )
+        else:
+            self.layout = "ragged"
+        self.blocks = self._arrange(blocks)
+        self.case_index = case_index  # (S,) slots: rows, or padded positions
+        self.item_index = item_index  # (S,)
+        self.n_slots = int(case_index.shape[0])
+        self.chosen = chosen  # (S,)
+        self.chosen_slot = None if chosen is None else chosen.nonzero().flatten()  # (N,)
+
+    @property
+    def dense(self) -> bool:
+        return self.layout != "ragged"
+
+    def _arrange(self, blocks: list[Block]) -> list[Block]:
+        """Order blocks constant, user, alternative-level; keep all values in one (S, F) matrix.
+
+        Constant blocks then form one matrix product, and alternative-level blocks in a dense
+        layout broadcast over an (N, J, K) view instead of gathering per slot.
+        """
+
+        def rank(block: Block) -> int:
+            variation = block.term.variation
+            return (
+                0 if not (variation.by_user or variation.by_item) else 2 if variation.by_item else 1
+            )
+
+        ordered = sorted(blocks, key=rank)
+        self.values = torch.cat([block.x for block in ordered], dim=1)  # (S, F)
+        arranged, start = [], 0
+        for block in ordered:
+            stop = start + block.n_features
+            arranged.append(
+                Block(
+                    block.term,
+                    block.level,
+                    block.features,
+                    self.values[:, start:stop],
+                    block.code,
+                    block.layout_index,
+                )  # fmt: skip
+            )
+            start = stop
+        constant = [b for b in arranged if rank(b) == 0]
+        self.n_constant = sum(b.n_features for b in constant)
+        self.constant_index = (
+            torch.cat([b.layout_index.reshape(-1) for b in constant])
+            if constant
+            else torch.zeros(0, dtype=torch.long, device=self.values.device)
+        )  # (Fc,)
+        self.item_blocks = [
+            b
+            for b in arranged
+            if self.dense
+            and b.term.variation in (Variation.ITEM, Variation.ITEM_FULL)
+            and b.level.code_of_item is None
+        ]
+        self.other_blocks = [
+            b for b in arranged if rank(b) > 0 and all(b is not d for d in self.item_blocks)
+        ]
+        return arranged
 
     # -- likelihood -------------------------------------------------------------------------
-    def utility(self, theta: torch.Tensor) -> torch.Tensor:  # (R,)
-        return block_utility(self.blocks, theta, self.n_rows)
+    def utility(self, theta: torch.Tensor) -> torch.Tensor:  # (S,)
+        utility = self.values[:, : self.n_constant] @ theta[self.constant_index]  # (S,)
+        for block in self.item_blocks:
+            grid = block.x.view(self.n_cases, self.n_items, block.n_features)  # (N, J, K)
+            coefficients = theta[block.layout_index]  # (J, K)
+            utility = utility + (grid * coefficients).sum(dim=2).view(-1)
+        for block in self.other_blocks:
+            coefficients = theta[block.layout_index]  # (G, K)
+            utility = utility + (block.x * coefficients[block.code]).sum(dim=1)
+        return utility
 
-    def log_probabilities(self, theta: torch.Tensor) -> torch.Tensor:  # (R,)
-        utility = self.utility(theta)
+    def _log_normaliser(self, utility: torch.Tensor) -> torch.Tensor:  # (N,)
         if self.dense:
             grid = utility.view(self.n_cases, self.n_items)  # (N, J)
-            return (grid - grid.logsumexp(dim=1, keepdim=True)).view(-1)
-        normaliser = segment_logsumexp(utility, self.case_index, self.n_cases)  # (N,)
-        return utility - normaliser[self.case_index]
+            if self.mask is not None:
+                grid = grid.masked_fill(~self.mask.view(self.n_cases, self.n_items), -torch.inf)
+            return grid.logsumexp(dim=1)
+        return segment_logsumexp(utility, self.case_index, self.n_cases)
+
+    def log_probabilities(self, theta: torch.Tensor) -> torch.Tensor:  # (S,)
+        utility = self.utility(theta)
+        log_p = utility - self._log_normaliser(utility)[self.case_index]
+        if self.mask is not None:
+            log_p = log_p.masked_fill(~self.mask, -torch.inf)
+        return log_p
+
+    def row_log_probabilities(self, theta: torch.Tensor) -> torch.Tensor:  # (R,) input rows
+        log_p = self.log_probabilities(theta)
+        return log_p if self.positions is None else log_p[self.positions]
 
     def log_likelihood(self, theta: torch.Tensor) -> torch.Tensor:
-        log_p = self.log_probabilities(theta)  # (R,)
-        row_weight = self.case_weights[self.case_index]  # (R,)
-        return (row_weight * self.chosen * log_p).sum()
+        utility = self.utility(theta)
+        normaliser = self._log_normaliser(utility)  # (N,)
+        return (self.case_weights * (utility[self.chosen_slot] - normaliser)).sum()
 
     def value_and_gradient(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-likelihood and its gradient: sum_r w (y_r - p_r) z_r. ((), (P,))"""
-        log_p = self.log_probabilities(theta)  # (R,)
-        row_weight = self.case_weights[self.case_index]  # (R,)
-        value = (row_weight * self.chosen * log_p).sum()
-        residual = row_weight * (self.chosen - torch.exp(log_p))  # (R,)
+        utility = self.utility(theta)  # (S,)
+        normaliser = self._log_normaliser(utility)  # (N,)
+        value = (self.case_weights * (utility[self.chosen_slot] - normaliser)).sum()
+        probability = torch.exp(utility - normaliser[self.case_index])  # (S,)
+        if self.mask is not None:
+            probability = probability * self.mask
+        residual = self.case_weights[self.case_index] * (self.chosen - probability)  # (S,)
         gradient = torch.zeros_like(theta)
-        for block in self.blocks:
+        gradient.index_add_(0, self.constant_index, self.values[:, : self.n_constant].T @ residual)
+        for block in self.item_blocks:
+            grid = block.x.view(self.n_cases, self.n_items, block.n_features)  # (N, J, K)
+            per_item = torch.einsum("njk,nj->jk", grid, residual.view(self.n_cases, -1))
+            gradient.index_add_(0, block.layout_index.reshape(-1), per_item.reshape(-1))
+        for block in self.other_blocks:
             per_group = torch.zeros(
                 block.layout_index.shape, dtype=theta.dtype, device=theta.device
             ).index_add_(0, block.code, block.x * residual[:, None])  # (G, K)
@@ -106,8 +213,8 @@ class ConditionalLogit:
         H1 = sum_r w p_r z_r z_r' grouped by (user, alternative) and
         H2 = sum_n w_n m_n m_n' with m_n = sum_r p_r z_r held compactly per case.
         """
-        probability = torch.exp(self.log_probabilities(theta))  # (R,)
-        weight = self.case_weights[self.case_index] * probability  # (R,)
+        probability = torch.exp(self.log_probabilities(theta))  # (S,) zero where masked
+        weight = self.case_weights[self.case_index] * probability  # (S,)
         hessian = torch.zeros(
             self.n_parameters, self.n_parameters, dtype=theta.dtype, device=theta.device
         )
@@ -136,19 +243,24 @@ class ConditionalLogit:
 
     def _add_row_part(self, hessian: torch.Tensor, weight: torch.Tensor) -> None:
         n_key_users = self._key_users()
-        values = torch.cat([block.x for block in self.blocks], dim=1)  # (R, F)
+        values = self.values  # (S, F), columns in block order
         n_features = values.shape[1]
         key = self.item_index
         if self.by_user:
             key = self.user_of_case[self.case_index] * self.n_items + self.item_index  # (R,)
         n_keys = n_key_users * self.n_items
-        grouped = torch.zeros(n_keys, n_features * n_features, dtype=values.dtype,
-                              device=values.device)  # fmt: skip
-        step = max(1, ROWS_PER_CHUNK * 8 // (n_features * n_features))
-        for start in range(0, self.n_rows, step):
-            part = values[start : start + step]  # (c, F)
-            outer = (part * weight[start : start + step, None])[:, :, None] * part[:, None, :]
-            grouped.index_add_(0, key[start : start + step], outer.reshape(part.shape[0], -1))
+        if self.dense and not self.by_user:  # keys are the alternatives: one batched product
+            grid = values.view(self.n_cases, self.n_items, n_features)  # (N, J, F)
+            weighted = grid * weight.view(self.n_cases, self.n_items, 1)  # (N, J, F)
+            grouped = torch.einsum("njf,njg->jfg", weighted, grid).reshape(n_keys, -1)
+        else:
+            grouped = torch.zeros(n_keys, n_features * n_features, dtype=values.dtype,
+                                  device=values.device)  # fmt: skip
+            step = max(1, ROWS_PER_CHUNK * 8 // (n_features * n_features))
+            for start in range(0, self.n_slots, step):
+                part = values[start : start + step]  # (c, F)
+                outer = (part * weight[start : start + step, None])[:, :, None] * part[:, None, :]
+                grouped.index_add_(0, key[start : start + step], outer.reshape(part.shape[0], -1))
         slots = torch.cat(
             [
                 block.layout_index[self._code_table(block, n_key_users).reshape(-1)]
@@ -168,8 +280,9 @@ class ConditionalLogit:
         item_level = [b for b in self.blocks if b.term.variation.by_item]
         device, dtype = probability.device, probability.dtype
         parts, slots = [], []
+        n_case_level = sum(b.n_features for b in case_level)
         if case_level:
-            values = torch.cat([b.x for b in case_level], dim=1)  # (R, Fa)
+            values = self.values[:, :n_case_level]  # (S, Fa)
             summed = torch.zeros(self.n_cases, values.shape[1], dtype=dtype, device=device)
             parts.append(summed.index_add_(0, self.case_index, values * probability[:, None]))
             slots.append(
@@ -179,10 +292,16 @@ class ConditionalLogit:
                 )
             )  # (U', Fa)
         if item_level:
-            values = torch.cat([b.x for b in item_level], dim=1)  # (R, Fb)
+            values = self.values[:, n_case_level:]  # (S, Fb)
             n_values = values.shape[1]
-            spread = torch.zeros(self.n_cases * self.n_items, n_values, dtype=dtype, device=device)
-            spread[self.case_index * self.n_items + self.item_index] = values * probability[:, None]
+            if self.dense:
+                spread = values * probability[:, None]  # (N*J, Fb) already in slot order
+            else:
+                spread = torch.zeros(self.n_cases * self.n_items, n_values, dtype=dtype,
+                                     device=device)  # fmt: skip
+                spread[self.case_index * self.n_items + self.item_index] = (
+                    values * probability[:, None]
+                )
             parts.append(spread.view(self.n_cases, self.n_items * n_values))  # (N, J*Fb)
             slots.append(
                 torch.cat(
@@ -208,6 +327,20 @@ class ConditionalLogit:
                 )
             grouped = grouped.view(n_key_users, n_compact, n_compact)
         hessian.index_put_((slot[:, :, None], slot[:, None, :]), -grouped, accumulate=True)
+
+
+def _padded(block: Block, positions: torch.Tensor, n_slots: int) -> Block:
+    """The block scattered into N x J slots; missing slots hold zeros (and code 0)."""
+    x = torch.zeros(n_slots, block.n_features, dtype=block.x.dtype, device=block.x.device)
+    code = torch.zeros(n_slots, dtype=block.code.dtype, device=block.code.device)
+    return Block(
+        block.term,
+        block.level,
+        block.features,
+        x.index_copy_(0, positions, block.x),
+        code.index_copy_(0, positions, block.code),
+        block.layout_index,
+    )
 
 
 class NestedLogit:
@@ -264,6 +397,9 @@ class NestedLogit:
         normaliser = segment_logsumexp(upper, self.case_of_pair, self.n_cases)  # (N,)
         pair = self.pair_of_row
         return scaled - inclusive[pair] + upper[pair] - normaliser[self.case_index]
+
+    def row_log_probabilities(self, theta: torch.Tensor) -> torch.Tensor:  # (R,)
+        return self.log_probabilities(theta)
 
     def log_likelihood(self, theta: torch.Tensor) -> torch.Tensor:
         row_weight = self.case_weights[self.case_index]  # (R,)

@@ -99,7 +99,7 @@ def _score_batch(result, spec, batch, where, user_labels, estimates, totals) -> 
     theta = torch.nan_to_num(theta, nan=0.0)  # not-estimated coefficients contribute nothing
     model = problem.model(torch.device("cpu"))
     data = problem.data
-    log_p = model.log_probabilities(theta)  # (R,)
+    log_p = model.row_log_probabilities(theta)  # (R,)
     utility = block_utility(problem.item_blocks + problem.nest_blocks, theta, data.n_rows)
     probability = torch.exp(log_p)
     best = segment_best(probability, data.case_index, data.n_cases)  # (R,) bool

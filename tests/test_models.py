@@ -138,3 +138,24 @@ def test_extreme_utilities_stay_finite():
     nested = problem_for(toy_frame(), "(x|constant)", nests="n1=a,b;n2=c")
     nested_theta = torch.tensor([1e4, 1e-3, 1.0], dtype=torch.float64)
     assert math.isfinite(float(nested.model(torch.device("cpu")).log_likelihood(nested_theta)))
+
+
+@pytest.mark.parametrize("formula", [ALL_VARIATIONS, "(x|constant) + (1|item)"])
+def test_padded_and_ragged_layouts_agree(formula):
+    from choicecli.models import ConditionalLogit
+
+    problem = problem_for(toy_frame(), formula)
+    data = problem.data
+    theta = random_theta(len(problem.parameters), seed=13)
+    results = {}
+    for threshold in (0.0, 2.0):  # 0: padded N x J slots; 2: ragged rows
+        model = ConditionalLogit(
+            problem.item_blocks, len(problem.parameters), data.case_index, data.item_index,
+            data.n_cases, data.n_items, data.user_of_case, data.chosen, dense_threshold=threshold,
+        )  # fmt: skip
+        value, gradient = model.value_and_gradient(theta)
+        results[model.layout] = (value, gradient, model.hessian(theta),
+                                 model.row_log_probabilities(theta))  # fmt: skip
+    padded, ragged = results["padded"], results["ragged"]
+    for left, right in zip(padded, ragged, strict=True):
+        assert torch.allclose(left, right, atol=1e-12)

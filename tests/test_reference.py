@@ -123,7 +123,7 @@ def test_mode_canada_all_rows_with_varying_choice_sets(tmp_path):
     result, problem = fit_model(frame, spec, FitOptions(), where="ModeCanada.csv")
     assert result.fit["converged"]
     assert result.fit["n_cases"] == 4324 and result.fit["n_rows"] == 15520
-    assert not problem.model(__import__("torch").device("cpu")).dense
+    assert problem.model(__import__("torch").device("cpu")).layout == "padded"
     # the likelihood is at a maximum: every free gradient entry vanishes
     assert result.fit["gradient_norm"] < 1e-6
     assert result.fit["log_likelihood"] > result.fit["null_log_likelihood"]
