@@ -122,6 +122,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     temp = Path(temp_name)
+    temp.chmod(0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield temp
         os.replace(temp, path)
@@ -142,6 +143,7 @@ def atomic_directory(path: Path) -> Iterator[Path]:
     if path.exists() and not path.is_dir():
         raise DataError(f"{path}: exists and is not a directory; choose another --model")
     temp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    temp.chmod(0o777 & ~_umask())
     try:
         yield temp
         old = None
@@ -154,6 +156,12 @@ def atomic_directory(path: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def clean_stale_temporaries(path: Path) -> None:
