@@ -219,6 +219,7 @@ def run_predict(request: PredictRequest, console: Console) -> None:
     scored, report = predict_frame(
         result, frame, where=where, roles=overrides, unseen=request.unseen,
         batch_cases=request.batch_cases,
+        extra_columns=(request.by,) if request.by else (),
     )  # fmt: skip
     if report:
         console.print(

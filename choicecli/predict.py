@@ -48,17 +48,22 @@ def predict_frame(
     roles: dict[str, str] | None = None,
     unseen: str = "error",
     batch_cases: int = 200_000,
+    extra_columns: tuple[str, ...] = (),
 ) -> tuple[pl.DataFrame, dict]:
-    """One output row per input row, in input order; a fit report when choices are present."""
+    """One output row per input row, in input order; a fit report when choices are present.
+
+    Output columns: case, item, user and choice as given, any `extra_columns`, then utility,
+    probability and predicted.
+    """
     spec = spec_from_result(result, roles or {})
     if spec.roles.choice and spec.roles.choice not in frame.columns:
         spec = replace(spec, roles=replace(spec.roles, choice=None, weights=None))
-    check_columns(frame, [spec.roles.case, spec.roles.item], where)
+    check_columns(frame, [spec.roles.case, spec.roles.item, *extra_columns], where)
     user_labels = result.labels.get("users")
     if user_labels is not None and unseen == "zero" and spec.roles.user in frame.columns:
         seen = pl.Series(user_labels).cast(frame.schema[spec.roles.user], strict=False)
-        fresh = frame.get_column(spec.roles.user).unique().filter(~seen.is_in(seen.implode()))
-        fresh = fresh.filter(~fresh.is_in(seen.implode()))
+        users = frame.get_column(spec.roles.user).unique()
+        fresh = users.filter(~users.is_in(seen.implode()))
         user_labels = list(user_labels) + fresh.sort().to_list()
     estimates = {
         _parameter_key(p): float(v)
@@ -77,7 +82,9 @@ def predict_frame(
             else None
         )
         batch = ordered.slice(first, None if last is None else last - first)
-        pieces.append(_score_batch(result, spec, batch, where, user_labels, estimates, totals))
+        pieces.append(
+            _score_batch(result, spec, batch, where, user_labels, estimates, totals, extra_columns)
+        )
     scored = pl.concat(pieces).sort(INPUT_ROW).drop(INPUT_ROW)
     report = {}
     if spec.roles.choice:
@@ -91,7 +98,9 @@ def predict_frame(
     return scored, report
 
 
-def _score_batch(result, spec, batch, where, user_labels, estimates, totals) -> pl.DataFrame:
+def _score_batch(
+    result, spec, batch, where, user_labels, estimates, totals, extra_columns
+) -> pl.DataFrame:
     problem = build_problem_for_prediction(result, spec, batch, where, user_labels)
     theta = torch.tensor(
         [estimates.get(_parameter_key(p), 0.0) for p in problem.parameters], dtype=torch.float64
@@ -110,6 +119,7 @@ def _score_batch(result, spec, batch, where, user_labels, estimates, totals) -> 
         totals["cases"] += data.n_cases
     roles = spec.roles
     keep = [c for c in (roles.case, roles.item, roles.user, roles.choice) if c]
+    keep += [c for c in extra_columns if c not in keep]
     source = batch.select([INPUT_ROW, *keep])[data.source_row.numpy()]
     return source.with_columns(
         pl.Series("utility", utility.numpy()),
