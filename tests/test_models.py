@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from conftest import problem_for, random_theta, toy_frame
 
 ALL_VARIATIONS = (

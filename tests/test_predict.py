@@ -142,8 +142,9 @@ def test_missing_column_and_wrong_type_are_errors(mode_canada_model, mode_canada
 def test_unseen_users_error_or_zero(tmp_path):
     roles = ["--case", "case_id", "--item", "mode", "--choice", "chosen", "--user", "user_id"]
     model = tmp_path / "m"
-    fitted = invoke("fit", str(SAMPLE_DATA / "transport.parquet"), "--formula",
-                    "(time|constant) + (1|item) + (cost|user)", *roles, "-m", str(model))  # fmt: skip
+    formula = "(time|constant) + (1|item) + (cost|user)"
+    data = str(SAMPLE_DATA / "transport.parquet")
+    fitted = invoke("fit", data, "--formula", formula, *roles, "-m", str(model))
     assert fitted.exit_code == 0, fitted.stderr
     frame = pl.read_parquet(SAMPLE_DATA / "transport.parquet").filter(pl.col("case_id") <= 6)
     frame.with_columns(pl.lit("newcomer").alias("user_id")).write_parquet(tmp_path / "n.parquet")

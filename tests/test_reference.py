@@ -7,6 +7,7 @@ import subprocess
 
 import polars as pl
 import pytest
+
 from conftest import CHOICE_EXECUTABLE, HC_FORMULA, MODE_CANADA_FORMULA, shared_file
 
 # coefficient, alternative -> (estimate, std. error), R mlogit (shared/data/README.md)
