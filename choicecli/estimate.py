@@ -96,12 +96,21 @@ def maximise(
     """Maximise the objective from theta; Newton where the parameter count allows."""
     method = options.method
     if method == "auto":
-        method = "newton" if theta.numel() <= options.max_newton_parameters else "lbfgs"
+        model_limit = getattr(objective.model, "newton_limit", options.max_newton_parameters)
+        limit = min(options.max_newton_parameters, model_limit)
+        method = "newton" if theta.numel() <= limit else "lbfgs"
     started = time.perf_counter()
     if method == "newton":
         outcome = _newton(objective, theta, options, lower, upper, progress)
     else:
         outcome = _lbfgs(objective, theta, options, lower, upper, progress)
+        if theta.numel() <= options.max_newton_parameters:
+            # polish with Newton: its Hessian is needed for standard errors anyway, and the
+            # Newton decrement is a scale-free convergence test
+            polished = _newton(objective, outcome.theta, options, lower, upper, progress)
+            polished.iterations += outcome.iterations
+            polished.method = "lbfgs+newton"
+            outcome = polished
     outcome.seconds = time.perf_counter() - started
     return outcome
 

@@ -346,6 +346,9 @@ def _padded(block: Block, positions: torch.Tensor, n_slots: int) -> Block:
 class NestedLogit:
     """Two-level nested logit (Train ch. 4); derivatives by automatic differentiation.
 
+    The Hessian costs about P gradient evaluations, so Newton is used for few parameters
+    (`newton_limit`) and L-BFGS with one final Hessian for standard errors beyond that.
+
     P(i) = P(i | k) P(k), P(i | k) = exp(Y_i / l_k) / sum_{j in k} exp(Y_j / l_k),
     I_k = log sum_{j in k} exp(Y_j / l_k), P(k) = exp(W_k + l_k I_k) / sum_m exp(W_m + l_m I_m).
     """
@@ -363,6 +366,7 @@ class NestedLogit:
         chosen: torch.Tensor | None = None,  # (R,)
         case_weights: torch.Tensor | None = None,  # (N,)
     ) -> None:
+        self.newton_limit = 40  # parameters; beyond that L-BFGS first, then Newton polish
         self.item_blocks = item_blocks
         self.nest_blocks = nest_blocks
         self.lambda_index = lambda_index
@@ -413,7 +417,8 @@ class NestedLogit:
         return value.detach(), gradient
 
     def hessian(self, theta: torch.Tensor) -> torch.Tensor:  # (P, P)
+        # vmap over P directions wins for few parameters, P backward passes for many
         with torch.enable_grad():
             return torch.autograd.functional.hessian(
-                self.log_likelihood, theta.detach(), vectorize=True
+                self.log_likelihood, theta.detach(), vectorize=self.n_parameters <= 64
             )

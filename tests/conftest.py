@@ -12,6 +12,8 @@ import torch
 from choicecli.data import Roles
 from choicecli.problem import ModelSpec, build_problem
 
+torch.set_num_threads(1)  # in-process fits: no oversubscription on a shared 2-core machine
+
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
