@@ -154,6 +154,9 @@ def fit(
     ),
     l2: Annotated[float, typer.Option(help="L2 penalty (l2/2)*sum(beta^2); not on lambda.")] = 0.0,
     strict: Annotated[bool, typer.Option(help="Unidentified terms are an error.")] = False,
+    threads: Annotated[
+        int | None, typer.Option(envvar="CHOICE_THREADS", help="CPU threads (default: torch's).")
+    ] = None,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
@@ -192,6 +195,7 @@ def fit(
             tol=tol,
             l2=l2,
             strict=strict,
+            threads=threads,
             argv=sys.argv,
         ),
         stderr_console(quiet),

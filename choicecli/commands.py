@@ -42,6 +42,7 @@ class FitRequest:
     l2: float
     strict: bool
     argv: list[str]
+    threads: int | None = None
 
 
 def versions() -> dict[str, str]:
@@ -107,7 +108,21 @@ def run_fit(request: FitRequest, console: Console) -> int:
         strict=request.strict,
     )
     where = "<stdin>" if request.data == "-" else request.data
-    result, _ = fit_model(frame, spec, options, where=where)
+    if request.threads is not None:
+        import torch
+
+        if request.threads < 1:
+            raise UsageError(f"--threads must be at least 1, not {request.threads}")
+        torch.set_num_threads(request.threads)
+    if console.is_terminal and not console.quiet:
+        with console.status("fitting ...") as status:
+
+            def progress(iteration: int, value: float, norm: float) -> None:
+                status.update(f"iteration {iteration}: log-likelihood {value:.6f}")
+
+            result, _ = fit_model(frame, spec, options, where=where, progress=progress)
+    else:
+        result, _ = fit_model(frame, spec, options, where=where)
     result.provenance = {
         "input": str(Path(request.data).resolve()) if request.data != "-" else "-",
         "input_sha256": digest,
