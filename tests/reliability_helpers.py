@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -147,19 +146,7 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-def run_choice(*args, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
-    """Run the installed console script as a separate process."""
-    return subprocess.run(
-        [str(CHOICE), *[str(a) for a in args]],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=subprocess_env(),
-        **kwargs,
-    )
-
-
-def big_parquet_bytes(n_cases: int = 40_000, n_items: int = 10) -> bytes:
+def big_parquet_bytes(n_cases: int = 60_000, n_items: int = 10) -> bytes:
     """A table large enough that a fit runs for several seconds (n_cases * n_items rows)."""
     import io
 
