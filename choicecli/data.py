@@ -60,7 +60,8 @@ class ChoiceData:
     columns: dict[str, torch.Tensor]  # name -> (R,) float64
     source_row: torch.Tensor  # (R,) long: the row's position in the input table
     case_weights: torch.Tensor | None = None  # (N,) float64
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was done to the data, as asked
+    warnings: list[str] = field(default_factory=list)  # what --strict turns into an error
 
     @property
     def n_rows(self) -> int:
@@ -170,8 +171,9 @@ def load_choice_data(
     if chosen is not None:
         _check_one_chosen(case_index, chosen, case_labels, roles.choice, where)
     keep = torch.ones(case_index.shape[0], dtype=torch.bool)
+    warnings: list[str] = []
     if drop_single_alternative:
-        keep = _single_alternative_rows(case_index, case_labels, notes)
+        keep = _single_alternative_rows(case_index, case_labels, warnings)
     if not bool(keep.any()):
         raise DataError(f"{where}: no cases left to fit after the checks above")
     kept_cases = torch.zeros(len(case_labels), dtype=torch.bool)
@@ -201,6 +203,7 @@ def load_choice_data(
         source_row=row_order[keep],
         case_weights=weights,
         notes=notes,
+        warnings=warnings,
     )
 
 
@@ -218,16 +221,25 @@ def _first_row_of_case(case_index: torch.Tensor, n_cases: int) -> torch.Tensor:
 
 
 def _check_numeric(table: pl.DataFrame, names: list[str], where: str) -> pl.DataFrame:
+    """Used columns are numbers or true/false; text that reads as numbers is converted."""
     casts = []
     for name in dict.fromkeys(names):
         dtype = table.schema[name]
         if dtype == pl.Boolean:
             casts.append(pl.col(name).cast(pl.Float64))
+        elif dtype == pl.String:
+            converted = pl.col(name).str.strip_chars().cast(pl.Float64, strict=False)
+            bad = table.filter(converted.is_null() & pl.col(name).is_not_null())
+            if bad.height:
+                raise DataError(
+                    f"{where}: column {name!r} has {bad.height} non-numeric values (first "
+                    f"{bad.get_column(name)[0]!r} at row {bad.get_column(ROW)[0] + 1}); "
+                    "a formula can only use numeric or true/false columns"
+                )
+            casts.append(converted.alias(name))
         elif not dtype.is_numeric():
-            sample = table.get_column(name).drop_nulls()
-            shown = f" (e.g. {sample[0]!r})" if len(sample) else ""
             raise DataError(
-                f"{where}: column {name!r} is {dtype}, not numeric{shown}; "
+                f"{where}: column {name!r} is {dtype}, not numeric; "
                 "a formula can only use numeric or true/false columns"
             )
     return table.with_columns(casts) if casts else table
@@ -241,30 +253,35 @@ def _handle_missing(
     for name in roles.names():
         nulls = table.get_column(name).null_count()
         if nulls:
-            first = (
-                table.filter(pl.col(name).is_null()).get_column(case)[0] if name != case else None
-            )
-            at = f" (first in case {first!r})" if first is not None else ""
-            raise DataError(f"{where}: column {name!r} has {nulls} empty values{at}; fill them in")
-    floats = [name for name in used + ([roles.weights] if roles.weights else [])]
-    for name in floats:
-        column = pl.col(name)
-        infinite = table.filter(column.is_infinite())
-        if infinite.height:
+            hit = table.filter(pl.col(name).is_null())
+            at = f"row {hit.get_column(ROW)[0] + 1}"
+            if name != case:
+                at = f"case {hit.get_column(case)[0]!r}, {at}"
             raise DataError(
-                f"{where}: column {name!r} has {infinite.height} infinite values "
-                f"(first in case {infinite.get_column(case)[0]!r}); replace or remove them"
+                f"{where}: column {name!r} has {nulls} empty values (first: {at}); fill them in"
             )
+    floats = [name for name in used + ([roles.weights] if roles.weights else [])]
+    if missing != "drop":
+        for name in floats:
+            infinite = table.filter(pl.col(name).is_infinite())
+            if infinite.height:
+                raise DataError(
+                    f"{where}: column {name!r} has {infinite.height} infinite values (first in "
+                    f"case {infinite.get_column(case)[0]!r}); replace them, or pass --missing "
+                    "drop to drop those cases"
+                )
     if not floats:
         return table
-    bad_row = pl.any_horizontal([pl.col(n).is_null() | pl.col(n).is_nan() for n in floats])
+    bad_row = pl.any_horizontal(
+        [pl.col(n).is_null() | pl.col(n).is_nan() | pl.col(n).is_infinite() for n in floats]
+    )
     bad_cases = table.filter(bad_row).get_column(case).unique(maintain_order=True)
     if bad_cases.len() == 0:
         return table
     if missing == "drop":
         kept = table.filter(~pl.col(case).is_in(bad_cases.implode()))
         notes.append(
-            f"dropped {bad_cases.len()} cases with null or NaN values in used columns "
+            f"dropped {bad_cases.len()} cases with null, NaN or infinite values in used columns "
             f"(--missing drop); {kept.get_column(case).n_unique()} cases remain"
         )
         return kept
@@ -285,9 +302,15 @@ def _chosen_flag(table: pl.DataFrame, name: str, where: str) -> pl.Expr:
     if series.dtype == pl.Boolean:
         return pl.col(name).alias("__chosen")
     if not series.dtype.is_numeric():
-        raise DataError(
-            f"{where}: choice column {name!r} is {series.dtype}; use 0/1 or true/false values"
-        )
+        text = pl.col(name).cast(pl.String).str.strip_chars()
+        bad = table.filter(~text.is_in(["0", "1", "TRUE", "FALSE", "true", "false"]))
+        if bad.height:
+            raise DataError(
+                f"{where}: choice column {name!r} has {bad.height} values that are not 0/1 or "
+                f"true/false (first {bad.get_column(name)[0]!r} at row "
+                f"{bad.get_column(ROW)[0] + 1}); mark the chosen row with 1 and the others with 0"
+            )
+        return text.is_in(["1", "TRUE", "true"]).alias("__chosen")
     bad = table.filter(~pl.col(name).is_in([0, 1]))
     if bad.height:
         raise DataError(

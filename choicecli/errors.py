@@ -23,6 +23,10 @@ class ArtifactError(ChoiceError):
     """A saved model directory is missing, damaged, or written by a newer version."""
 
 
+class OutputError(ChoiceError):
+    """An output cannot be written (permissions, a full disk, a file in the way)."""
+
+
 class UsageError(ChoiceError):
     """Bad command-line usage the library detects (conflicting options). Exit code 2."""
 

@@ -58,10 +58,11 @@ def fit_model(
     started = time.perf_counter()
     device = resolve_device(options.device)
     problem = build_problem(frame, spec, where)
-    warnings = list(problem.notes)
+    warnings = list(problem.warnings)
     unidentified = _unidentified(problem, warnings)
-    if unidentified and options.strict:
-        raise ModelError(f"--strict: {warnings[-1] if warnings else 'unidentified terms'}")
+    if warnings and options.strict:
+        raise ModelError(f"--strict: {warnings[0]}")
+    warnings = list(problem.notes) + warnings
     free_mask = ~problem.fixed
     free_mask[unidentified] = False
     free = free_mask.nonzero().flatten()
@@ -110,6 +111,15 @@ def fit_model(
     statistics = _statistics(problem, outcome, free.numel())
     statistics["seconds"] = round(time.perf_counter() - started, 4)
     statistics["device"] = str(device)
+    if outcome.log_likelihood > -1e-6 * problem.data.n_cases:
+        terms = _separating_terms(problem, free, outcome.hessian)
+        message = (
+            "perfect prediction: the model predicts every choice with certainty, so the "
+            f"estimates of {terms} run off to infinity; drop or merge the separating terms"
+        )
+        if options.strict:
+            raise ModelError(f"--strict: {message}")
+        warnings.append(message)
     if not outcome.converged:
         warnings.append(f"the fit did not converge: {outcome.message}")
     warnings.extend(_lambda_warnings(problem, estimate))
@@ -130,6 +140,19 @@ def fit_model(
         warnings=warnings,
     )
     return result, problem
+
+
+def _separating_terms(problem: Problem, free: torch.Tensor, hessian: torch.Tensor | None) -> str:
+    """The terms along the flattest direction of the likelihood: where estimates run away."""
+    if hessian is None or hessian.shape[0] > 2000:
+        return "some coefficients"
+    information = -hessian.cpu()
+    scale = information.diagonal().abs().clamp_min(1e-300).sqrt()
+    _, vectors = torch.linalg.eigh(information / scale[:, None] / scale[None, :])
+    weakest = vectors[:, 0].abs()  # (P,) eigenvector of the smallest eigenvalue
+    chosen = free[(weakest > 0.3 * weakest.max()).cpu()].tolist()
+    names = list(dict.fromkeys(problem.parameters[i].term for i in chosen))
+    return ", ".join(names) or "some coefficients"
 
 
 def _statistics(problem: Problem, outcome, n_estimated: int) -> dict:
@@ -223,7 +246,7 @@ def _unidentified(problem: Problem, warnings: list[str]) -> list[int]:
         candidates = torch.cat([candidates[is_intercept], candidates[~is_intercept]])
         model = problem.identification_model()
         information = -model.hessian(torch.zeros(len(problem.parameters), dtype=torch.float64))
-        for found in dependent_parameters(information, candidates):
+        for found in dependent_parameters(information, candidates, model.second_moments()):
             reasons[found.index] = _dependence_reason(problem, found)
     by_term: dict[str, list[str]] = {}
     for index, reason in sorted(reasons.items()):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-ZERO_TOLERANCE = 1e-12
+ZERO_TOLERANCE = 1e-11
 DEPENDENCE_TOLERANCE = 1e-9
 
 
@@ -24,12 +24,20 @@ class Dependence:
     partners: tuple[int, ...]  # earlier kept parameters it is a combination of
 
 
-def dependent_parameters(information: torch.Tensor, candidates: torch.Tensor) -> list[Dependence]:
-    """Greedy order-preserving rank check of information[candidates][:, candidates]."""
+def dependent_parameters(
+    information: torch.Tensor, candidates: torch.Tensor, second_moments: torch.Tensor
+) -> list[Dependence]:
+    """Greedy order-preserving rank check of information[candidates][:, candidates].
+
+    A parameter cancels when its within-case variation is negligible against its own
+    magnitude (`second_moments`: the sum of its squared design values), whatever its scale.
+    """
     block = information[candidates][:, candidates]
+    magnitude = second_moments[candidates].clamp_min(0).sqrt()  # (C,)
+    magnitude = torch.where(magnitude > 0, magnitude, torch.ones_like(magnitude))
+    relative = block.diagonal().clamp_min(0) / magnitude**2  # within-case share of variation
+    cancels = relative <= ZERO_TOLERANCE
     diagonal = block.diagonal().clamp_min(0)
-    largest = float(diagonal.max()) if diagonal.numel() else 0.0
-    cancels = diagonal <= ZERO_TOLERANCE * max(largest, 1.0)
     scale = torch.where(cancels, torch.ones_like(diagonal), diagonal.sqrt())
     scaled = block / scale[:, None] / scale[None, :]  # unit diagonal where it varies
     varying = (~cancels).nonzero().flatten()

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import polars as pl
 
-from choicecli.errors import DataError, UsageError
+from choicecli.errors import DataError, OutputError, UsageError
 
 PARQUET_MAGIC = b"PAR1"
 CSV_NULLS = ("", "NA", "NaN", "nan", "null", "NULL")
@@ -69,8 +70,33 @@ def _read_parquet(raw: bytes, where: str) -> pl.DataFrame:
         raise DataError(f"{where}: cannot read Parquet: {_first_line(exc)}") from exc
 
 
+def _check_ragged(raw: bytes, where: str) -> None:
+    """Every line holds as many fields as the header (quoted commas do not count)."""
+    try:
+        lines = pl.read_csv(
+            io.BytesIO(raw), has_header=False, separator="\x1f", quote_char=None,
+            new_columns=["line"], infer_schema=False,
+        ).get_column("line")  # fmt: skip
+    except Exception as exc:
+        raise DataError(f"{where}: cannot read CSV: {_first_line(exc)}") from exc
+    lines = lines.fill_null("")
+    blank = lines.str.strip_chars() == ""
+    if bool(blank.all()):
+        return
+    fields = lines.str.replace_all(r'"[^"]*"', "").str.count_matches(",") + 1
+    expected = int(fields[int((~blank).arg_true()[0])])
+    bad = (fields != expected) & ~blank
+    if bool(bad.any()):
+        first = int(bad.arg_true()[0])
+        raise DataError(
+            f"{where}: line {first + 1} has {int(fields[first])} fields but the header has "
+            f"{expected} ({int(bad.sum())} such lines); fix the rows or quote cells with commas"
+        )
+
+
 def _read_csv(raw: bytes, where: str) -> pl.DataFrame:
     """Read CSV as R and pandas do: trim cells, TRUE/FALSE as booleans, empty or NA as null."""
+    _check_ragged(raw, where)
     try:
         text = pl.read_csv(io.BytesIO(raw), infer_schema=False, null_values=None)
     except Exception as exc:
@@ -118,14 +144,21 @@ def sha256_file(path: Path) -> str:
 def atomic_file(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
+                                             dir=path.parent)  # fmt: skip
+        os.close(handle)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
     temp = Path(temp_name)
     temp.chmod(0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield temp
         os.replace(temp, path)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
@@ -139,10 +172,13 @@ def atomic_directory(path: Path) -> Iterator[Path]:
     so an interrupted write leaves either the old or the new directory, never a mix.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not path.is_dir():
-        raise DataError(f"{path}: exists and is not a directory; choose another --model")
-    temp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        raise OutputError(f"{path}: exists and is not a directory; choose another --model")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
     temp.chmod(0o777 & ~_umask())
     try:
         yield temp
@@ -153,6 +189,9 @@ def atomic_directory(path: Path) -> Iterator[Path]:
         os.replace(temp, path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
@@ -164,17 +203,32 @@ def _umask() -> int:
     return current
 
 
+def _temporaries(path: Path, suffix: str) -> list[Path]:
+    """This path's own temporaries: `.NAME.<8 random characters>.<suffix>`, nothing else."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.{suffix}$")
+    return [p for p in path.parent.iterdir() if pattern.match(p.name)]
+
+
+def restore_interrupted(path: Path) -> None:
+    """If a write was killed between its two renames, put the previous directory back."""
+    path = Path(path)
+    if path.exists() or not path.parent.is_dir():
+        return
+    for leftover in _temporaries(path, "old"):
+        previous = leftover / "previous"
+        if previous.is_dir():
+            os.replace(previous, path)
+            shutil.rmtree(leftover, ignore_errors=True)
+            return
+
+
 def clean_stale_temporaries(path: Path) -> None:
     """Remove temporaries a killed run left beside `path`; restore a directory moved aside."""
     path = Path(path)
-    if not path.parent.exists():
+    if not path.parent.is_dir():
         return
-    for leftover in path.parent.glob(f".{path.name}.*.old"):
-        previous = leftover / "previous"
-        if previous.exists() and not path.exists():
-            os.replace(previous, path)
-        shutil.rmtree(leftover, ignore_errors=True)
-    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+    restore_interrupted(path)
+    for leftover in _temporaries(path, "old") + _temporaries(path, "tmp"):
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
         else:

@@ -160,36 +160,32 @@ class ConditionalLogit:
 
     def _log_normaliser(self, utility: torch.Tensor) -> torch.Tensor:  # (N,)
         if self.dense:
-            grid = utility.view(self.n_cases, self.n_items)  # (N, J)
-            if self.mask is not None:
-                grid = grid.masked_fill(~self.mask.view(self.n_cases, self.n_items), -torch.inf)
-            return grid.logsumexp(dim=1)
+            return utility.view(self.n_cases, self.n_items).logsumexp(dim=1)  # masked: -inf
         return segment_logsumexp(utility, self.case_index, self.n_cases)
 
-    def log_probabilities(self, theta: torch.Tensor) -> torch.Tensor:  # (S,)
+    def _masked_utility(self, theta: torch.Tensor) -> torch.Tensor:  # (S,) -inf where not offered
         utility = self.utility(theta)
-        log_p = utility - self._log_normaliser(utility)[self.case_index]
-        if self.mask is not None:
-            log_p = log_p.masked_fill(~self.mask, -torch.inf)
-        return log_p
+        return utility if self.mask is None else utility.masked_fill(~self.mask, -torch.inf)
+
+    def log_probabilities(self, theta: torch.Tensor) -> torch.Tensor:  # (S,)
+        utility = self._masked_utility(theta)
+        return utility - self._log_normaliser(utility)[self.case_index]
 
     def row_log_probabilities(self, theta: torch.Tensor) -> torch.Tensor:  # (R,) input rows
         log_p = self.log_probabilities(theta)
         return log_p if self.positions is None else log_p[self.positions]
 
     def log_likelihood(self, theta: torch.Tensor) -> torch.Tensor:
-        utility = self.utility(theta)
+        utility = self._masked_utility(theta)
         normaliser = self._log_normaliser(utility)  # (N,)
         return (self.case_weights * (utility[self.chosen_slot] - normaliser)).sum()
 
     def value_and_gradient(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-likelihood and its gradient: sum_r w (y_r - p_r) z_r. ((), (P,))"""
-        utility = self.utility(theta)  # (S,)
+        utility = self._masked_utility(theta)  # (S,)
         normaliser = self._log_normaliser(utility)  # (N,)
         value = (self.case_weights * (utility[self.chosen_slot] - normaliser)).sum()
-        probability = torch.exp(utility - normaliser[self.case_index])  # (S,)
-        if self.mask is not None:
-            probability = probability * self.mask
+        probability = torch.exp(utility - normaliser[self.case_index])  # (S,) 0 where masked
         residual = self.case_weights[self.case_index] * (self.chosen - probability)  # (S,)
         gradient = torch.zeros_like(theta)
         gradient.index_add_(0, self.constant_index, self.values[:, : self.n_constant].T @ residual)
@@ -203,6 +199,16 @@ class ConditionalLogit:
             ).index_add_(0, block.code, block.x * residual[:, None])  # (G, K)
             gradient.index_add_(0, block.layout_index.reshape(-1), per_group.reshape(-1))
         return value, gradient
+
+    def second_moments(self) -> torch.Tensor:
+        """Sum over rows of each parameter's squared design value. (P,)"""
+        moments = torch.zeros(self.n_parameters, dtype=self.values.dtype, device=self.values.device)
+        for block in self.blocks:
+            per_group = torch.zeros(
+                block.layout_index.shape, dtype=moments.dtype, device=moments.device
+            ).index_add_(0, block.code, block.x**2)  # (G, K)
+            moments.index_add_(0, block.layout_index.reshape(-1), per_group.reshape(-1))
+        return moments
 
     # -- Hessian ----------------------------------------------------------------------------
     def hessian(self, theta: torch.Tensor) -> torch.Tensor:

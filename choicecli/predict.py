@@ -12,7 +12,7 @@ import polars as pl
 import torch
 
 from choicecli.data import Roles, check_columns
-from choicecli.errors import DataError
+from choicecli.errors import ArtifactError, DataError
 from choicecli.models import block_utility
 from choicecli.problem import ModelSpec, build_problem
 from choicecli.results import FitResult
@@ -102,6 +102,12 @@ def _score_batch(
     result, spec, batch, where, user_labels, estimates, totals, extra_columns
 ) -> pl.DataFrame:
     problem = build_problem_for_prediction(result, spec, batch, where, user_labels)
+    layout = {_parameter_key(p) for p in problem.parameters}
+    if not estimates.keys() <= layout:
+        raise ArtifactError(
+            "the model's formula does not lay out the parameters it stores (model.json was "
+            "edited, or the files come from different fits); refit the model"
+        )
     theta = torch.tensor(
         [estimates.get(_parameter_key(p), 0.0) for p in problem.parameters], dtype=torch.float64
     )

@@ -53,6 +53,7 @@ class Problem:
     nest_of_item: torch.Tensor | None = None  # (J,)
     lambda_index: torch.Tensor | None = None  # (M,)
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def nested(self) -> bool:
@@ -206,6 +207,7 @@ def build_problem(
         nest_of_item=nest_of_item,
         lambda_index=lambda_index,
         notes=list(data.notes),
+        warnings=list(data.warnings),
     )
 
 

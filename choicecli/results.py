@@ -18,7 +18,7 @@ import torch
 
 from choicecli.design import Parameter
 from choicecli.errors import ArtifactError
-from choicecli.io import atomic_directory
+from choicecli.io import atomic_directory, restore_interrupted
 
 SCHEMA_VERSION = 1
 MODEL_FILE = "model.json"
@@ -124,6 +124,7 @@ class FitResult:
 def load_result(directory: Path) -> FitResult:
     """Read a model directory, refusing anything damaged, foreign or newer."""
     directory = Path(directory)
+    restore_interrupted(directory)
     model_path = directory / MODEL_FILE
     if not model_path.is_file():
         raise ArtifactError(
@@ -137,11 +138,14 @@ def load_result(directory: Path) -> FitResult:
     if not isinstance(document, dict) or "schema_version" not in document:
         raise ArtifactError(f"{model_path}: not a choice model file (no schema_version)")
     version = document["schema_version"]
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ArtifactError(f"{model_path}: schema_version must be a positive integer; refit")
+    if version > SCHEMA_VERSION:
         raise ArtifactError(
             f"{model_path}: written by a newer choice (schema {version}, this one reads "
             f"{SCHEMA_VERSION}); upgrade choice"
         )
+    _validate_document(document, model_path)
     try:
         parameters = [Parameter(**p) for p in document["parameters"]]
         tensors = _load_tensors(directory / PARAMS_FILE)
@@ -166,7 +170,53 @@ def load_result(directory: Path) -> FitResult:
             f"{directory / PARAMS_FILE}: holds {result.estimate.shape[0]} parameters but "
             f"{MODEL_FILE} lists {count}; the files do not belong together, refit the model"
         )
+    index = result.estimated_index
+    size = int(index.numel())
+    if index.dim() != 1 or (size and (int(index.min()) < 0 or int(index.max()) >= count)):
+        raise ArtifactError(f"{directory / PARAMS_FILE}: estimated_index out of range; refit")
+    if result.covariance.numel() and tuple(result.covariance.shape) != (size, size):
+        raise ArtifactError(
+            f"{directory / PARAMS_FILE}: covariance is {tuple(result.covariance.shape)}, "
+            f"expected ({size}, {size}); refit the model"
+        )
     return result
+
+
+def _validate_document(document: dict, model_path: Path) -> None:
+    """The structure load and predict rely on; anything else is an edited or foreign file."""
+
+    def fail(what: str) -> ArtifactError:
+        return ArtifactError(f"{model_path}: {what}; the file was edited or damaged, refit")
+
+    spec, labels = document.get("spec"), document.get("labels")
+    if not isinstance(spec, dict) or not isinstance(spec.get("formula"), str):
+        raise fail("'spec' must hold the formula")
+    roles = spec.get("roles")
+    allowed = {"case", "item", "choice", "user", "session", "available", "weights"}
+    if (
+        not isinstance(roles, dict)
+        or not set(roles) <= allowed
+        or not all(isinstance(roles.get(k), str) for k in ("case", "item"))
+    ):
+        raise fail("'spec.roles' must name the case and item columns")
+    nests = spec.get("nests")
+    if nests is not None and not (
+        isinstance(nests, dict) and all(isinstance(v, list) for v in nests.values())
+    ):
+        raise fail("'spec.nests' must map nests to lists of alternatives")
+    if not isinstance(labels, dict) or not isinstance(labels.get("items"), list):
+        raise fail("'labels.items' must list the alternatives")
+    for key in ("users", "nests"):
+        if labels.get(key) is not None and not isinstance(labels[key], list):
+            raise fail(f"'labels.{key}' must be a list")
+    parameters = document.get("parameters")
+    fields = set(Parameter.__dataclass_fields__)
+    if not isinstance(parameters, list) or not all(
+        isinstance(p, dict) and set(p) == fields for p in parameters
+    ):
+        raise fail("'parameters' must list every parameter with its fields")
+    if not isinstance(document.get("fit"), dict):
+        raise fail("'fit' must hold the fit statistics")
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -193,11 +193,6 @@ def test_model_json_without_schema_version_is_refused(model, data, tmp_path):
     assert_refused("coef", model, data, tmp_path, "model.json", "schema_version")
 
 
-@product_bug(
-    'a schema_version that is not an integer ("1") is reported as \'written by a newer choice '
-    "(schema 1, this one reads 1); upgrade choice' (results.load_result: check the type apart "
-    "from the version and say the file was edited)"
-)
 def test_model_json_with_a_non_integer_schema_version_is_called_edited(model, data, tmp_path):
     edit_document(model, lambda d: d.update(schema_version="1"))
     line = assert_refused("coef", model, data, tmp_path, "model.json", "schema_version")
@@ -280,13 +275,6 @@ def test_edited_parameter_list_is_refused(model, data, tmp_path, edit):
     assert "internal error" not in line
 
 
-@product_bug(
-    "model.json is not validated beyond its parameter list: a spec set to null or without its "
-    "'roles' ends in 'internal error (TypeError/KeyError ...); report it', and labels edited "
-    "into a string blame the data ('alternative 'a' ... was not seen when the model was "
-    "fitted'), instead of an ArtifactError naming model.json (results.load_result: validate "
-    "spec, labels and fit against a schema)"
-)
 @pytest.mark.parametrize(
     "edit",
     [
@@ -301,24 +289,11 @@ def test_edited_spec_is_an_artifact_error(model, data, tmp_path, edit):
     assert "internal error" not in line
 
 
-@product_bug(
-    "a formula edited in model.json is accepted: predict rebuilds the design from the edited "
-    "spec and silently scores with parameters laid out for another formula (here 4 stored "
-    "parameters, 1 in the new layout), giving wrong probabilities (predict/problem: compare the "
-    "rebuilt layout with model.json's parameter list, or store a digest of the spec and the "
-    "parameter file in model.json and verify it on load)"
-)
 def test_parameters_that_do_not_match_the_spec_are_refused(model, data, tmp_path):
     edit_document(model, lambda d: d["spec"].update(formula="(price|constant)"))
     assert_refused("predict", model, data, tmp_path, "model.json")
 
 
-@product_bug(
-    "the tensors in params.safetensors are only checked for the length of estimate/std_error/"
-    "identified: a covariance of the wrong shape or estimated_index pointing past the "
-    "parameters loads silently (results.load_result: check covariance is (k, k) with "
-    "k = len(estimated_index), indices in range and unique, and float64 dtypes)"
-)
 @pytest.mark.parametrize(
     "edit",
     [
@@ -461,12 +436,6 @@ def test_disk_full_while_saving_keeps_the_previous_model(model, data, monkeypatc
     assert listing(model.parent) == ["model"]
 
 
-@product_bug(
-    "an OSError while writing outputs (disk full, permission denied) is reported as "
-    "'internal error (...); rerun with --debug and report it', blaming the program for an "
-    "environment problem (commands/io: wrap OSError from atomic_file/atomic_directory into a "
-    "ChoiceError such as 'cannot write DIR: No space left on device')"
-)
 def test_disk_full_is_reported_as_a_write_error_not_an_internal_error(model, data, monkeypatch):
     _disk_full(monkeypatch)
     line = error_line(fit(data, model, formula=FORMULA), "No space left on device")

@@ -171,42 +171,21 @@ DATA_ERRORS = [
         _file("long.csv", _edit_lines(BASE, lambda line: line + ",9")),
         ["long.csv", FIRST_ROW, COUNT],
         id="ragged-csv-extra-field",
-        marks=product_bug(
-            "a CSV row with an extra field gives polars' 'found more fields than defined in "
-            "Schema' with no line number and no count (io._read_csv: locate the first line "
-            "whose field count differs from the header's and count them)"
-        ),
     ),
     pytest.param(
         _file("short.csv", _edit_lines(BASE, lambda line: line.rsplit(",", 1)[0])),
         ["short.csv", FIRST_ROW, COUNT, re.compile("field|column|ragged", re.I)],
         id="ragged-csv-missing-field",
-        marks=product_bug(
-            "a CSV row with a missing field is silently padded with null by polars: here the "
-            "missing field is the unused 'session' column and the fit succeeds on the broken "
-            "file; in a used column it is reported as a null value (or dropped under --missing "
-            "drop) instead of a ragged row (io._read_csv: compare each line's field count with "
-            "the header's, e.g. read with truncate_ragged_lines=False and a per-line check)"
-        ),
     ),
     pytest.param(
         _file("text.csv", _edit_lines(BASE, _replace_price(["cheap", "free", "?"]))),
         ["'price'", "cheap", COUNT, FIRST_ROW],
         id="non-numeric-value",
-        marks=product_bug(
-            "a used column with a few non-numeric cells is reported with the first value of "
-            "the column (e.g. '0.75', a valid number), not the offending 'cheap', and without "
-            "a count or its case (data._check_numeric)"
-        ),
     ),
     pytest.param(
         _file("flag.csv", _edit_lines(BASE, _replace_choice(["maybe", "yes", "?"]))),
         ["'choice'", "maybe", COUNT],
         id="non-boolean-choice",
-        marks=product_bug(
-            "a choice column with a few non-0/1 text cells only says it 'is String'; it names "
-            "neither the offending value nor the count (data._chosen_flag)"
-        ),
     ),
     pytest.param(
         _file("seven.csv", _edit_lines(BASE, _replace_choice(["7", "7", "7"]))),
@@ -242,10 +221,6 @@ DATA_ERRORS = [
         _table(set_cells(BASE, "case", IN_BAD_B, None)),
         ["'case'", COUNT, ANY_ROW],
         id="null-case-id",
-        marks=product_bug(
-            "a null in the case column says how many but not where: no row number is given, "
-            "so the first offender cannot be found (data._handle_missing)"
-        ),
     ),
     pytest.param(
         _table(set_cells(BASE, "item", IN_BAD_B, None)),
@@ -333,11 +308,6 @@ def test_missing_drop_drops_null_and_nan_cases_and_says_how_many(tmp_path):
     assert any("dropped" in text for text in document["warnings"])
 
 
-@product_bug(
-    "--missing drop drops null/NaN cases but infinite values stay an error (data._handle_missing "
-    "checks is_infinite before looking at --missing); the issue lists 'nulls, NaN and inf "
-    "(unless --missing drop)' while DESIGN §2 only names null and NaN: settle the contract"
-)
 def test_missing_drop_also_drops_infinite_values(tmp_path):
     frame = set_cells(long_table(), "price", IN_BAD_B, float("inf"))
     data = write(frame, tmp_path / "data.parquet")
@@ -395,11 +365,6 @@ def test_single_alternative_cases_are_dropped_with_a_warning(tmp_path):
     assert same.to_list() == pytest.approx(coefficients(tmp_path / "r")["estimate"].to_list())
 
 
-@product_bug(
-    "--strict turns only unidentified-coefficient warnings into an error; the warning about "
-    "dropped single-alternative cases (a data note) is ignored (fit.fit_model raises under "
-    "--strict only when `unidentified` is non-empty)"
-)
 def test_single_alternative_cases_are_an_error_under_strict(tmp_path):
     data = write(_single_alternative_table(), tmp_path / "data.csv")
     result = fit(data, tmp_path / "m", "--strict")
@@ -780,12 +745,6 @@ def _crash_between_renames(model: Path) -> None:
     shutil.copytree(aside / "previous", fresh)
 
 
-@product_bug(
-    "a fit killed between atomic_directory's two renames leaves no model directory until the "
-    "next `choice fit`: coef/predict/plot report 'no model here' although the previous model "
-    "sits in .NAME.*.old/previous (io.atomic_directory; swap with renameat2(RENAME_EXCHANGE) "
-    "or have results.load_result restore a moved-aside model via clean_stale_temporaries)"
-)
 def test_model_stays_readable_after_a_crash_between_renames(previous_model):
     _, model, before = previous_model
     _crash_between_renames(model)
@@ -794,13 +753,6 @@ def test_model_stays_readable_after_a_crash_between_renames(previous_model):
     assert "price[constant]" in result.stdout
 
 
-@product_bug(
-    "clean_stale_temporaries(NAME) globs .NAME.*.tmp/.old, which also matches the temporaries "
-    "of a sibling model NAME.v2 (.NAME.v2.*.old): fitting 'm' moves m.v2's moved-aside previous "
-    "model into 'm' (then overwrites it) and deletes m.v2's temporaries, even in-progress ones "
-    "(io.clean_stale_temporaries; match the exact mkdtemp pattern ^\\.NAME\\.[a-z0-9_]{8}\\."
-    "(tmp|old)$ and lock the model directory while a fit writes it)"
-)
 def test_cleaning_one_model_leaves_a_sibling_models_temporaries_alone(previous_model):
     data, model, before = previous_model
     sibling = model.parent / f"{model.name}.v2"
@@ -849,20 +801,10 @@ def _layout_table(layout: str) -> pl.DataFrame:
     return frame.filter(offered).filter(pl.len().over("case") >= 2)
 
 
-NEGATIVE_PADDED = product_bug(
-    "in the padded layout (nearly full choice sets) value_and_gradient computes exp(utility - "
-    "normaliser) for the padding slots too and multiplies by the mask afterwards: with "
-    "utilities of order -1e5 the padding gives exp(+1e5) = inf and inf * 0 = NaN in the "
-    "gradient (models.ConditionalLogit.value_and_gradient/hessian: take exp of the masked "
-    "log-probabilities, i.e. masked_fill(-inf) before exp)"
-)
-
-
 @pytest.mark.parametrize(
     ("layout", "slope"),
     [
-        pytest.param(layout, slope, id=f"{layout}-{slope:g}",
-                     marks=NEGATIVE_PADDED if (layout, slope < 0) == ("padded", True) else ())
+        pytest.param(layout, slope, id=f"{layout}-{slope:g}")
         for layout in ("full", "padded", "ragged")
         for slope in (1e4, -1e6, 1e12)
     ],
@@ -907,13 +849,6 @@ def test_fit_with_huge_column_values_keeps_the_likelihood_finite(tmp_path, scale
     assert statistics["log_likelihood"] >= statistics["null_log_likelihood"] - 1e-9
 
 
-@product_bug(
-    "the identification check is not scale invariant: with price in the millions the "
-    "intercepts are declared to 'not vary across the alternatives of any case' and dropped, "
-    "so the log-likelihood is worse than with price in units (identify.dependent_parameters "
-    "compares each diagonal entry with ZERO_TOLERANCE * the largest one; standardise each "
-    "column, or test cancellation per parameter against its own scale)"
-)
 def test_rescaling_a_column_rescales_its_coefficient_only(tmp_path):
     reference = write(long_table(), tmp_path / "units.csv")
     scaled = write(long_table().with_columns(pl.col("price") * 1e6), tmp_path / "millions.csv")
@@ -944,12 +879,6 @@ def test_perfect_prediction_keeps_the_likelihood_finite(tmp_path):
     assert math.isfinite(value) and value <= 0.0
 
 
-@product_bug(
-    "perfect prediction (complete separation) is not detected: the fit reports converged with "
-    "a log-likelihood of ~0, a finite arbitrary slope and no warning, and --strict passes "
-    "(fit._unidentified has no separation check; e.g. flag coefficients whose estimate keeps "
-    "growing while the log-likelihood tends to 0, as glm's 'fitted probabilities 0 or 1')"
-)
 def test_perfect_prediction_is_flagged_and_strict_refuses_it(tmp_path):
     data = write(_perfectly_predicted(), tmp_path / "data.csv")
     result = fit(data, tmp_path / "m", formula="(price|constant)")
