@@ -1,0 +1,636 @@
+"""Benchmark `choice fit` against torch-choice, xlogit and biogeme, and a float64 Newton reference.
+
+Every tool runs in its own process on the same Parquet file and model, one thread each; the
+harness measures whole-process wall time and peak RSS (os.wait4), and reads fit seconds,
+log-likelihood and iterations from the tool (choice: DIR/model.json; peers: one JSON line).
+Results: a table on stdout, bench/results/latest.md and bench/results/latest.json.
+
+Run through bench/run.sh, which builds the peers' environment (.bench-venv) first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import generate
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+PEERS = BENCH / "peers"
+RESULTS = BENCH / "results"
+PRODUCT_PYTHON = ROOT / ".venv" / "bin" / "python"
+CHOICE = ROOT / ".venv" / "bin" / "choice"
+
+CL22 = [
+    ("1", "item"),
+    ("x1", "constant"),
+    ("x2", "constant"),
+    ("x3", "constant"),
+    ("x4", "constant"),
+    ("income", "item"),
+]
+USERS = [("1", "item"), ("x1", "user"), ("x2", "constant")]
+FIT_TOOLS = ["choice", "newton", "xlogit", "biogeme", "tc_recipe", "tc_lbfgs"]
+LOAD_TOOLS = ["choice_parquet", "polars_parquet", "choice_csv", "polars_csv"]
+LL_TARGET = 1e-8
+
+
+@dataclass
+class Scenario:
+    """One benchmark: a data set, a model, and which tools are skipped and why."""
+
+    name: str
+    dataset: str
+    description: str
+    terms: list[tuple[str, str]] = field(default_factory=lambda: CL22)
+    nest: str | None = None
+    kind: str = "fit"  # or "load"
+    projected: dict[str, str] = field(default_factory=dict)  # skipped unless --all
+    unsupported: dict[str, str] = field(default_factory=dict)
+    targets: dict[str, float] = field(default_factory=dict)  # choice: fit, whole (s), rss_gb
+
+    @property
+    def formula(self) -> str:
+        return " + ".join(f"({v}|{k})" for v, k in self.terms)
+
+    @property
+    def has_users(self) -> bool:
+        return any(k == "user" for _, k in self.terms)
+
+
+NO_NESTED_USERS = "no nested logit or user-specific coefficients"
+SCENARIOS = {
+    s.name: s
+    for s in [
+        Scenario("cl_10k", "cl_10k", "10k cases x 10 alternatives (10% missing), 22 parameters"),
+        Scenario(
+            "cl_100k",
+            "cl_100k",
+            "100k cases x 10 alternatives (10% missing), 22 parameters",
+            projected={"tc_recipe": "~270 s fit (PEERS.md, projected)"},
+            targets={"fit": 1.0, "whole": 4.0},
+        ),
+        Scenario(
+            "cl_1m",
+            "cl_1m",
+            "1M cases x 10 alternatives (10% missing), 22 parameters",
+            projected={
+                "tc_recipe": "~4,900 s fit (PEERS.md, projected)",
+                "biogeme": "~900 s fit (PEERS.md, projected)",
+                "xlogit": "~320-430 s fit (PEERS.md, projected)",
+            },
+            targets={"fit": 10.0, "whole": 15.0, "rss_gb": 3.0},
+        ),
+        Scenario(
+            "alts_100",
+            "cl_100alts",
+            "100k cases x 100 alternatives (10% missing), 202 parameters",
+            projected={
+                "tc_recipe": "far beyond 300 s (PEERS.md: ~270 s at 10 alts)",
+                "xlogit": "out of memory at 23.7 GB (PEERS.md)",
+            },
+            targets={"fit": 15.0, "rss_gb": 3.0},
+        ),
+        Scenario(
+            "users_1k",
+            "users_1k",
+            "100k cases x 10 alternatives, 1,000 user-specific x1 slopes (1,010 parameters)",
+            terms=USERS,
+            projected={"tc_recipe": "~270 s fit at 100k (PEERS.md, projected)"},
+            unsupported={
+                "xlogit": NO_NESTED_USERS,
+                "biogeme": "needs 1,000 user-indicator terms per utility; not run",
+            },
+            targets={"fit": 2.0},
+        ),
+        Scenario(
+            "nested_3",
+            "nested_3",
+            "nested logit, 3 nests, 100k cases x 10 alternatives (10% missing), 22 + 3 lambdas",
+            nest="nest",
+            projected={
+                "tc_recipe": "~270 s fit at 100k (PEERS.md, projected)",
+                "biogeme": "~800 s (PEERS.md: 81 s at 10k cases)",
+            },
+            unsupported={"xlogit": NO_NESTED_USERS},
+            targets={"fit": 3.0},
+        ),
+        Scenario(
+            "load_10k",
+            "cl_10k",
+            "loading alone: 10k cases (90k rows), Parquet and CSV",
+            kind="load",
+        ),
+        Scenario(
+            "load_1m", "cl_1m", "loading alone: 1M cases (9M rows), Parquet and CSV", kind="load"
+        ),
+    ]
+}
+DEFAULT = ["cl_10k", "cl_100k", "cl_1m", "alts_100", "users_1k", "nested_3", "load_1m"]
+QUICK = ["cl_10k", "load_10k"]
+
+
+@dataclass
+class Row:
+    """One tool on one scenario."""
+
+    tool: str
+    status: str  # ok, not-converged, error, timeout, projected, unsupported
+    fit_seconds: float | None = None
+    whole_seconds: float | None = None
+    peak_rss_mb: float | None = None
+    log_likelihood: float | None = None
+    iterations: int | None = None
+    rel_ll_gap: float | None = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    """The environment every tool runs in: pinned threads, no colour, no GPU."""
+    env = dict(os.environ)
+    for var in (
+        "OMP_NUM_THREADS",
+        "MKL_NUM_THREADS",
+        "OPENBLAS_NUM_THREADS",
+        "NUMEXPR_NUM_THREADS",
+        "POLARS_MAX_THREADS",
+        "RAYON_NUM_THREADS",
+    ):
+        env[var] = str(threads)
+    env |= {"NO_COLOR": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
+    return env
+
+
+def run_process(cmd: list[str], timeout: float, env: dict, cwd: Path) -> dict:
+    """Run one command; wall time, peak RSS of its process tree, exit code, output tails."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=err, env=env, cwd=cwd, start_new_session=True
+        )
+        timed_out = False
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() - start > timeout:
+                timed_out = True
+                os.killpg(proc.pid, signal.SIGKILL)
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.02)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return {
+            "wall": wall,
+            "rss_mb": usage.ru_maxrss / 1024,  # Linux: KiB
+            "code": proc.returncode,
+            "timed_out": timed_out,
+            "stdout": out.read().decode(errors="replace"),
+            "stderr": err.read().decode(errors="replace"),
+        }
+
+
+def last_json(text: str) -> dict | None:
+    for line in reversed(text.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                return None
+    return None
+
+
+def tail(text: str, lines: int = 3) -> str:
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])[-400:]
+
+
+def peer_command(tool: str, scenario: Scenario, data: Path) -> list[str]:
+    spec = {"terms": scenario.terms, "nest": scenario.nest}
+    script, extra = {
+        "newton": ("newton_reference.py", []),
+        "xlogit": ("xlogit_runner.py", []),
+        "biogeme": ("biogeme_runner.py", []),
+        "tc_recipe": ("torch_choice_runner.py", ["--mode", "recipe"]),
+        "tc_lbfgs": ("torch_choice_runner.py", ["--mode", "lbfgs"]),
+    }[tool]
+    return [
+        sys.executable,
+        str(PEERS / script),
+        "--data",
+        str(data),
+        "--spec",
+        json.dumps(spec),
+    ] + extra
+
+
+def choice_command(scenario: Scenario, data: Path, model_dir: Path) -> list[str]:
+    cmd = [
+        str(CHOICE),
+        "fit",
+        str(data),
+        "--formula",
+        scenario.formula,
+        "--case",
+        "case",
+        "--item",
+        "item",
+        "--choice",
+        "choice",
+    ]
+    if scenario.has_users:
+        cmd += ["--user", "user"]
+    if scenario.nest:
+        cmd += ["--nests", f"col:{scenario.nest}", "--nest-formula", ""]
+    return cmd + ["--model", str(model_dir), "--quiet"]
+
+
+def run_tool(tool: str, scenario: Scenario, data: Path, args, env: dict) -> Row:
+    """Run one tool on one fit scenario in its own process."""
+    if not CHOICE.exists() and tool == "choice":
+        return Row(tool, "error", note=f"{CHOICE.relative_to(ROOT)} not found (not installed)")
+    with tempfile.TemporaryDirectory(prefix=f"bench-{tool}-") as scratch:
+        model_dir = Path(scratch) / "model"
+        cmd = (
+            choice_command(scenario, data, model_dir)
+            if tool == "choice"
+            else peer_command(tool, scenario, data)
+        )
+        result = run_process(cmd, args.timeout, env, Path(scratch))
+        row = Row(tool, "ok", whole_seconds=result["wall"], peak_rss_mb=result["rss_mb"])
+        if result["timed_out"]:
+            row.status, row.note = "timeout", f"killed after {args.timeout:.0f} s"
+            return row
+        if tool == "choice":
+            return read_choice(row, result, model_dir)
+        record = last_json(result["stdout"])
+        if result["code"] != 0 or record is None:
+            row.status = "error"
+            row.note = f"exit {result['code']}: " + tail(result["stderr"] or result["stdout"])
+            return row
+        row.fit_seconds = record.pop("fit_seconds")
+        row.log_likelihood = record.pop("log_likelihood")
+        row.iterations = record.pop("iterations")
+        row.extra = record
+        if not math.isfinite(row.log_likelihood):
+            row.status, row.note = "error", f"log-likelihood is {row.log_likelihood}"
+            row.log_likelihood = None
+        return row
+
+
+def read_choice(row: Row, result: dict, model_dir: Path) -> Row:
+    """Fill a choice row from its exit code and DIR/model.json (key `fit`)."""
+    if result["code"] not in (0, 3):
+        row.status = "error"
+        row.note = f"exit {result['code']}: " + tail(result["stderr"] or result["stdout"])
+        return row
+    try:
+        fit = json.loads((model_dir / "model.json").read_text())["fit"]
+        row.fit_seconds = float(fit["seconds"])
+        row.log_likelihood = float(fit["log_likelihood"])
+        row.iterations = fit.get("iterations")
+        row.extra = {
+            k: fit.get(k) for k in ("converged", "parameters", "cases", "device") if k in fit
+        }
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        row.status, row.note = "error", f"model.json unreadable: {exc!r}"[:300]
+        return row
+    if result["code"] == 3 or fit.get("converged") is False:
+        row.status = "not-converged"
+    return row
+
+
+def run_load(tool: str, scenario: Scenario, files: dict, args, env: dict) -> Row:
+    """Loading alone, in the product environment: choice's reader vs a plain polars read."""
+    who, fmt = tool.split("_")
+    data = files[fmt]
+    cmd = [str(PRODUCT_PYTHON), str(PEERS / "load_runner.py"), "--tool", who, "--data", str(data)]
+    with tempfile.TemporaryDirectory(prefix=f"bench-{tool}-") as scratch:
+        result = run_process(cmd, args.timeout, env, Path(scratch))
+    row = Row(tool, "ok", whole_seconds=result["wall"], peak_rss_mb=result["rss_mb"])
+    record = last_json(result["stdout"])
+    if result["timed_out"]:
+        row.status, row.note = "timeout", f"killed after {args.timeout:.0f} s"
+    elif result["code"] != 0 or record is None:
+        row.status = "error"
+        row.note = f"exit {result['code']}: " + tail(result["stderr"] or result["stdout"])
+    else:
+        row.fit_seconds = record["seconds"]
+        row.extra = {k: v for k, v in record.items() if k != "seconds"}
+    return row
+
+
+def run_scenario(scenario: Scenario, args, env: dict) -> dict:
+    print(f"\n== {scenario.name}: {scenario.description}", flush=True)
+    files = generate.ensure(scenario.dataset)
+    rows: list[Row] = []
+    tools = LOAD_TOOLS if scenario.kind == "load" else FIT_TOOLS
+    if args.tools:
+        keep = set(args.tools) | ({"newton"} if scenario.kind == "fit" else set())
+        tools = [t for t in tools if t in keep]
+    for tool in tools:
+        if tool in scenario.unsupported:
+            rows.append(Row(tool, "unsupported", note=scenario.unsupported[tool]))
+        elif tool in scenario.projected and not args.all:
+            rows.append(Row(tool, "projected", note=scenario.projected[tool]))
+        elif scenario.kind == "load":
+            rows.append(run_load(tool, scenario, files, args, env))
+        else:
+            rows.append(run_tool(tool, scenario, files["parquet"], args, env))
+        print("  " + progress_line(rows[-1]), flush=True)
+    reference = next(
+        (r.log_likelihood for r in rows if r.tool == "newton" and r.log_likelihood is not None),
+        None,
+    )
+    if reference is not None:
+        for row in rows:
+            if row.log_likelihood is not None:
+                row.rel_ll_gap = abs(row.log_likelihood - reference) / abs(reference)
+    return {
+        "name": scenario.name,
+        "description": scenario.description,
+        "kind": scenario.kind,
+        "formula": scenario.formula,
+        "nests": scenario.nest,
+        "dataset": scenario.dataset,
+        "reference_ll": reference,
+        "targets": scenario.targets,
+        "target_check": check_targets(scenario, rows),
+        "rows": [row.__dict__ for row in rows],
+    }
+
+
+def check_targets(scenario: Scenario, rows: list[Row]) -> list[str]:
+    """The choice row against the scenario's targets, as 'PASS/FAIL what'."""
+    row = next((r for r in rows if r.tool == "choice"), None)
+    if scenario.kind != "fit" or row is None:
+        return []
+    if row.status not in ("ok", "not-converged"):
+        return [f"FAIL choice did not run ({row.status})"]
+    checks = [
+        ("fit", row.fit_seconds, scenario.targets.get("fit"), "fit {:.2f} s <= {} s"),
+        ("whole", row.whole_seconds, scenario.targets.get("whole"), "whole {:.2f} s <= {} s"),
+        (
+            "rss",
+            (row.peak_rss_mb or 0) / 1024,
+            scenario.targets.get("rss_gb"),
+            "peak RSS {:.2f} GB <= {} GB",
+        ),
+        ("ll", row.rel_ll_gap, LL_TARGET, "LL gap {:.1e} <= {:.0e}"),
+    ]
+    out = []
+    for _, value, limit, text in checks:
+        if limit is None or value is None:
+            continue
+        out.append(("PASS " if value <= limit else "FAIL ") + text.format(value, limit))
+    if row.status == "not-converged":
+        out.append("FAIL converged")
+    return out
+
+
+def fmt(value, spec: str, empty: str = "-") -> str:
+    return empty if value is None else format(value, spec)
+
+
+def ratio(row: dict, base: dict | None, key: str) -> str:
+    if base is None or row is base or not row.get(key) or not base.get(key):
+        return "-"
+    return f"{row[key] / base[key]:.1f}x"
+
+
+def progress_line(row: Row) -> str:
+    status = row.status if row.status != "ok" else ""
+    return (
+        f"{row.tool:15s} fit {fmt(row.fit_seconds, '8.2f'):>8s} s  whole "
+        f"{fmt(row.whole_seconds, '7.2f'):>7s} s  rss {fmt(row.peak_rss_mb, '6.0f'):>6s} MB  "
+        f"LL {fmt(row.log_likelihood, '.6f')}  {status} {row.note}"
+    )
+
+
+FIT_HEAD = [
+    "tool",
+    "status",
+    "fit s",
+    "whole s",
+    "peak RSS MB",
+    "log-likelihood",
+    "rel LL gap",
+    "iter",
+    "fit / choice",
+    "whole / choice",
+    "note",
+]
+LOAD_HEAD = ["tool", "status", "load s", "whole s", "peak RSS MB", "rows", "load / polars", "note"]
+
+
+def table_head(scenario: dict) -> list[str]:
+    return LOAD_HEAD if scenario["kind"] == "load" else FIT_HEAD
+
+
+def table_rows(scenario: dict) -> list[list[str]]:
+    """Cells of a scenario's table; ratios are peer / choice (loading: tool / polars)."""
+    rows = scenario["rows"]
+    if scenario["kind"] == "load":
+        out = []
+        for r in rows:
+            polars = next(
+                (p for p in rows if p["tool"] == "polars_" + r["tool"].split("_")[1]), None
+            )
+            out.append(
+                [
+                    r["tool"],
+                    r["status"],
+                    fmt(r["fit_seconds"], ".3f"),
+                    fmt(r["whole_seconds"], ".2f"),
+                    fmt(r["peak_rss_mb"], ".0f"),
+                    fmt(r["extra"].get("rows"), ",d"),
+                    ratio(r, polars, "fit_seconds") if r is not polars else "-",
+                    r["note"],
+                ]
+            )
+        return out
+    base = next((r for r in rows if r["tool"] == "choice" and r["fit_seconds"] is not None), None)
+    out = []
+    for r in rows:
+        iterations = r["iterations"] if isinstance(r["iterations"], int) else None
+        out.append(
+            [
+                r["tool"],
+                r["status"],
+                fmt(r["fit_seconds"], ".2f"),
+                fmt(r["whole_seconds"], ".2f"),
+                fmt(r["peak_rss_mb"], ".0f"),
+                fmt(r["log_likelihood"], ".6f"),
+                fmt(r["rel_ll_gap"], ".1e"),
+                fmt(iterations, "d"),
+                ratio(r, base, "fit_seconds"),
+                ratio(r, base, "whole_seconds"),
+                r["note"],
+            ]
+        )
+    return out
+
+
+def plain_table(head: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=False)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(lines)
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [
+        "# choice benchmark",
+        "",
+        f"{report['date']} on {m['cpu']} ({m['cores']} cores, {m['memory_gb']} GiB), "
+        f"{m['threads']} thread(s) per tool. Versions: "
+        + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+        + ".",
+        "",
+        "fit s: the tool's own fit time; whole s: the whole process (start-up, reading, "
+        "fit, output) timed by the harness; rel LL gap: |LL - LL_newton| / |LL_newton| "
+        "against the float64 Newton reference; ratios: peer / choice (higher is slower).",
+        "",
+    ]
+    for s in report["scenarios"]:
+        lines += [f"## {s['name']}: {s['description']}", ""]
+        if s["kind"] == "fit":
+            lines += [
+                f"Formula `{s['formula']}`"
+                + (f", nests `col:{s['nests']}`" if s["nests"] else "")
+                + f"; reference LL {fmt(s['reference_ll'], '.6f')}.",
+                "",
+            ]
+        head = table_head(s)
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row in table_rows(s):
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
+        if s["target_check"]:
+            lines += ["", "Targets for choice: " + "; ".join(s["target_check"]) + "."]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def versions() -> dict[str, str]:
+    """Versions of every tool: peers from this environment, choice from the product's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "torch-choice", "xlogit", "biogeme", "numpy", "polars", "pyarrow"):
+        try:
+            out[name + " (bench env)"] = version(name)
+        except PackageNotFoundError:
+            out[name + " (bench env)"] = "missing"
+    probe = (
+        "import importlib.metadata as m, json; v = {}\n"
+        "for n in ('choicecli', 'torch', 'polars', 'pyarrow'):\n"
+        "    try: v[n] = m.version(n)\n"
+        "    except m.PackageNotFoundError: v[n] = 'missing'\n"
+        "print(json.dumps(v))"
+    )
+    try:
+        text = subprocess.run(
+            [str(PRODUCT_PYTHON), "-c", probe], capture_output=True, text=True, timeout=60
+        ).stdout
+        for name, value in json.loads(text).items():
+            out[name + " (product env)"] = value
+    except (OSError, subprocess.SubprocessError, json.JSONDecodeError):
+        out["choicecli (product env)"] = "unavailable"
+    return out
+
+
+def machine(threads: int) -> dict:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        mem_kb = 0
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": round(mem_kb / 2**20, 1),
+        "threads": threads,
+        "platform": platform.platform(),
+        "versions": versions(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--scenarios", help="comma-separated: " + ",".join(SCENARIOS))
+    parser.add_argument("--quick", action="store_true", help="smoke run: " + ",".join(QUICK))
+    parser.add_argument(
+        "--tools",
+        help="comma-separated subset of: "
+        + ",".join(FIT_TOOLS + LOAD_TOOLS)
+        + " (newton always runs)",
+    )
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="also run tools marked as projected (far too slow at that size)",
+    )
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per tool run")
+    parser.add_argument("--threads", type=int, default=1, help="threads per tool (default 1)")
+    parser.add_argument("--output", default="latest", help="name of the results files")
+    args = parser.parse_args()
+    names = QUICK if args.quick else DEFAULT
+    if args.scenarios:
+        names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario(s) {unknown}; choose from {list(SCENARIOS)}")
+    args.tools = [t.strip() for t in args.tools.split(",")] if args.tools else None
+
+    env = thread_env(args.threads)
+    started = time.perf_counter()
+    report = {
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine(args.threads),
+        "timeout_s": args.timeout,
+        "all": args.all,
+        "scenarios": [],
+    }
+    RESULTS.mkdir(exist_ok=True)
+    for name in names:
+        report["scenarios"].append(run_scenario(SCENARIOS[name], args, env))
+        report["elapsed_s"] = round(time.perf_counter() - started, 1)
+        (RESULTS / f"{args.output}.json").write_text(json.dumps(report, indent=1))
+        (RESULTS / f"{args.output}.md").write_text(markdown(report))
+    for s in report["scenarios"]:
+        print(f"\n## {s['name']}: {s['description']}")
+        if s["reference_ll"] is not None:
+            print(f"reference LL (float64 Newton): {s['reference_ll']:.6f}")
+        print(plain_table(table_head(s), table_rows(s)))
+        for check in s["target_check"]:
+            print("  target:", check)
+    print(f"\nwrote {RESULTS / args.output}.md and .json in {report['elapsed_s']:.0f} s")
+    shutil.rmtree(BENCH / "__pycache__", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
