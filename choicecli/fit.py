@@ -14,6 +14,7 @@ from choicecli.design import Block
 from choicecli.errors import ModelError, UsageError
 from choicecli.estimate import EstimateOptions, Objective, covariance, maximise
 from choicecli.identify import dependent_parameters
+from choicecli.models import ConditionalLogit
 from choicecli.problem import ModelSpec, Problem, build_problem
 from choicecli.results import FitResult
 
@@ -58,15 +59,17 @@ def fit_model(
     started = time.perf_counter()
     device = resolve_device(options.device)
     problem = build_problem(frame, spec, where)
+    model = problem.model(device)
     warnings = list(problem.warnings)
-    unidentified = _unidentified(problem, warnings)
+    # the rank check runs on the CPU; the conditional logit there is the fit's own model
+    reusable = not problem.nested and device.type == "cpu"
+    unidentified = _unidentified(problem, warnings, model if reusable else None)
     if warnings and options.strict:
         raise ModelError(f"--strict: {warnings[0]}")
     warnings = list(problem.notes) + warnings
     free_mask = ~problem.fixed
     free_mask[unidentified] = False
     free = free_mask.nonzero().flatten()
-    model = problem.model(device)
     penalised = torch.ones(free.numel(), dtype=torch.bool)
     if problem.lambda_index is not None:
         penalised = ~torch.isin(free, problem.lambda_index)
@@ -223,7 +226,9 @@ def _spec_document(problem: Problem, options: FitOptions) -> dict:
     }
 
 
-def _unidentified(problem: Problem, warnings: list[str]) -> list[int]:
+def _unidentified(
+    problem: Problem, warnings: list[str], model: ConditionalLogit | None = None
+) -> list[int]:
     """Positions of parameters the data cannot estimate, with one warning per term."""
     reasons: dict[int, str] = {}
     _single_case_users(problem, reasons)
@@ -244,7 +249,7 @@ def _unidentified(problem: Problem, warnings: list[str]) -> list[int]:
             [problem.parameters[i].feature == "intercept" for i in candidates.tolist()]
         )
         candidates = torch.cat([candidates[is_intercept], candidates[~is_intercept]])
-        model = problem.identification_model()
+        model = model or problem.identification_model()
         information = -model.hessian(torch.zeros(len(problem.parameters), dtype=torch.float64))
         for found in dependent_parameters(information, candidates, model.second_moments()):
             reasons[found.index] = _dependence_reason(problem, found)

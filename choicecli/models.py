@@ -66,6 +66,7 @@ class ConditionalLogit:
             if case_weights is not None
             else torch.ones(n_cases, dtype=torch.float64, device=device)
         )
+        self.weighted = case_weights is not None
         self.by_user = any(block.term.variation.by_user for block in blocks)
         n_rows = int(case_index.shape[0])
         n_slots = n_cases * n_items
@@ -93,6 +94,8 @@ class ConditionalLogit:
         self.n_slots = int(case_index.shape[0])
         self.chosen = chosen  # (S,)
         self.chosen_slot = None if chosen is None else chosen.nonzero().flatten()  # (N,)
+        sizes = torch.bincount(case_index, minlength=n_cases)
+        self.case_start = torch.cat([sizes.new_zeros(1), torch.cumsum(sizes, 0)]).tolist()
 
     @property
     def dense(self) -> bool:
@@ -144,15 +147,33 @@ class ConditionalLogit:
         self.other_blocks = [
             b for b in arranged if rank(b) > 0 and all(b is not d for d in self.item_blocks)
         ]
+        # dense layouts: the coefficient of every (alternative, value column) as one (J, F)
+        # table of parameter numbers; columns of other blocks point at a zero past the end
+        self.grid_index = None
+        if self.dense:
+            grid_index = torch.full((self.n_items, self.values.shape[1]), self.n_parameters,
+                                    dtype=torch.long, device=self.values.device)  # fmt: skip
+            start = 0
+            for block in arranged:
+                stop = start + block.n_features
+                if rank(block) == 0:
+                    grid_index[:, start:stop] = block.layout_index.reshape(1, -1)
+                elif any(block is d for d in self.item_blocks):
+                    grid_index[:, start:stop] = block.layout_index
+                start = stop
+            self.grid_index = grid_index  # (J, F)
         return arranged
 
     # -- likelihood -------------------------------------------------------------------------
     def utility(self, theta: torch.Tensor) -> torch.Tensor:  # (S,)
-        utility = self.values[:, : self.n_constant] @ theta[self.constant_index]  # (S,)
-        for block in self.item_blocks:
-            grid = block.x.view(self.n_cases, self.n_items, block.n_features)  # (N, J, K)
-            coefficients = theta[block.layout_index]  # (J, K)
-            utility = utility + (grid * coefficients).sum(dim=2).view(-1)
+        if self.dense:  # one pass over the values, block by block of cases
+            coefficients = torch.cat([theta, theta.new_zeros(1)])[self.grid_index]  # (J, F)
+            utility = torch.empty(self.n_slots, dtype=theta.dtype, device=theta.device)
+            for slots, cases in self._chunks():
+                grid = self.values[slots].view(cases.stop - cases.start, self.n_items, -1)
+                utility[slots] = (grid * coefficients).sum(dim=2).view(-1)
+        else:
+            utility = self.values[:, : self.n_constant] @ theta[self.constant_index]  # (S,)
         for block in self.other_blocks:
             coefficients = theta[block.layout_index]  # (G, K)
             utility = utility + (block.x * coefficients[block.code]).sum(dim=1)
@@ -166,6 +187,13 @@ class ConditionalLogit:
     def _masked_utility(self, theta: torch.Tensor) -> torch.Tensor:  # (S,) -inf where not offered
         utility = self.utility(theta)
         return utility if self.mask is None else utility.masked_fill(~self.mask, -torch.inf)
+
+    def _probability(self, utility: torch.Tensor, normaliser: torch.Tensor) -> torch.Tensor:
+        """exp(utility - normaliser of its case), broadcast in dense layouts. (S,)"""
+        if self.dense:
+            grid = utility.view(self.n_cases, self.n_items) - normaliser[:, None]
+            return torch.exp(grid).view(-1)
+        return torch.exp(utility - normaliser[self.case_index])
 
     def log_probabilities(self, theta: torch.Tensor) -> torch.Tensor:  # (S,)
         utility = self._masked_utility(theta)
@@ -185,20 +213,28 @@ class ConditionalLogit:
         utility = self._masked_utility(theta)  # (S,)
         normaliser = self._log_normaliser(utility)  # (N,)
         value = (self.case_weights * (utility[self.chosen_slot] - normaliser)).sum()
-        probability = torch.exp(utility - normaliser[self.case_index])  # (S,) 0 where masked
-        residual = self.case_weights[self.case_index] * (self.chosen - probability)  # (S,)
-        gradient = torch.zeros_like(theta)
-        gradient.index_add_(0, self.constant_index, self.values[:, : self.n_constant].T @ residual)
-        for block in self.item_blocks:
-            grid = block.x.view(self.n_cases, self.n_items, block.n_features)  # (N, J, K)
-            per_item = torch.einsum("njk,nj->jk", grid, residual.view(self.n_cases, -1))
-            gradient.index_add_(0, block.layout_index.reshape(-1), per_item.reshape(-1))
+        probability = self._probability(utility, normaliser)  # (S,) 0 where masked
+        self._last = (theta.clone(), probability)  # a Newton step asks the Hessian here next
+        residual = self.chosen - probability
+        if self.weighted:
+            residual = self.case_weights[self.case_index] * residual
+        gradient = theta.new_zeros(theta.shape[0] + 1)  # the last entry collects nothing
+        if self.dense:
+            per_column = theta.new_zeros(self.grid_index.shape)  # (J, F)
+            for slots, cases in self._chunks():
+                n_cases = cases.stop - cases.start
+                grid = self.values[slots].view(n_cases, self.n_items, -1)  # (C, J, F)
+                per_column += (grid * residual[slots].view(n_cases, self.n_items, 1)).sum(dim=0)
+            gradient.index_add_(0, self.grid_index.reshape(-1), per_column.reshape(-1))
+        else:
+            constant = self.values[:, : self.n_constant].T @ residual  # (Fc,)
+            gradient.index_add_(0, self.constant_index, constant)
         for block in self.other_blocks:
             per_group = torch.zeros(
                 block.layout_index.shape, dtype=theta.dtype, device=theta.device
             ).index_add_(0, block.code, block.x * residual[:, None])  # (G, K)
             gradient.index_add_(0, block.layout_index.reshape(-1), per_group.reshape(-1))
-        return value, gradient
+        return value, gradient[:-1]
 
     def second_moments(self) -> torch.Tensor:
         """Sum over rows of each parameter's squared design value. (P,)"""
@@ -218,15 +254,45 @@ class ConditionalLogit:
         is rows x F^2 plus cases x Q^2, never rows x P^2:
         H1 = sum_r w p_r z_r z_r' grouped by (user, alternative) and
         H2 = sum_n w_n m_n m_n' with m_n = sum_r p_r z_r held compactly per case.
+        Both are accumulated over blocks of cases, so temporaries stay small.
         """
-        probability = torch.exp(self.log_probabilities(theta))  # (S,) zero where masked
-        weight = self.case_weights[self.case_index] * probability  # (S,)
-        hessian = torch.zeros(
-            self.n_parameters, self.n_parameters, dtype=theta.dtype, device=theta.device
-        )
-        self._add_row_part(hessian, weight)
-        self._subtract_case_part(hessian, probability)
+        last_theta, probability = getattr(self, "_last", (None, None))
+        if last_theta is None or not torch.equal(last_theta, theta):
+            utility = self._masked_utility(theta)  # (S,)
+            probability = self._probability(utility, self._log_normaliser(utility))  # (S,)
+        n_key_users = self._key_users()
+        n_features = self.values.shape[1]
+        row_sums = torch.zeros(n_key_users * self.n_items, n_features, n_features,
+                               dtype=theta.dtype, device=theta.device)  # fmt: skip
+        case_slots = self._case_slots(n_key_users)  # (U', Q)
+        n_compact = case_slots.shape[1]
+        case_sums = torch.zeros(n_key_users, n_compact, n_compact, dtype=theta.dtype,
+                                device=theta.device)  # fmt: skip
+        for slots, cases in self._chunks():
+            self._add_row_part(row_sums, slots, cases, probability[slots])
+            self._add_case_part(case_sums, slots, cases, probability[slots])
+        hessian = torch.zeros(self.n_parameters, self.n_parameters, dtype=theta.dtype,
+                              device=theta.device)  # fmt: skip
+        row_slots = self._row_slots(n_key_users)  # (U'J, F)
+        hessian.index_put_((row_slots[:, :, None], row_slots[:, None, :]), row_sums,
+                           accumulate=True)  # fmt: skip
+        hessian.index_put_((case_slots[:, :, None], case_slots[:, None, :]), -case_sums,
+                           accumulate=True)  # fmt: skip
         return -hessian
+
+    def _chunks(self):
+        """(slot slice, case slice) for consecutive blocks of about 512k values."""
+        width = max(1, self.values.shape[1]) * self.n_items
+        step = max(64, (1 << 19) // width)
+        for first in range(0, self.n_cases, step):
+            last = min(first + step, self.n_cases)
+            if self.dense:
+                yield slice(first * self.n_items, last * self.n_items), slice(first, last)
+            else:
+                yield (
+                    slice(int(self.case_start[first]), int(self.case_start[last])),
+                    slice(first, last),
+                )
 
     def _key_users(self) -> int:
         if not self.by_user:
@@ -247,92 +313,81 @@ class ConditionalLogit:
             code = code + level_items
         return code
 
-    def _add_row_part(self, hessian: torch.Tensor, weight: torch.Tensor) -> None:
-        n_key_users = self._key_users()
-        values = self.values  # (S, F), columns in block order
-        n_features = values.shape[1]
-        key = self.item_index
-        if self.by_user:
-            key = self.user_of_case[self.case_index] * self.n_items + self.item_index  # (R,)
-        n_keys = n_key_users * self.n_items
-        if self.dense and not self.by_user:  # keys are the alternatives: one batched product
-            grid = values.view(self.n_cases, self.n_items, n_features)  # (N, J, F)
-            weighted = grid * weight.view(self.n_cases, self.n_items, 1)  # (N, J, F)
-            grouped = torch.einsum("njf,njg->jfg", weighted, grid).reshape(n_keys, -1)
-        else:
-            grouped = torch.zeros(n_keys, n_features * n_features, dtype=values.dtype,
-                                  device=values.device)  # fmt: skip
-            step = max(1, ROWS_PER_CHUNK * 8 // (n_features * n_features))
-            for start in range(0, self.n_slots, step):
-                part = values[start : start + step]  # (c, F)
-                outer = (part * weight[start : start + step, None])[:, :, None] * part[:, None, :]
-                grouped.index_add_(0, key[start : start + step], outer.reshape(part.shape[0], -1))
-        slots = torch.cat(
-            [
-                block.layout_index[self._code_table(block, n_key_users).reshape(-1)]
-                for block in self.blocks
-            ],
+    def _row_slots(self, n_key_users: int) -> torch.Tensor:
+        """Parameter number of each value column under each (user, alternative) key. (U'J, F)"""
+        return torch.cat(
+            [b.layout_index[self._code_table(b, n_key_users).reshape(-1)] for b in self.blocks],
             dim=1,
-        )  # (U'J, F) parameter number of each value column under each key
-        hessian.index_put_(
-            (slots[:, :, None], slots[:, None, :]),
-            grouped.view(n_keys, n_features, n_features),
-            accumulate=True,
         )
 
-    def _subtract_case_part(self, hessian: torch.Tensor, probability: torch.Tensor) -> None:
-        n_key_users = self._key_users()
+    def _case_slots(self, n_key_users: int) -> torch.Tensor:
+        """Parameter number of each compact per-case column, per user. (U', Fa + J*Fb)"""
         case_level = [b for b in self.blocks if not b.term.variation.by_item]
         item_level = [b for b in self.blocks if b.term.variation.by_item]
-        device, dtype = probability.device, probability.dtype
-        parts, slots = [], []
-        n_case_level = sum(b.n_features for b in case_level)
+        slots = []
         if case_level:
-            values = self.values[:, :n_case_level]  # (S, Fa)
-            summed = torch.zeros(self.n_cases, values.shape[1], dtype=dtype, device=device)
-            parts.append(summed.index_add_(0, self.case_index, values * probability[:, None]))
-            slots.append(
-                torch.cat(
-                    [b.layout_index[self._code_table(b, n_key_users)[:, 0]] for b in case_level],
-                    dim=1,
-                )
-            )  # (U', Fa)
+            tables = [b.layout_index[self._code_table(b, n_key_users)[:, 0]] for b in case_level]
+            slots.append(torch.cat(tables, dim=1))  # (U', Fa)
         if item_level:
-            values = self.values[:, n_case_level:]  # (S, Fb)
-            n_values = values.shape[1]
-            if self.dense:
-                spread = values * probability[:, None]  # (N*J, Fb) already in slot order
+            tables = [b.layout_index[self._code_table(b, n_key_users)] for b in item_level]
+            slots.append(torch.cat(tables, dim=2).reshape(n_key_users, -1))  # (U', J*Fb)
+        return torch.cat(slots, dim=1)
+
+    def _add_row_part(self, sums, slots: slice, cases: slice, probability) -> None:
+        """sums[key] += sum over the block's slots of w p z z' (in value-column space)."""
+        values = self.values[slots]  # (s, F)
+        n_cases = cases.stop - cases.start
+        n_features = values.shape[1]
+        weight = probability  # (s,)
+        if self.weighted:
+            weight = self.case_weights[self.case_index[slots]] * probability
+        if self.dense and not self.by_user:  # keys are the alternatives
+            grid = values.view(n_cases, self.n_items, n_features)  # (C, J, F)
+            weighted = grid * weight.view(n_cases, self.n_items, 1)  # (C, J, F)
+            if self.n_items * n_features <= 96:  # one small GEMM, keep the diagonal blocks
+                width = self.n_items * n_features
+                full = weighted.reshape(n_cases, width).T @ grid.reshape(n_cases, width)
+                blocks = full.view(self.n_items, n_features, self.n_items, n_features)
+                sums += torch.diagonal(blocks, dim1=0, dim2=2).permute(2, 0, 1)
             else:
-                spread = torch.zeros(self.n_cases * self.n_items, n_values, dtype=dtype,
-                                     device=device)  # fmt: skip
-                spread[self.case_index * self.n_items + self.item_index] = (
-                    values * probability[:, None]
-                )
-            parts.append(spread.view(self.n_cases, self.n_items * n_values))  # (N, J*Fb)
-            slots.append(
-                torch.cat(
-                    [b.layout_index[self._code_table(b, n_key_users)] for b in item_level],
-                    dim=2,
-                ).reshape(n_key_users, -1)
-            )  # (U', J*Fb)
-        compact = torch.cat(parts, dim=1)  # (N, Q)
-        slot = torch.cat(slots, dim=1)  # (U', Q)
-        weighted = compact * self.case_weights[:, None]  # (N, Q)
-        n_compact = compact.shape[1]
-        if n_key_users == 1:
-            grouped = (weighted.T @ compact)[None]  # (1, Q, Q)
-        else:
-            grouped = torch.zeros(n_key_users, n_compact * n_compact, dtype=dtype, device=device)
-            step = max(1, ROWS_PER_CHUNK * 8 // (n_compact * n_compact))
-            for start in range(0, self.n_cases, step):
-                outer = (
-                    weighted[start : start + step, :, None] * compact[start : start + step, None]
-                )
-                grouped.index_add_(
-                    0, self.user_of_case[start : start + step], outer.reshape(outer.shape[0], -1)
-                )
-            grouped = grouped.view(n_key_users, n_compact, n_compact)
-        hessian.index_put_((slot[:, :, None], slot[:, None, :]), -grouped, accumulate=True)
+                sums += torch.bmm(weighted.permute(1, 2, 0), grid.permute(1, 0, 2))
+            return
+        key = self.item_index[slots]
+        if self.by_user:
+            key = self.user_of_case[self.case_index[slots]] * self.n_items + key  # (s,)
+        outer = (values * weight[:, None])[:, :, None] * values[:, None, :]  # (s, F, F)
+        sums.view(sums.shape[0], -1).index_add_(0, key, outer.reshape(values.shape[0], -1))
+
+    def _add_case_part(self, sums, slots: slice, cases: slice, probability) -> None:
+        """sums[user] += sum over the block's cases of w m m' (compact per-case columns)."""
+        n_cases = cases.stop - cases.start
+        n_case_level = sum(b.n_features for b in self.blocks if not b.term.variation.by_item)
+        values = self.values[slots] * probability[:, None]  # (s, F)
+        local_case = self.case_index[slots] - cases.start  # (s,)
+        parts = []
+        if n_case_level and self.dense:
+            parts.append(values[:, :n_case_level].reshape(n_cases, self.n_items, -1).sum(dim=1))
+        elif n_case_level:
+            summed = torch.zeros(n_cases, n_case_level, dtype=values.dtype, device=values.device)
+            parts.append(summed.index_add_(0, local_case, values[:, :n_case_level]))
+        if values.shape[1] > n_case_level:
+            item_values = values[:, n_case_level:]  # (s, Fb)
+            if self.dense:
+                spread = item_values  # already (C*J, Fb) in slot order
+            else:
+                spread = torch.zeros(n_cases * self.n_items, item_values.shape[1],
+                                     dtype=values.dtype, device=values.device)  # fmt: skip
+                spread[local_case * self.n_items + self.item_index[slots]] = item_values
+            parts.append(spread.reshape(n_cases, -1))  # (C, J*Fb)
+        compact = torch.cat(parts, dim=1)  # (C, Q)
+        weighted = compact * self.case_weights[cases, None] if self.weighted else compact
+        if sums.shape[0] == 1:
+            sums[0] += weighted.T @ compact
+            return
+        outer = weighted[:, :, None] * compact[:, None, :]  # (C, Q, Q)
+        sums.view(sums.shape[0], -1).index_add_(
+            0, self.user_of_case[cases], outer.reshape(n_cases, -1)
+        )
 
 
 def _padded(block: Block, positions: torch.Tensor, n_slots: int) -> Block:

@@ -136,7 +136,7 @@ def test_missing_column_and_wrong_type_are_errors(mode_canada_model, mode_canada
     assert missing.exit_code == 1 and "'ivt'" in missing.stderr
     frame.with_columns(pl.col("cost").cast(pl.String) + "$").write_parquet(tmp_path / "t.parquet")
     wrong = invoke("predict", str(tmp_path / "t.parquet"), "-m", str(mode_canada_model))
-    assert wrong.exit_code == 1 and "'cost'" in wrong.stderr and "not numeric" in wrong.stderr
+    assert wrong.exit_code == 1 and "'cost'" in wrong.stderr and "non-numeric" in wrong.stderr
 
 
 def test_unseen_users_error_or_zero(tmp_path):
