@@ -88,7 +88,7 @@ class ConditionalLogit:
                 )
         else:
             self.layout = "ragged"
-        self.blocks = self._arrange(blocks)
+        self.blocks = self._arrange(blocks, int(case_index.shape[0]), device)
         self.case_index = case_index  # (S,) slots: rows, or padded positions
         self.item_index = item_index  # (S,)
         self.n_slots = int(case_index.shape[0])
@@ -101,7 +101,7 @@ class ConditionalLogit:
     def dense(self) -> bool:
         return self.layout != "ragged"
 
-    def _arrange(self, blocks: list[Block]) -> list[Block]:
+    def _arrange(self, blocks: list[Block], n_slots: int, device: torch.device) -> list[Block]:
         """Order blocks constant, user, alternative-level; keep all values in one (S, F) matrix.
 
         Constant blocks then form one matrix product, and alternative-level blocks in a dense
@@ -115,7 +115,11 @@ class ConditionalLogit:
             )
 
         ordered = sorted(blocks, key=rank)
-        self.values = torch.cat([block.x for block in ordered], dim=1)  # (S, F)
+        self.values = (
+            torch.cat([block.x for block in ordered], dim=1)
+            if ordered
+            else torch.zeros(n_slots, 0, dtype=torch.float64, device=device)
+        )  # (S, F)
         arranged, start = [], 0
         for block in ordered:
             stop = start + block.n_features
@@ -165,18 +169,30 @@ class ConditionalLogit:
         return arranged
 
     # -- likelihood -------------------------------------------------------------------------
-    def utility(self, theta: torch.Tensor) -> torch.Tensor:  # (S,)
+    def utility(self, theta: torch.Tensor, cases: slice | None = None) -> torch.Tensor:
+        """Utility of every slot (S,), or of the slots of a block of cases (dense layouts)."""
         if self.dense:  # one pass over the values, block by block of cases
             coefficients = torch.cat([theta, theta.new_zeros(1)])[self.grid_index]  # (J, F)
-            utility = torch.empty(self.n_slots, dtype=theta.dtype, device=theta.device)
-            for slots, cases in self._chunks():
-                grid = self.values[slots].view(cases.stop - cases.start, self.n_items, -1)
-                utility[slots] = (grid * coefficients).sum(dim=2).view(-1)
+            chunks = (
+                [(slice(cases.start * self.n_items, cases.stop * self.n_items), cases)]
+                if cases is not None
+                else self._chunks()
+            )
+            first = chunks[0][0].start if cases is not None else 0
+            size = (cases.stop - cases.start) * self.n_items if cases is not None else self.n_slots
+            utility = torch.empty(size, dtype=theta.dtype, device=theta.device)
+            for slots, block_cases in chunks:
+                n_block = block_cases.stop - block_cases.start
+                grid = self.values[slots].view(n_block, self.n_items, self.values.shape[1])
+                local = slice(slots.start - first, slots.stop - first)
+                utility[local] = (grid * coefficients).sum(dim=2).view(-1)
+            every = slice(first, first + size)
         else:
             utility = self.values[:, : self.n_constant] @ theta[self.constant_index]  # (S,)
+            every = slice(None)
         for block in self.other_blocks:
             coefficients = theta[block.layout_index]  # (G, K)
-            utility = utility + (block.x * coefficients[block.code]).sum(dim=1)
+            utility = utility + (block.x[every] * coefficients[block.code[every]]).sum(dim=1)
         return utility
 
     def _log_normaliser(self, utility: torch.Tensor) -> torch.Tensor:  # (N,)
@@ -223,7 +239,9 @@ class ConditionalLogit:
             per_column = theta.new_zeros(self.grid_index.shape)  # (J, F)
             for slots, cases in self._chunks():
                 n_cases = cases.stop - cases.start
-                grid = self.values[slots].view(n_cases, self.n_items, -1)  # (C, J, F)
+                grid = self.values[slots].view(
+                    n_cases, self.n_items, self.values.shape[1]
+                )  # (C, J, F)
                 per_column += (grid * residual[slots].view(n_cases, self.n_items, 1)).sum(dim=0)
             gradient.index_add_(0, self.grid_index.reshape(-1), per_column.reshape(-1))
         else:
@@ -366,7 +384,8 @@ class ConditionalLogit:
         local_case = self.case_index[slots] - cases.start  # (s,)
         parts = []
         if n_case_level and self.dense:
-            parts.append(values[:, :n_case_level].reshape(n_cases, self.n_items, -1).sum(dim=1))
+            grid = values[:, :n_case_level].reshape(n_cases, self.n_items, n_case_level)
+            parts.append(grid.sum(dim=1))  # (C, Fa)
         elif n_case_level:
             summed = torch.zeros(n_cases, n_case_level, dtype=values.dtype, device=values.device)
             parts.append(summed.index_add_(0, local_case, values[:, :n_case_level]))
@@ -426,6 +445,7 @@ class NestedLogit:
         n_cases: int,
         chosen: torch.Tensor | None = None,  # (R,)
         case_weights: torch.Tensor | None = None,  # (N,)
+        dense_threshold: float = 0.5,
     ) -> None:
         self.newton_limit = 40  # parameters; beyond that L-BFGS first, then Newton polish
         self.item_blocks = item_blocks
@@ -443,6 +463,19 @@ class NestedLogit:
             else torch.ones(n_cases, dtype=torch.float64, device=device)
         )
         n_nests = int(lambda_index.shape[0])
+        self.n_nests = n_nests
+        self.nest_of_item = nest_of_item
+        self.n_items = int(nest_of_item.shape[0])
+        self.grid = None
+        if self.n_rows >= dense_threshold * n_cases * self.n_items:
+            # nearly full choice sets: (N, J) grids, utilities from padded conditional logits
+            args = (n_parameters, case_index, item_index, n_cases, self.n_items)
+            self.grid = ConditionalLogit(item_blocks, *args, chosen=chosen, dense_threshold=0)
+            self.nest_grid = ConditionalLogit(nest_blocks, *args, dense_threshold=0)
+            self.members = [(nest_of_item == k).nonzero().flatten() for k in range(n_nests)]
+            chosen_slot = self.grid.chosen_slot if chosen is not None else None
+            self.chosen_item = None if chosen_slot is None else chosen_slot % self.n_items  # (N,)
+            return
         self.nest_of_row = nest_of_item[item_index]  # (R,)
         pair_key = case_index * n_nests + self.nest_of_row  # (R,) one per (case, nest) pair
         unique_keys, self.pair_of_row = torch.unique(pair_key, return_inverse=True)  # (Q,), (R,)
@@ -453,7 +486,42 @@ class NestedLogit:
         rows = torch.arange(self.n_rows, device=device)
         self.first_row_of_pair = first_row.scatter_reduce(0, self.pair_of_row, rows, "amin")
 
+    def _grid_terms(self, theta: torch.Tensor, cases: slice | None = None):
+        """Dense layout: scaled utilities (C, J), inclusive values, upper utilities (C, M)
+        and the case normaliser (C,)."""
+        grid, n_items = self.grid, self.n_items
+        lambdas = theta[self.lambda_index]  # (M,)
+        utility = grid.utility(theta, cases).view(-1, n_items)  # (C, J)
+        nest_utility = self.nest_grid.utility(theta, cases).view(-1, n_items)  # (C, J)
+        scaled = utility / lambdas[self.nest_of_item]  # (C, J)
+        if grid.mask is not None:  # mask after scaling: -inf / lambda has no gradient
+            offered = grid.mask.view(-1, n_items)[cases if cases is not None else slice(None)]
+            scaled = scaled.masked_fill(~offered, -torch.inf)
+            nest_utility = nest_utility.masked_fill(~offered, -torch.inf)
+        inclusive = torch.stack([scaled[:, m].logsumexp(dim=1) for m in self.members], dim=1)
+        nest_value = torch.stack([nest_utility[:, m].amax(dim=1) for m in self.members], dim=1)
+        present = torch.isfinite(inclusive)  # (C, M) nests with an offered alternative
+        inclusive = inclusive.masked_fill(~present, 0.0)  # finite, so lambda * I has a gradient
+        upper = nest_value.masked_fill(~present, 0.0) + lambdas * inclusive
+        upper = upper.masked_fill(~present, -torch.inf)  # (C, M)
+        return scaled, inclusive, upper, upper.logsumexp(dim=1)
+
+    def _grid_log_likelihood(self, theta: torch.Tensor, cases: slice | None = None):
+        scaled, inclusive, upper, normaliser = self._grid_terms(theta, cases)
+        rows = torch.arange(scaled.shape[0], device=scaled.device)
+        item = self.chosen_item[cases if cases is not None else slice(None)]  # (C,)
+        nest = self.nest_of_item[item]  # (C,)
+        per_case = scaled[rows, item] - inclusive[rows, nest] + upper[rows, nest] - normaliser
+        weights = self.case_weights[cases if cases is not None else slice(None)]
+        return (weights * per_case).sum()
+
     def log_probabilities(self, theta: torch.Tensor) -> torch.Tensor:  # (R,)
+        if self.grid is not None:
+            scaled, inclusive, upper, normaliser = self._grid_terms(theta)
+            nest = self.nest_of_item
+            log_p = scaled - inclusive[:, nest] + upper[:, nest] - normaliser[:, None]  # (N, J)
+            log_p = log_p.reshape(-1)
+            return log_p if self.grid.positions is None else log_p[self.grid.positions]
         lambdas = theta[self.lambda_index]  # (M,)
         scaled = block_utility(self.item_blocks, theta, self.n_rows) / lambdas[self.nest_of_row]
         inclusive = segment_logsumexp(scaled, self.pair_of_row, self.n_pairs)  # (Q,)
@@ -467,6 +535,8 @@ class NestedLogit:
         return self.log_probabilities(theta)
 
     def log_likelihood(self, theta: torch.Tensor) -> torch.Tensor:
+        if self.grid is not None:
+            return self._grid_log_likelihood(theta)
         row_weight = self.case_weights[self.case_index]  # (R,)
         return (row_weight * self.chosen * self.log_probabilities(theta)).sum()
 
@@ -478,8 +548,21 @@ class NestedLogit:
         return value.detach(), gradient
 
     def hessian(self, theta: torch.Tensor) -> torch.Tensor:  # (P, P)
-        # vmap over P directions wins for few parameters, P backward passes for many
-        with torch.enable_grad():
-            return torch.autograd.functional.hessian(
-                self.log_likelihood, theta.detach(), vectorize=self.n_parameters <= 64
-            )
+        # vmap over P directions wins for few parameters, P backward passes for many;
+        # in dense layouts, summed over blocks of cases to keep P copies of a block small
+        vectorize = self.n_parameters <= 64 and self.n_rows * self.n_parameters <= 20_000_000
+        if self.grid is None:
+            with torch.enable_grad():
+                return torch.autograd.functional.hessian(
+                    self.log_likelihood, theta.detach(), vectorize=vectorize
+                )
+        step = max(256, (1 << 18) // self.n_items)
+        total = theta.new_zeros(theta.shape[0], theta.shape[0])
+        for first in range(0, self.n_cases, step):
+            cases = slice(first, min(first + step, self.n_cases))
+            with torch.enable_grad():
+                total += torch.autograd.functional.hessian(
+                    lambda t, c=cases: self._grid_log_likelihood(t, c), theta.detach(),
+                    vectorize=vectorize,
+                )  # fmt: skip
+        return total

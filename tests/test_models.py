@@ -160,3 +160,27 @@ def test_padded_and_ragged_layouts_agree(formula):
     padded, ragged = results["padded"], results["ragged"]
     for left, right in zip(padded, ragged, strict=True):
         assert torch.allclose(left, right, atol=1e-12)
+
+
+def test_nested_dense_and_ragged_layouts_agree():
+    from choicecli.models import NestedLogit
+
+    problem = problem_for(
+        toy_frame(), "(x|constant) + (1|item) + (z|user)", nests="n1=a,b;n2=c",
+        nest_formula="(w|item) + (1|user)",
+    )  # fmt: skip
+    data = problem.data
+    theta = random_theta(len(problem.parameters), seed=17)
+    theta[problem.lambda_index] = torch.tensor([0.6, 0.8], dtype=torch.float64)
+    results = []
+    for threshold in (0.0, 2.0):
+        model = NestedLogit(
+            problem.item_blocks, problem.nest_blocks, problem.lambda_index, problem.nest_of_item,
+            len(problem.parameters), data.case_index, data.item_index, data.n_cases, data.chosen,
+            dense_threshold=threshold,
+        )  # fmt: skip
+        assert (model.grid is not None) == (threshold == 0.0)
+        value, gradient = model.value_and_gradient(theta)
+        results.append((value, gradient, model.hessian(theta), model.row_log_probabilities(theta)))
+    for left, right in zip(*results, strict=True):
+        assert torch.allclose(left, right, atol=1e-12)
