@@ -5,7 +5,6 @@ Notation: R rows of a batch (sorted by case), N its cases.
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import polars as pl
@@ -56,8 +55,10 @@ def predict_frame(
     probability and predicted.
     """
     spec = spec_from_result(result, roles or {})
-    if spec.roles.choice and spec.roles.choice not in frame.columns:
-        spec = replace(spec, roles=replace(spec.roles, choice=None, weights=None))
+    # scoring needs neither weights nor sessions; choices and availability only when given
+    present = {name: getattr(spec.roles, name) for name in ("choice", "available")}
+    present = {k: v if v in frame.columns else None for k, v in present.items()}
+    spec = replace(spec, roles=replace(spec.roles, weights=None, session=None, **present))
     check_columns(frame, [spec.roles.case, spec.roles.item, *extra_columns], where)
     user_labels = result.labels.get("users")
     if user_labels is not None and unseen == "zero" and spec.roles.user in frame.columns:
@@ -191,7 +192,3 @@ def share_table(scored: pl.DataFrame, result: FitResult, by: str | None) -> pl.D
         )  # fmt: skip
         .sort([*groups, "item"])
     )
-
-
-def finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None

@@ -61,27 +61,33 @@ class FitResult:
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def coefficient_table(self) -> pl.DataFrame:
-        estimate = self.estimate.tolist()
-        error = self.std_error.tolist()
-        rows = {name: [] for name in COEFFICIENT_COLUMNS}
-        for index, parameter in enumerate(self.parameters):
-            value = _number(estimate[index])
-            spread = _number(error[index])
-            z = value / spread if value is not None and spread else None
-            p = math.erfc(abs(z) / math.sqrt(2.0)) if z is not None else None
-            record = asdict(parameter)
-            record.update(
-                estimate=value,
-                std_error=spread,
-                z_value=z,
-                p_value=p,
-                ci_low=value - Z_95 * spread if z is not None else None,
-                ci_high=value + Z_95 * spread if z is not None else None,
-                identified=bool(self.identified[index]),
-            )
-            for name in COEFFICIENT_COLUMNS:
-                rows[name].append(record[name])
-        return pl.DataFrame(rows, schema=COEFFICIENT_COLUMNS)
+        """One row per parameter; z and p test 0, except for lambda, where they test 1."""
+        estimate = self.estimate.double().cpu()  # (P,) NaN where not estimated
+        spread = self.std_error.double().cpu()  # (P,) NaN where not available
+        spread = torch.where(spread > 0, spread, torch.full_like(spread, math.nan))
+        null_value = torch.tensor([1.0 if p.term == "lambda" else 0.0 for p in self.parameters],
+                                  dtype=torch.float64)  # fmt: skip
+        z = (estimate - null_value) / spread
+        numbers = {
+            "estimate": estimate,
+            "std_error": spread,
+            "z_value": z,
+            "p_value": torch.special.erfc(z.abs() / math.sqrt(2.0)),
+            "ci_low": estimate - Z_95 * spread,
+            "ci_high": estimate + Z_95 * spread,
+        }
+        columns = {
+            name: [getattr(p, name) for p in self.parameters]
+            for name in Parameter.__dataclass_fields__
+        }
+        columns.update({name: values.numpy() for name, values in numbers.items()})
+        columns["identified"] = self.identified.cpu().numpy()
+        frame = pl.DataFrame(columns).with_columns(
+            [pl.col(name).fill_nan(None) for name in numbers]
+        )
+        return frame.select(
+            [pl.col(name).cast(dtype) for name, dtype in COEFFICIENT_COLUMNS.items()]
+        )
 
     def model_document(self) -> dict[str, Any]:
         return {
@@ -232,10 +238,6 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
             f"{path}: not a valid safetensors file ({exc}); parameter files are never "
             "unpickled, refit the model"
         ) from exc
-
-
-def _number(value: float) -> float | None:
-    return None if value is None or math.isnan(value) else float(value)
 
 
 def _jsonable(values: list | None) -> list | None:

@@ -169,6 +169,8 @@ def test_hc_standard_errors_and_per_nest_lambdas_via_cli(tmp_path):
     assert errors["ich[constant]"] == pytest.approx(0.1445, abs=5e-4)
     assert errors["och[constant]"] == pytest.approx(0.2375, abs=5e-4)
     assert errors["lambda"] == pytest.approx(0.1666, abs=5e-4)
+    lambda_row = table.filter(pl.col("term") == "lambda").row(0, named=True)
+    assert lambda_row["z_value"] == pytest.approx((lambda_row["estimate"] - 1) / errors["lambda"])
     per_nest = run_choice("fit", data, *common, "--model", str(tmp_path / "p"))
     assert per_nest.returncode == 0, per_nest.stderr
     shared_fit = json.loads((tmp_path / "s" / "model.json").read_text())["fit"]
