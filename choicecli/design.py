@@ -144,17 +144,12 @@ def build_blocks(
     item_codes = level.codes(data)  # (R,)
     users = data.user_of_row  # (R,) or None
     blocks = []
+    ones = torch.ones(1, dtype=torch.float64).expand(data.n_rows)  # (R,) no memory
     for term, names, index in zip(terms, features, layout, strict=True):
-        x = torch.stack(
-            [
-                torch.ones(data.n_rows, dtype=torch.float64)
-                if name == "intercept"
-                else data.columns[name]
-                for name in names
-            ],
-            dim=1,
-        )  # (R, K)
-        code = torch.zeros(data.n_rows, dtype=torch.long)
+        columns = [ones if name == "intercept" else data.columns[name] for name in names]
+        # one column: a view, not a copy (the data may be large)
+        x = columns[0].unsqueeze(1) if len(columns) == 1 else torch.stack(columns, dim=1)  # (R, K)
+        code = torch.zeros(1, dtype=torch.long).expand(data.n_rows)
         if term.variation.by_user:
             code = users * (len(level.labels) if term.variation.by_item else 1)
         if term.variation.by_item:

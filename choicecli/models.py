@@ -79,7 +79,6 @@ class ConditionalLogit:
             self.positions = case_index * n_items + item_index  # (R,)
             self.mask = torch.zeros(n_slots, dtype=torch.bool, device=device)
             self.mask[self.positions] = True
-            blocks = [_padded(block, self.positions, n_slots) for block in blocks]
             case_index = torch.arange(n_cases, device=device).repeat_interleave(n_items)
             item_index = torch.arange(n_items, device=device).repeat(n_cases)
             if chosen is not None:
@@ -115,23 +114,26 @@ class ConditionalLogit:
             )
 
         ordered = sorted(blocks, key=rank)
-        self.values = (
-            torch.cat([block.x for block in ordered], dim=1)
-            if ordered
-            else torch.zeros(n_slots, 0, dtype=torch.float64, device=device)
-        )  # (S, F)
+        n_features = sum(block.n_features for block in ordered)
+        self.values = torch.zeros(n_slots, n_features, dtype=torch.float64, device=device)
         arranged, start = [], 0
-        for block in ordered:
+        for block in ordered:  # fill column by column: no (S, F) temporaries
             stop = start + block.n_features
+            for k in range(block.n_features):
+                if self.positions is None:
+                    self.values[:, start + k].copy_(block.x[:, k])
+                else:
+                    self.values[:, start + k].index_copy_(0, self.positions, block.x[:, k])
+            code = block.code
+            if rank(block) == 0:
+                code = torch.zeros(1, dtype=torch.long, device=device).expand(n_slots)
+            elif self.positions is not None:
+                code = torch.zeros(n_slots, dtype=torch.long, device=device).index_copy_(
+                    0, self.positions, block.code
+                )  # missing slots: code 0, values 0
+            columns = self.values[:, start:stop]
             arranged.append(
-                Block(
-                    block.term,
-                    block.level,
-                    block.features,
-                    self.values[:, start:stop],
-                    block.code,
-                    block.layout_index,
-                )  # fmt: skip
+                Block(block.term, block.level, block.features, columns, code, block.layout_index)
             )
             start = stop
         constant = [b for b in arranged if rank(b) == 0]
@@ -407,20 +409,6 @@ class ConditionalLogit:
         sums.view(sums.shape[0], -1).index_add_(
             0, self.user_of_case[cases], outer.reshape(n_cases, -1)
         )
-
-
-def _padded(block: Block, positions: torch.Tensor, n_slots: int) -> Block:
-    """The block scattered into N x J slots; missing slots hold zeros (and code 0)."""
-    x = torch.zeros(n_slots, block.n_features, dtype=block.x.dtype, device=block.x.device)
-    code = torch.zeros(n_slots, dtype=block.code.dtype, device=block.code.device)
-    return Block(
-        block.term,
-        block.level,
-        block.features,
-        x.index_copy_(0, positions, block.x),
-        code.index_copy_(0, positions, block.code),
-        block.layout_index,
-    )
 
 
 class NestedLogit:
