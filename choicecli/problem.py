@@ -183,9 +183,8 @@ def build_problem(
     upper = torch.full((n_parameters,), torch.inf, dtype=torch.float64)
     if lambda_index is not None:
         start[lambda_index] = spec.lambda_init
-        start[lambda_index[fixed[lambda_index]]] = 1.0  # single-alternative nests: lambda cancels
-        if spec.lambda_fixed:
-            start[lambda_index] = spec.lambda_init
+        if not spec.lambda_fixed:  # a single-alternative nest's lambda cancels: held at 1
+            start[lambda_index[fixed[lambda_index]]] = 1.0
         lower[lambda_index] = spec.lambda_bounds[0] if spec.lambda_bounds else 1e-3
         if spec.lambda_bounds:
             upper[lambda_index] = spec.lambda_bounds[1]
