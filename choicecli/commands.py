@@ -219,7 +219,7 @@ class PredictRequest:
 
 
 def run_predict(request: PredictRequest, console: Console) -> None:
-    from choicecli.io import output_format, read_table, write_table
+    from choicecli.io import output_format, read_table, scan_table, write_table
     from choicecli.predict import predict_frame, share_table
     from choicecli.results import load_result
 
@@ -228,7 +228,9 @@ def run_predict(request: PredictRequest, console: Console) -> None:
     if request.batch_cases < 1:
         raise UsageError("--batch-cases must be at least 1")
     result = load_result(request.model)
-    frame, digest = read_table(request.data, request.input_format)
+    frame, digest = scan_table(request.data, request.input_format)  # Parquet: read in batches
+    if frame is None:
+        frame, digest = read_table(request.data, request.input_format)
     where = "<stdin>" if request.data == "-" else request.data
     overrides = {k: v for k, v in request.roles.items() if v is not None}
     scored, report = predict_frame(

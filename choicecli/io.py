@@ -61,6 +61,27 @@ def read_table(path: str, declared_format: str | None = None) -> tuple[pl.DataFr
     return frame, digest
 
 
+def scan_table(path: str, declared_format: str | None = None) -> tuple[pl.LazyFrame | None, str]:
+    """A lazy scan of a Parquet file (read in pieces later) and its SHA-256; None otherwise.
+
+    CSV and stdin are not scanned: they go through `read_table`, which parses them as R does.
+    """
+    file = Path(path)
+    if path == "-" or not file.is_file():
+        return None, ""
+    with file.open("rb") as handle:
+        head = handle.read(4)
+    if input_format(path, declared_format, head) != "parquet":
+        return None, ""
+    import pyarrow.parquet as pq
+
+    try:
+        pq.read_metadata(file)
+    except Exception as exc:  # pyarrow raises several types for damaged files
+        raise DataError(f"{path}: cannot read Parquet: {_first_line(exc)}") from exc
+    return pl.scan_parquet(file), sha256_file(file)
+
+
 def _read_parquet(raw: bytes, where: str) -> pl.DataFrame:
     if not (raw.startswith(PARQUET_MAGIC) and raw.endswith(PARQUET_MAGIC)):
         raise DataError(f"{where}: not a valid Parquet file (missing or truncated footer)")

@@ -41,7 +41,7 @@ def _parameter_key(parameter) -> tuple:
 
 def predict_frame(
     result: FitResult,
-    frame: pl.DataFrame,
+    source: pl.DataFrame | pl.LazyFrame,
     *,
     where: str,
     roles: dict[str, str] | None = None,
@@ -51,38 +51,38 @@ def predict_frame(
 ) -> tuple[pl.DataFrame, dict]:
     """One output row per input row, in input order; a fit report when choices are present.
 
+    `source` may be a lazy scan of a file: cases are then read and scored `batch_cases` at a
+    time, so memory holds one batch of the input (and the output), never the whole input.
     Output columns: case, item, user and choice as given, any `extra_columns`, then utility,
     probability and predicted.
     """
+    lazy = source.lazy().with_row_index(INPUT_ROW)
+    empty = pl.DataFrame(schema=lazy.collect_schema())  # for checks that need only the columns
     spec = spec_from_result(result, roles or {})
     # scoring needs neither weights nor sessions; choices and availability only when given
     present = {name: getattr(spec.roles, name) for name in ("choice", "available")}
-    present = {k: v if v in frame.columns else None for k, v in present.items()}
+    present = {k: v if v in empty.columns else None for k, v in present.items()}
     spec = replace(spec, roles=replace(spec.roles, weights=None, session=None, **present))
-    check_columns(frame, [spec.roles.case, spec.roles.item, *extra_columns], where)
+    check_columns(empty, [spec.roles.case, spec.roles.item, *extra_columns], where)
     user_labels = result.labels.get("users")
-    if user_labels is not None and unseen == "zero" and spec.roles.user in frame.columns:
-        seen = pl.Series(user_labels).cast(frame.schema[spec.roles.user], strict=False)
-        users = frame.get_column(spec.roles.user).unique()
+    if user_labels is not None and unseen == "zero" and spec.roles.user in empty.columns:
+        seen = pl.Series(user_labels).cast(empty.schema[spec.roles.user], strict=False)
+        users = lazy.select(pl.col(spec.roles.user).unique()).collect().to_series()
         fresh = users.filter(~users.is_in(seen.implode()))
-        user_labels = list(user_labels) + fresh.sort().to_list()
+        user_labels = list(user_labels) + fresh.drop_nulls().sort().to_list()
     estimates = {
         _parameter_key(p): float(v)
         for p, v in zip(result.parameters, result.estimate.tolist(), strict=True)
     }
-    ordered = frame.with_row_index(INPUT_ROW).sort(spec.roles.case, maintain_order=True)
-    case_column = ordered.get_column(spec.roles.case)
-    starts = (case_column != case_column.shift(1)).fill_null(True).arg_true()  # first row of cases
+    case = spec.roles.case
+    cases = lazy.select(pl.col(case).unique().sort()).collect().to_series()
     pieces = []
     totals = {"log_likelihood": 0.0, "null": 0.0, "hits": 0, "cases": 0}
-    for batch_start in range(0, starts.len(), batch_cases):
-        first = int(starts[batch_start])
-        last = (
-            int(starts[batch_start + batch_cases])
-            if batch_start + batch_cases < starts.len()
-            else None
-        )
-        batch = ordered.slice(first, None if last is None else last - first)
+    for first in range(0, max(cases.len(), 1), batch_cases):
+        labels = cases.slice(first, batch_cases)
+        batch = lazy.filter(pl.col(case).is_in(labels.implode())).collect()
+        if cases.null_count() and first == 0:
+            batch = pl.concat([batch, lazy.filter(pl.col(case).is_null()).collect()])
         pieces.append(
             _score_batch(result, spec, batch, where, user_labels, estimates, totals, extra_columns)
         )

@@ -155,3 +155,20 @@ def test_unseen_users_error_or_zero(tmp_path):
     scored = pl.read_csv(zero.stdout.encode())
     assert scored.height == frame.height
     assert scored.get_column("probability").is_finite().all()
+
+
+def test_small_batches_of_a_parquet_file_give_the_same_scores(
+    mode_canada_model, mode_canada_parquet, tmp_path
+):
+    shuffled = tmp_path / "shuffled.parquet"
+    pl.read_parquet(mode_canada_parquet).sample(fraction=1.0, shuffle=True, seed=3).write_parquet(
+        shuffled
+    )
+    whole, batched = tmp_path / "whole.parquet", tmp_path / "batched.parquet"
+    assert invoke("predict", str(shuffled), "-m", str(mode_canada_model), "-o", str(whole),
+                  "--quiet").exit_code == 0  # fmt: skip
+    assert invoke("predict", str(shuffled), "-m", str(mode_canada_model), "-o", str(batched),
+                  "--batch-cases", "97").exit_code == 0  # fmt: skip
+    assert pl.read_parquet(whole).equals(pl.read_parquet(batched))
+    order = pl.read_parquet(shuffled).select("case", "alt")
+    assert pl.read_parquet(batched).select("case", "alt").equals(order)
