@@ -176,31 +176,36 @@ def load_choice_data(
         keep = _single_alternative_rows(case_index, case_labels, warnings)
     if not bool(keep.any()):
         raise DataError(f"{where}: no cases left to fit after the checks above")
-    kept_cases = torch.zeros(len(case_labels), dtype=torch.bool)
-    kept_cases[case_index[keep]] = True
-    new_code = torch.cumsum(kept_cases.long(), 0) - 1  # (N_old,) compacted case codes
-    row_order = _tensor(table, ROW).long()
-    case_index = new_code[case_index[keep]]
-    if not bool(kept_cases.all()):
+    if bool(keep.all()):  # the usual case: no copies
+        kept = lambda values: values  # noqa: E731
+    else:
+        kept_cases = torch.zeros(len(case_labels), dtype=torch.bool)
+        kept_cases[case_index[keep]] = True
+        new_code = torch.cumsum(kept_cases.long(), 0) - 1  # (N_old,) compacted case codes
+        case_index = new_code[case_index[keep]]
         case_labels = [
             label for label, k in zip(case_labels, kept_cases.tolist(), strict=True) if k
         ]
+        item_index, users, chosen = (
+            v if v is None else v[keep] for v in (item_index, users, chosen)
+        )
+        kept = lambda values: values[keep]  # noqa: E731
     first_row = _first_row_of_case(case_index, len(case_labels))  # (N,)
-    columns = {name: _tensor(table, name).double()[keep] for name in used_columns}
+    columns = {name: kept(_tensor(table, name).double()) for name in used_columns}
     weights = None
     if roles.weights:
-        weights = _tensor(table, roles.weights).double()[keep][first_row]
+        weights = kept(_tensor(table, roles.weights).double())[first_row]
     return ChoiceData(
         roles=roles,
         item_labels=item_labels,
         user_labels=user_labels,
         case_labels=case_labels,
         case_index=case_index,
-        item_index=item_index[keep],
-        user_of_case=None if users is None else users[keep][first_row],
-        chosen=None if chosen is None else chosen[keep],
+        item_index=item_index,
+        user_of_case=None if users is None else users[first_row],
+        chosen=chosen,
         columns=columns,
-        source_row=row_order[keep],
+        source_row=kept(_tensor(table, ROW).long()),
         case_weights=weights,
         notes=notes,
         warnings=warnings,
@@ -211,7 +216,7 @@ def _tensor(table: pl.DataFrame, name: str) -> torch.Tensor:
     series = table.get_column(name)
     if series.dtype == pl.Boolean:
         series = series.cast(pl.Int8)
-    return torch.from_numpy(series.to_numpy().copy())
+    return torch.from_numpy(series.to_numpy(writable=True))  # one copy at most
 
 
 def _first_row_of_case(case_index: torch.Tensor, n_cases: int) -> torch.Tensor:

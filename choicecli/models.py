@@ -146,9 +146,7 @@ class ConditionalLogit:
         self.item_blocks = [
             b
             for b in arranged
-            if self.dense
-            and b.term.variation in (Variation.ITEM, Variation.ITEM_FULL)
-            and b.level.code_of_item is None
+            if self.dense and b.term.variation in (Variation.ITEM, Variation.ITEM_FULL)
         ]
         self.other_blocks = [
             b for b in arranged if rank(b) > 0 and all(b is not d for d in self.item_blocks)
@@ -165,7 +163,9 @@ class ConditionalLogit:
                 if rank(block) == 0:
                     grid_index[:, start:stop] = block.layout_index.reshape(1, -1)
                 elif any(block is d for d in self.item_blocks):
-                    grid_index[:, start:stop] = block.layout_index
+                    level = block.level.code_of_item  # (J,) nest of each alternative, or None
+                    items = torch.arange(self.n_items, device=device) if level is None else level
+                    grid_index[:, start:stop] = block.layout_index[items]
                 start = stop
             self.grid_index = grid_index  # (J, F)
         return arranged
