@@ -95,6 +95,9 @@ class ConditionalLogit:
         self.chosen_slot = None if chosen is None else chosen.nonzero().flatten()  # (N,)
         sizes = torch.bincount(case_index, minlength=n_cases)
         self.case_start = torch.cat([sizes.new_zeros(1), torch.cumsum(sizes, 0)]).tolist()
+        # the last point evaluated: (theta, probabilities) and (theta, Hessian), for reuse
+        self._last: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        self._last_hessian: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
 
     @property
     def dense(self) -> bool:
@@ -276,7 +279,10 @@ class ConditionalLogit:
         H2 = sum_n w_n m_n m_n' with m_n = sum_r p_r z_r held compactly per case.
         Both are accumulated over blocks of cases, so temporaries stay small.
         """
-        last_theta, probability = getattr(self, "_last", (None, None))
+        cached_theta, cached = self._last_hessian
+        if cached_theta is not None and torch.equal(cached_theta, theta):
+            return cached.clone()  # the rank check and Newton's first step share theta = 0
+        last_theta, probability = self._last
         if last_theta is None or not torch.equal(last_theta, theta):
             utility = self._masked_utility(theta)  # (S,)
             probability = self._probability(utility, self._log_normaliser(utility))  # (S,)
@@ -298,6 +304,7 @@ class ConditionalLogit:
                            accumulate=True)  # fmt: skip
         hessian.index_put_((case_slots[:, :, None], case_slots[:, None, :]), -case_sums,
                            accumulate=True)  # fmt: skip
+        self._last_hessian = (theta.clone(), -hessian)
         return -hessian
 
     def _chunks(self):
