@@ -442,7 +442,10 @@ class NestedLogit:
         case_weights: torch.Tensor | None = None,  # (N,)
         dense_threshold: float = 0.5,
     ) -> None:
-        self.newton_limit = 40  # parameters; beyond that L-BFGS first, then Newton polish
+        # Newton needs a Hessian (about P gradients) per step: only when that is cheap;
+        # otherwise L-BFGS first, then a Newton polish (estimate.maximise)
+        cheap = int(case_index.shape[0]) * n_parameters <= 5_000_000
+        self.newton_limit = 40 if cheap else 0
         self.item_blocks = item_blocks
         self.nest_blocks = nest_blocks
         self.lambda_index = lambda_index
