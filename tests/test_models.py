@@ -79,19 +79,21 @@ def test_conditional_logit_gradient_and_hessian_match_autograd(formula):
     assert float(value) == pytest.approx(float(model.log_likelihood(theta)), abs=1e-12)
 
 
+def assert_gradient_matches_differences(model, theta: torch.Tensor, step: float = 1e-6) -> None:
+    """Every gradient entry against a central difference of the log-likelihood."""
+    _, gradient = model.value_and_gradient(theta)
+    for index in range(theta.numel()):
+        shift = torch.zeros_like(theta)
+        shift[index] = step
+        upper, lower = model.log_likelihood(theta + shift), model.log_likelihood(theta - shift)
+        assert float(gradient[index]) == pytest.approx(float(upper - lower) / (2 * step), abs=1e-7)
+
+
 def test_conditional_logit_gradient_matches_finite_differences():
     problem = problem_for(toy_frame(), ALL_VARIATIONS)
     model = problem.model(torch.device("cpu"))
     theta = random_theta(len(problem.parameters), seed=5)
-    _, gradient = model.value_and_gradient(theta)
-    step = 1e-6
-    for index in range(theta.numel()):
-        shift = torch.zeros_like(theta)
-        shift[index] = step
-        difference = (model.log_likelihood(theta + shift) - model.log_likelihood(theta - shift)) / (
-            2 * step
-        )
-        assert float(gradient[index]) == pytest.approx(float(difference), abs=1e-7)
+    assert_gradient_matches_differences(model, theta)
 
 
 def test_nested_logit_gradient_matches_finite_differences_including_lambda():
@@ -104,15 +106,7 @@ def test_nested_logit_gradient_matches_finite_differences_including_lambda():
     model = problem.model(torch.device("cpu"))
     theta = random_theta(len(problem.parameters), seed=7)
     theta[problem.lambda_index] = torch.tensor([0.7, 0.9], dtype=torch.float64)
-    _, gradient = model.value_and_gradient(theta)
-    step = 1e-6
-    for index in range(theta.numel()):
-        shift = torch.zeros_like(theta)
-        shift[index] = step
-        difference = (model.log_likelihood(theta + shift) - model.log_likelihood(theta - shift)) / (
-            2 * step
-        )
-        assert float(gradient[index]) == pytest.approx(float(difference), abs=1e-7)
+    assert_gradient_matches_differences(model, theta)
     hessian = model.hessian(theta)
     assert torch.allclose(hessian, hessian.T, atol=1e-10)
 

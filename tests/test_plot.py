@@ -11,25 +11,10 @@ import pytest
 
 from choicecli.errors import FormulaError
 from choicecli.plot import draw_coefficients, draw_shares, shorten
+from choicecli.results import COEFFICIENT_COLUMNS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-SCHEMA = {
-    "level": pl.String,
-    "term": pl.String,
-    "variable": pl.String,
-    "variation": pl.String,
-    "feature": pl.String,
-    "item": pl.String,
-    "user": pl.String,
-    "estimate": pl.Float64,
-    "std_error": pl.Float64,
-    "z_value": pl.Float64,
-    "p_value": pl.Float64,
-    "ci_low": pl.Float64,
-    "ci_high": pl.Float64,
-    "fixed": pl.Boolean,
-    "identified": pl.Boolean,
-}
+SCHEMA = COEFFICIENT_COLUMNS  # the columns of coefficients.parquet
 ITEMS = ["bus", "car", "train", "walk"]
 
 
