@@ -163,18 +163,15 @@ def select_terms(table: pl.DataFrame, term: str | None, level: str) -> pl.DataFr
 
 
 def run_coef(term: str | None, level: str, model: Path, fmt: str | None, output: str) -> None:
-    from choicecli.io import write_table
+    from choicecli.io import output_format, write_table
     from choicecli.report import coefficient_renderable
     from choicecli.results import COEFFICIENTS_FILE, load_result
 
     result = load_result(model)
     table = select_terms(_read_coefficients(model / COEFFICIENTS_FILE, result), term, level)
-    if fmt is None:
-        if output != "-":
-            suffix = Path(output).suffix.lower().lstrip(".")
-            fmt = suffix if suffix in ("csv", "json", "parquet") else "csv"
-        else:
-            fmt = "table" if sys.stdout.isatty() else "csv"
+    if fmt is None and output == "-":
+        fmt = "table" if sys.stdout.isatty() else "csv"
+    fmt = output_format(output, fmt, "csv")
     if fmt == "table":
         if output != "-":
             raise UsageError("--format table prints to the terminal; use csv, json or parquet")
@@ -192,7 +189,7 @@ def run_coef(term: str | None, level: str, model: Path, fmt: str | None, output:
 
 
 def _read_coefficients(path: Path, result) -> pl.DataFrame:
-    """coefficients.parquet, or rebuilt from the parameters if it is missing or damaged."""
+    """coefficients.parquet, checked against the model's parameter list."""
     from choicecli.errors import ArtifactError
 
     try:
