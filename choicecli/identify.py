@@ -41,9 +41,11 @@ def dependent_parameters(
     scale = torch.where(cancels, torch.ones_like(diagonal), diagonal.sqrt())
     scaled = block / scale[:, None] / scale[None, :]  # unit diagonal where it varies
     varying = (~cancels).nonzero().flatten()
-    _, info = torch.linalg.cholesky_ex(scaled[varying][:, varying])
+    factor, info = torch.linalg.cholesky_ex(scaled[varying][:, varying])
     found = [Dependence(int(candidates[i]), True, ()) for i in cancels.nonzero().flatten()]
-    if int(info) == 0 and _well_conditioned(scaled[varying][:, varying]):
+    # on a unit diagonal, pivot j squared is column j's variance left after the earlier ones:
+    # the greedy test below, all at once
+    if int(info) == 0 and bool((factor.diagonal() ** 2 > DEPENDENCE_TOLERANCE).all()):
         return found
     kept: list[int] = []
     factor = torch.zeros(0, 0, dtype=block.dtype, device=block.device)
@@ -69,10 +71,3 @@ def dependent_parameters(
         found.append(Dependence(int(candidates[position]), False,
                                 tuple(int(candidates[p]) for p in partners)))  # fmt: skip
     return sorted(found, key=lambda item: item.index)
-
-
-def _well_conditioned(matrix: torch.Tensor) -> bool:
-    if matrix.numel() == 0:
-        return True
-    eigenvalues = torch.linalg.eigvalsh(matrix)
-    return float(eigenvalues.min()) > DEPENDENCE_TOLERANCE * float(eigenvalues.max())
