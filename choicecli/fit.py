@@ -164,10 +164,13 @@ def _statistics(problem: Problem, outcome, n_estimated: int) -> dict:
     null = float(-(weights * torch.log(data.alternatives_per_case().double())).sum())
     value = outcome.log_likelihood
     n_cases = data.n_cases
+    shares = _market_shares_log_likelihood(data, weights)
     return {
         "log_likelihood": value,
         "null_log_likelihood": null,
         "rho_squared": 1.0 - value / null if null else None,
+        "shares_log_likelihood": shares,
+        "rho_squared_shares": 1.0 - value / shares if shares else None,
         "adjusted_rho_squared": 1.0 - (value - n_estimated) / null if null else None,
         "aic": -2.0 * value + 2.0 * n_estimated,
         "bic": -2.0 * value + n_estimated * math.log(n_cases),
@@ -184,6 +187,23 @@ def _statistics(problem: Problem, outcome, n_estimated: int) -> dict:
         "optimiser_seconds": round(outcome.seconds, 4),
         "observed_shares": _shares(problem),
     }
+
+
+def _market_shares_log_likelihood(data, weights: torch.Tensor) -> float | None:
+    """Log-likelihood of the alternative-intercepts-only model (mlogit's McFadden R^2 base).
+
+    Closed form sum_j c_j log(c_j / N) when every case offers every alternative; None with
+    varying choice sets, where it would need a fit of its own.
+    """
+    if data.chosen is None or data.n_rows != data.n_cases * data.n_items:
+        return None
+    row_weight = weights[data.case_index] * data.chosen  # (R,)
+    counts = torch.zeros(data.n_items, dtype=torch.float64).index_add_(
+        0, data.item_index, row_weight
+    )  # (J,)
+    total = counts.sum()
+    chosen = counts[counts > 0]
+    return float((chosen * torch.log(chosen / total)).sum())
 
 
 def _shares(problem: Problem) -> dict[str, float]:

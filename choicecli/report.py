@@ -87,10 +87,12 @@ def fit_summary(result: FitResult, max_rows: int = 60) -> Group:
         "log-likelihood",
         f"{fit['log_likelihood']:.4f} (equal shares {fit['null_log_likelihood']:.4f})",
     )
+    against_shares = fit.get("rho_squared_shares")
     facts.add_row(
         "goodness of fit",
-        f"rho-squared {fit['rho_squared']:.4f}, adjusted {fit['adjusted_rho_squared']:.4f}, "
-        f"AIC {fit['aic']:.2f}, BIC {fit['bic']:.2f}, {fit['n_parameters']} parameters",
+        f"rho-squared {fit['rho_squared']:.4f}, adjusted {fit['adjusted_rho_squared']:.4f}"
+        + (f", against market shares {against_shares:.5f}" if against_shares is not None else "")
+        + f", AIC {fit['aic']:.2f}, BIC {fit['bic']:.2f}, {fit['n_parameters']} parameters",
     )
     table = result.coefficient_table()
     shown = table.filter(pl.col("user").is_null())

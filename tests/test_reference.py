@@ -81,6 +81,7 @@ def test_mode_canada_matches_mlogit(mode_canada_parquet, tmp_path):
     fit = json.loads((model / "model.json").read_text())["fit"]
     assert fit["log_likelihood"] == pytest.approx(-1874.3427, abs=1e-3)
     assert fit["null_log_likelihood"] == pytest.approx(-3852.5120, abs=1e-3)
+    assert fit["rho_squared_shares"] == pytest.approx(0.35443, abs=1e-5)  # mlogit's McFadden
     assert fit["converged"] and fit["n_cases"] == 2779 and fit["n_parameters"] == 13
 
 
