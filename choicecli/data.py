@@ -176,20 +176,20 @@ def load_choice_data(
         keep = _single_alternative_rows(case_index, case_labels, warnings)
     if not bool(keep.any()):
         raise DataError(f"{where}: no cases left to fit after the checks above")
-    if bool(keep.all()):  # the usual case: no copies
-        kept = lambda values: values  # noqa: E731
-    else:
+    dropped = not bool(keep.all())  # usually nothing is dropped, and nothing is copied
+
+    def kept(values: torch.Tensor) -> torch.Tensor:
+        return values[keep] if dropped else values
+
+    if dropped:
         kept_cases = torch.zeros(len(case_labels), dtype=torch.bool)
         kept_cases[case_index[keep]] = True
         new_code = torch.cumsum(kept_cases.long(), 0) - 1  # (N_old,) compacted case codes
         case_index = new_code[case_index[keep]]
-        case_labels = [
-            label for label, k in zip(case_labels, kept_cases.tolist(), strict=True) if k
-        ]
+        case_labels = pl.Series(case_labels).filter(pl.Series(kept_cases.numpy())).to_list()
         item_index, users, chosen = (
             v if v is None else v[keep] for v in (item_index, users, chosen)
         )
-        kept = lambda values: values[keep]  # noqa: E731
     first_row = _first_row_of_case(case_index, len(case_labels))  # (N,)
     columns = {name: kept(_tensor(table, name).double()) for name in used_columns}
     weights = None
