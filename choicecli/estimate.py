@@ -123,6 +123,16 @@ def _clip(theta: torch.Tensor, lower: torch.Tensor | None, upper: torch.Tensor |
     return theta
 
 
+def _held_at_bound(theta, gradient, lower, upper) -> torch.Tensor:
+    """Parameters at a bound whose gradient points out of the feasible set. (P,) bool"""
+    held = torch.zeros_like(theta, dtype=torch.bool)
+    if lower is not None:
+        held |= (theta <= lower) & (gradient < 0)
+    if upper is not None:
+        held |= (theta >= upper) & (gradient > 0)
+    return held
+
+
 def _newton_direction(gradient: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     """Solve (-H) d = g; add a growing ridge where -H is not positive definite."""
     information = -hessian
@@ -147,7 +157,10 @@ def _newton(objective, theta, options, lower, upper, progress) -> Outcome:
     iteration = 0
     for iteration in range(1, options.max_iterations + 1):
         hessian = objective.hessian(theta)
-        direction = _newton_direction(gradient, hessian)
+        # a parameter held at a bound by its gradient stays there: Newton on the others
+        moving = ~_held_at_bound(theta, gradient, lower, upper)  # (P,)
+        direction = torch.zeros_like(theta)
+        direction[moving] = _newton_direction(gradient[moving], hessian[moving][:, moving])
         decrement = math.sqrt(max(float(gradient @ direction), 0.0))
         if progress:
             progress(iteration, value, decrement)

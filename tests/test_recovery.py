@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import polars as pl
 import pytest
@@ -171,3 +172,25 @@ def test_nested_with_lambda_fixed_at_one_equals_conditional_logit(shared):
     count = len(plain.parameters)
     assert torch.allclose(nested.estimate[:count], plain.estimate, atol=1e-7, equal_nan=True)
     assert torch.allclose(nested.std_error[:count], plain.std_error, atol=1e-7, equal_nan=True)
+
+
+@pytest.mark.parametrize("nests", [None, "slow=walk,bike;motor=bus,car,train"])
+def test_case_weights_equal_repeated_cases(nests):
+    """A case of weight 2 counts as the same case twice: same estimates and log-likelihood."""
+    frame = pl.read_parquet(SAMPLE_DATA / "transport.parquet").filter(pl.col("case_id") <= 600)
+    weights = (pl.col("case_id") % 3 == 0).cast(pl.Float64) + 1.0  # 1 or 2
+    weighted = frame.with_columns(weights.alias("weight"))
+    repeated = pl.concat(
+        [frame, frame.filter(pl.col("case_id") % 3 == 0).with_columns(pl.col("case_id") + 10_000)]
+    )
+    formula = "(time|constant) + (cost|constant) + (1|item)"
+    roles = Roles(case="case_id", item="mode", choice="chosen")
+    options = {"nests": nests, "shared_lambda": True} if nests else {}
+    by_weight, _ = fit_model(
+        weighted, ModelSpec(formula, replace(roles, weights="weight"), **options), FitOptions(),
+        where="w",
+    )  # fmt: skip
+    by_copy, _ = fit_model(repeated, ModelSpec(formula, roles, **options), FitOptions(), where="r")
+    assert by_weight.fit["log_likelihood"] == pytest.approx(by_copy.fit["log_likelihood"], abs=1e-8)
+    assert torch.allclose(by_weight.estimate, by_copy.estimate, atol=1e-7, equal_nan=True)
+    assert torch.allclose(by_weight.std_error, by_copy.std_error, atol=1e-7, equal_nan=True)

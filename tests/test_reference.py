@@ -181,3 +181,23 @@ def test_hc_standard_errors_and_per_nest_lambdas_via_cli(tmp_path):
     lambdas = coefficients(tmp_path / "p").filter(pl.col("term") == "lambda")
     assert lambdas.get_column("item").to_list() == ["cooling", "other"]
     assert lambdas.get_column("level").to_list() == ["nest", "nest"]
+
+
+def test_hc_lambda_bounded_at_one_converges_on_the_bound(tmp_path):
+    """Nesting 2's free lambda is 1.362; bounded to (0.01, 1] it converges at exactly 1."""
+    nests = "central=ec,ecc,gc,gcc,hpc;room=er,erc"
+    common = ["--formula", HC_FORMULA, "--case", "idx.id1", "--item", "idx.id2", "--choice",
+              "depvar", "--nests", nests, "--shared-lambda"]  # fmt: skip
+    data = str(shared_file("HC.csv"))
+    bounded = run_choice(
+        "fit", data, *common, "--lambda-bounds", "0.01,1", "-m", str(tmp_path / "b")
+    )
+    assert bounded.returncode == 0, bounded.stderr
+    fit = json.loads((tmp_path / "b" / "model.json").read_text())["fit"]
+    assert fit["converged"] and fit["log_likelihood"] < -180.0231
+    lambdas = coefficients(tmp_path / "b").filter(pl.col("term") == "lambda")
+    assert lambdas.get_column("estimate")[0] == pytest.approx(1.0, abs=1e-12)
+    fixed = run_choice("fit", data, *common, "--lambda-fixed", "-m", str(tmp_path / "f"))
+    assert fixed.returncode == 0, fixed.stderr
+    fixed_fit = json.loads((tmp_path / "f" / "model.json").read_text())["fit"]
+    assert fixed_fit["log_likelihood"] == pytest.approx(fit["log_likelihood"], abs=1e-6)
