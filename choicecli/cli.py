@@ -23,7 +23,6 @@ app = typer.Typer(
     help="Fit conditional and nested logit models to long-format tables (Parquet or CSV).",
 )
 DEFAULT_MODEL = "choice_model"
-EXIT_NOT_CONVERGED = 3
 EXIT_INTERRUPTED = 130
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -46,7 +46,6 @@ class Outcome:
     message: str
     seconds: float
     hessian: torch.Tensor | None = None  # (P, P) of the log-likelihood at theta
-    history: list[float] = field(default_factory=list)
 
 
 class Objective:
@@ -149,7 +148,6 @@ def _newton_direction(gradient: torch.Tensor, hessian: torch.Tensor) -> torch.Te
 
 def _newton(objective, theta, options, lower, upper, progress) -> Outcome:
     value, gradient = objective.value_and_gradient(theta)
-    history = [value]
     message = f"reached the iteration cap ({options.max_iterations}); raise --max-iter"
     converged = False
     hessian = None
@@ -187,17 +185,15 @@ def _newton(objective, theta, options, lower, upper, progress) -> Outcome:
             break
         change = abs(new_value - value) / max(abs(value), 1.0)
         theta, value, gradient = candidate, new_value, new_gradient
-        history.append(value)
         if change <= options.relative_tolerance and decrement <= math.sqrt(options.tolerance):
             converged, message = True, "relative change of the log-likelihood below tolerance"
             hessian = objective.hessian(theta)
             break
-    return Outcome(theta, value, decrement, iteration, converged, "newton", message, 0.0,
-                   hessian, history)  # fmt: skip
+    return Outcome(theta, value, decrement, iteration, converged, "newton", message, 0.0, hessian)
 
 
 def _lbfgs(objective, theta, options, lower, upper, progress) -> Outcome:
-    """L-BFGS with strong-Wolfe line search on the mean negative log-likelihood."""
+    """L-BFGS with strong-Wolfe line search on the negative log-likelihood."""
     point = theta.clone().requires_grad_(True)
     optimiser = torch.optim.LBFGS(
         [point],
@@ -209,7 +205,6 @@ def _lbfgs(objective, theta, options, lower, upper, progress) -> Outcome:
         line_search_fn="strong_wolfe",
     )
     evaluations = 0
-    history: list[float] = []
 
     def closure() -> torch.Tensor:
         nonlocal evaluations
@@ -218,7 +213,6 @@ def _lbfgs(objective, theta, options, lower, upper, progress) -> Outcome:
         with torch.no_grad():
             value, gradient = objective.value_and_gradient(_clip(point.detach(), lower, upper))
         point.grad = -gradient
-        history.append(value)
         if progress:
             progress(evaluations, value, float(gradient.abs().max()))
         return torch.tensor(-value, dtype=point.dtype)
@@ -227,16 +221,14 @@ def _lbfgs(objective, theta, options, lower, upper, progress) -> Outcome:
     theta = _clip(point.detach(), lower, upper)
     value, gradient = objective.value_and_gradient(theta)
     gradient_norm = float(gradient.abs().max())
-    state = optimiser.state[optimiser._params[0]]
-    iterations = int(state.get("n_iter", evaluations))
+    iterations = int(optimiser.state[point].get("n_iter", evaluations))
     converged = gradient_norm <= max(options.tolerance, 1e-6)
     message = (
         "gradient norm below tolerance"
         if converged
         else f"L-BFGS stopped with gradient norm {gradient_norm:.3g}; raise --max-iter"
     )
-    return Outcome(theta, value, gradient_norm, iterations, converged, "lbfgs", message, 0.0,
-                   None, history)  # fmt: skip
+    return Outcome(theta, value, gradient_norm, iterations, converged, "lbfgs", message, 0.0)
 
 
 def covariance(hessian: torch.Tensor) -> tuple[torch.Tensor, bool]:

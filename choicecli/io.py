@@ -267,7 +267,7 @@ def write_table(
     target = Path(destination)
     with atomic_file(target) as temp:
         if fmt == "parquet":
-            _write_parquet(frame, temp, metadata or {})
+            write_parquet(frame, temp, metadata or {})
         else:
             temp.write_text(render_table_text(frame, fmt))
 
@@ -280,7 +280,8 @@ def render_table_text(frame: pl.DataFrame, fmt: str) -> str:
     raise UsageError(f"cannot write format {fmt!r} as text; use csv or json")
 
 
-def _write_parquet(frame: pl.DataFrame, path: Path, metadata: dict[str, str]) -> None:
+def write_parquet(frame: pl.DataFrame, path: Path, metadata: dict[str, str]) -> None:
+    """Write Parquet with key-value metadata (not atomic: use inside atomic_file/directory)."""
     import pyarrow.parquet as pq
 
     table = frame.to_arrow()

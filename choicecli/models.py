@@ -12,8 +12,6 @@ import torch
 from choicecli.design import Block
 from choicecli.formula import Variation
 
-ROWS_PER_CHUNK = 1 << 20
-
 
 def segment_logsumexp(values: torch.Tensor, segment: torch.Tensor, n_segments: int) -> torch.Tensor:
     """log(sum(exp(values))) within each segment; empty segments give -inf. (S,)"""

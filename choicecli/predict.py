@@ -102,7 +102,14 @@ def predict_frame(
 def _score_batch(
     result, spec, batch, where, user_labels, estimates, totals, extra_columns
 ) -> pl.DataFrame:
-    problem = build_problem_for_prediction(result, spec, batch, where, user_labels)
+    problem = build_problem(
+        batch.drop(INPUT_ROW),
+        spec,
+        where,
+        item_labels=result.labels["items"],
+        user_labels=user_labels,
+        drop_single_alternative=False,  # every input row gets a score
+    )
     layout = {_parameter_key(p) for p in problem.parameters}
     if not estimates.keys() <= layout:
         raise ArtifactError(
@@ -132,17 +139,6 @@ def _score_batch(
         pl.Series("utility", utility.numpy()),
         pl.Series("probability", probability.numpy()),
         pl.Series("predicted", best.numpy()),
-    )
-
-
-def build_problem_for_prediction(result, spec, batch, where, user_labels):
-    return build_problem(
-        batch.drop(INPUT_ROW),
-        spec,
-        where,
-        item_labels=result.labels["items"],
-        user_labels=user_labels,
-        drop_single_alternative=False,
     )
 
 

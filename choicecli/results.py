@@ -18,7 +18,7 @@ import torch
 
 from choicecli.design import Parameter
 from choicecli.errors import ArtifactError
-from choicecli.io import atomic_directory, restore_interrupted
+from choicecli.io import atomic_directory, restore_interrupted, write_parquet
 
 SCHEMA_VERSION = 1
 MODEL_FILE = "model.json"
@@ -120,11 +120,7 @@ class FitResult:
                 "estimated_index": self.estimated_index.long().cpu().contiguous(),
             }
             save_file(tensors, str(temp / PARAMS_FILE), metadata={"schema_version": "1"})
-            table = self.coefficient_table().to_arrow()
-            merged = {k.encode(): v.encode() for k, v in metadata.items()}
-            import pyarrow.parquet as pq
-
-            pq.write_table(table.replace_schema_metadata(merged), temp / COEFFICIENTS_FILE)
+            write_parquet(self.coefficient_table(), temp / COEFFICIENTS_FILE, metadata)
 
 
 def load_result(directory: Path) -> FitResult:

@@ -79,27 +79,24 @@ def _edit_lines(frame: pl.DataFrame, edit: Callable[[str], str]) -> bytes:
     return ("\n".join([header, *body]) + "\n").encode()
 
 
-def _replace_price(values: list[str]) -> Callable[[str], str]:
-    """An edit that puts the next of `values` in the price field (4th) of a line."""
+def _replace_field(position: int, values: list[str]) -> Callable[[str], str]:
+    """An edit that puts the next of `values` in field `position` of a line."""
     pending = list(values)
 
     def edit(line: str) -> str:
         fields = line.split(",")
-        fields[3] = pending.pop(0)
+        fields[position] = pending.pop(0)
         return ",".join(fields)
 
     return edit
+
+
+def _replace_price(values: list[str]) -> Callable[[str], str]:
+    return _replace_field(3, values)
 
 
 def _replace_choice(values: list[str]) -> Callable[[str], str]:
-    pending = list(values)
-
-    def edit(line: str) -> str:
-        fields = line.split(",")
-        fields[2] = pending.pop(0)
-        return ",".join(fields)
-
-    return edit
+    return _replace_field(2, values)
 
 
 def _good_parquet(tmp_path: Path) -> bytes:
