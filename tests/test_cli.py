@@ -207,3 +207,61 @@ def test_help_does_not_import_torch():
     code = "import sys; import choicecli.cli; print('torch' in sys.modules)"
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert completed.stdout.strip() == "False"
+
+
+def mode_canada_fit(data, model, *extra: str):
+    from conftest import MODE_CANADA_FORMULA
+
+    result = invoke("fit", str(data), "--formula", MODE_CANADA_FORMULA, "--case", "case",
+                    "--item", "alt", "--choice", "choice", "-m", str(model), *extra)  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    table = pl.read_parquet(model / "coefficients.parquet")
+    fit = json.loads((model / "model.json").read_text())["fit"]
+    return table, fit
+
+
+def estimates_of(table: pl.DataFrame, term: str) -> dict:
+    rows = table.filter(pl.col("term") == term)
+    return dict(zip(rows.get_column("item"), rows.get_column("estimate"), strict=True))
+
+
+def test_fit_options_base_lbfgs_weights_threads_and_l2(mode_canada_parquet, tmp_path):
+    table, fit = mode_canada_fit(mode_canada_parquet, tmp_path / "plain")
+    # --base car: the same model, intercepts measured from car instead of air
+    based, based_fit = mode_canada_fit(mode_canada_parquet, tmp_path / "base", "--base", "car")
+    assert based_fit["log_likelihood"] == pytest.approx(fit["log_likelihood"], abs=1e-8)
+    plain, moved = estimates_of(table, "intercept[item]"), estimates_of(based, "intercept[item]")
+    assert moved["car"] == 0.0
+    assert moved["train"] == pytest.approx(plain["train"] - plain["car"], abs=1e-6)
+    # --method lbfgs (then Newton steps), one thread: the same optimum
+    lbfgs, lbfgs_fit = mode_canada_fit(mode_canada_parquet, tmp_path / "lbfgs", "--method",
+                                       "lbfgs", "--threads", "1")  # fmt: skip
+    assert lbfgs_fit["log_likelihood"] == pytest.approx(fit["log_likelihood"], abs=1e-8)
+    assert lbfgs.get_column("estimate").to_list() == pytest.approx(
+        table.get_column("estimate").to_list(), rel=1e-6, abs=1e-9
+    )
+    # --weights with every weight 1: the unweighted fit
+    weighted_data = tmp_path / "weighted.parquet"
+    pl.read_parquet(mode_canada_parquet).with_columns(pl.lit(1.0).alias("w")).write_parquet(
+        weighted_data
+    )
+    _, weighted_fit = mode_canada_fit(weighted_data, tmp_path / "w", "--weights", "w")
+    assert weighted_fit["log_likelihood"] == pytest.approx(fit["log_likelihood"], abs=1e-8)
+    # --l2: a lower likelihood and smaller coefficients
+    penalised, penalised_fit = mode_canada_fit(mode_canada_parquet, tmp_path / "l2", "--l2", "10")
+    assert penalised_fit["log_likelihood"] < fit["log_likelihood"]
+    size = (table.get_column("estimate") ** 2).sum()
+    assert (penalised.get_column("estimate") ** 2).sum() < size
+
+
+def test_bad_fit_options_are_usage_errors(mode_canada_parquet, tmp_path):
+    from conftest import MODE_CANADA_FORMULA
+
+    common = ["fit", str(mode_canada_parquet), "--formula", MODE_CANADA_FORMULA, "--case",
+              "case", "--item", "alt", "--choice", "choice", "-m", str(tmp_path / "m")]  # fmt: skip
+    for extra, named in ((["--threads", "0"], "--threads"), (["--base", "plane"], "plane"),
+                         (["--max-iter", "0"], "--max-iter")):  # fmt: skip
+        result = invoke(*common, *extra)
+        assert result.exit_code in (1, 2) and named in result.stderr
+        assert result.stderr.count("\n") == 1
+    assert not (tmp_path / "m").exists()
