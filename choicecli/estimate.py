@@ -23,6 +23,10 @@ class Model(Protocol):
     def hessian(self, theta: torch.Tensor) -> torch.Tensor: ...
 
 
+# a last Newton step shorter than this (in standard-error units) keeps its Hessian
+STALE_HESSIAN_DECREMENT = 1e-5
+
+
 @dataclass(frozen=True)
 class EstimateOptions:
     """Optimiser settings (all documented in README: fit options)."""
@@ -187,7 +191,10 @@ def _newton(objective, theta, options, lower, upper, progress) -> Outcome:
         theta, value, gradient = candidate, new_value, new_gradient
         if change <= options.relative_tolerance and decrement <= math.sqrt(options.tolerance):
             converged, message = True, "relative change of the log-likelihood below tolerance"
-            hessian = objective.hessian(theta)
+            # a last step of under 1e-5 standard errors leaves the Hessian as it was to that
+            # precision: keep it for the standard errors rather than recompute it
+            if decrement > STALE_HESSIAN_DECREMENT:
+                hessian = objective.hessian(theta)
             break
     return Outcome(theta, value, decrement, iteration, converged, "newton", message, 0.0, hessian)
 

@@ -12,6 +12,9 @@ import torch
 from choicecli.design import Block
 from choicecli.formula import Variation
 
+# the nested logit's analytic Hessian forms (cases x alternatives x P) blocks: up to this P
+ANALYTIC_NESTED_LIMIT = 512
+
 
 def segment_logsumexp(values: torch.Tensor, segment: torch.Tensor, n_segments: int) -> torch.Tensor:
     """log(sum(exp(values))) within each segment; empty segments give -inf. (S,)"""
@@ -237,9 +240,13 @@ class ConditionalLogit:
         residual = self.chosen - probability
         if self.weighted:
             residual = self.case_weights[self.case_index] * residual
-        gradient = theta.new_zeros(theta.shape[0] + 1)  # the last entry collects nothing
+        return value, self.accumulate(residual)
+
+    def accumulate(self, residual: torch.Tensor) -> torch.Tensor:
+        """sum over slots of residual[s] * d utility[s] / d theta. (S,) -> (P,)"""
+        gradient = residual.new_zeros(self.n_parameters + 1)  # the last entry collects nothing
         if self.dense:
-            per_column = theta.new_zeros(self.grid_index.shape)  # (J, F)
+            per_column = residual.new_zeros(self.grid_index.shape)  # (J, F)
             for slots, cases in self._chunks():
                 n_cases = cases.stop - cases.start
                 grid = self.values[slots].view(
@@ -252,10 +259,26 @@ class ConditionalLogit:
             gradient.index_add_(0, self.constant_index, constant)
         for block in self.other_blocks:
             per_group = torch.zeros(
-                block.layout_index.shape, dtype=theta.dtype, device=theta.device
+                block.layout_index.shape, dtype=residual.dtype, device=residual.device
             ).index_add_(0, block.code, block.x * residual[:, None])  # (G, K)
             gradient.index_add_(0, block.layout_index.reshape(-1), per_group.reshape(-1))
-        return value, gradient[:-1]
+        return gradient[:-1]
+
+    def jacobian(self, cases: slice) -> torch.Tensor:
+        """d utility / d theta for the slots of a block of cases, dense layouts only.
+
+        (C*J, P + 1): one row per slot; the last column collects nothing.
+        """
+        n_items, n_features = self.n_items, self.values.shape[1]
+        slots = slice(cases.start * n_items, cases.stop * n_items)
+        n_slots = slots.stop - slots.start
+        jacobian = self.values.new_zeros(n_slots, self.n_parameters + 1)  # (s, P + 1)
+        index = self.grid_index.expand(n_slots // n_items, n_items, n_features)  # (C, J, F)
+        jacobian.scatter_add_(1, index.reshape(n_slots, n_features), self.values[slots])
+        for block in self.other_blocks:  # their columns point at the last one in grid_index
+            index = block.layout_index[block.code[slots]]  # (s, K)
+            jacobian.scatter_add_(1, index, block.x[slots])
+        return jacobian
 
     def second_moments(self) -> torch.Tensor:
         """Sum over rows of each parameter's squared design value. (P,)"""
@@ -440,8 +463,9 @@ class NestedLogit:
         case_weights: torch.Tensor | None = None,  # (N,)
         dense_threshold: float = 0.5,
     ) -> None:
-        # Newton needs a Hessian (about P gradients) per step: only when that is cheap;
-        # otherwise L-BFGS first, then a Newton polish (estimate.maximise)
+        # Newton needs a Hessian per step: analytic in dense layouts; elsewhere by autograd
+        # (about P gradients), so only when cheap; otherwise L-BFGS first, then a Newton
+        # polish (estimate.maximise)
         cheap = int(case_index.shape[0]) * n_parameters <= 5_000_000
         self.newton_limit = 40 if cheap else 0
         self.item_blocks = item_blocks
@@ -468,9 +492,33 @@ class NestedLogit:
             args = (n_parameters, case_index, item_index, n_cases, self.n_items)
             self.grid = ConditionalLogit(item_blocks, *args, chosen=chosen, dense_threshold=0)
             self.nest_grid = ConditionalLogit(nest_blocks, *args, dense_threshold=0)
-            self.members = [(nest_of_item == k).nonzero().flatten() for k in range(n_nests)]
+            members = [(nest_of_item == k).nonzero().flatten() for k in range(n_nests)]
+            # a nest whose alternatives are consecutive codes is a slice: a view, not a copy
+            self.members = [
+                slice(int(m[0]), int(m[-1]) + 1)
+                if m.numel() and bool((m == torch.arange(int(m[0]), int(m[0]) + m.numel())).all())
+                else m
+                for m in members
+            ]
             chosen_slot = self.grid.chosen_slot if chosen is not None else None
             self.chosen_item = None if chosen_slot is None else chosen_slot % self.n_items  # (N,)
+            self.newton_limit = ANALYTIC_NESTED_LIMIT
+            self._last_state: tuple[torch.Tensor | None, dict | None] = (None, None)
+            # the structured Hessian: per nest, the parameter of each compact column of Zbar
+            # (constant columns, each member's alternative-level columns, the nest's lambda)
+            self._compact_columns = None
+            if not self.grid.other_blocks and not self.nest_grid.values.shape[1]:
+                grid_index, n_constant = self.grid.grid_index, self.grid.n_constant
+                self._compact_columns = [
+                    torch.cat(
+                        [
+                            grid_index[0, :n_constant],
+                            grid_index[members, n_constant:].reshape(-1),
+                            lambda_index[k : k + 1],
+                        ]
+                    )
+                    for k, members in enumerate(self.members)
+                ]
             return
         self.nest_of_row = nest_of_item[item_index]  # (R,)
         pair_key = case_index * n_nests + self.nest_of_row  # (R,) one per (case, nest) pair
@@ -488,17 +536,21 @@ class NestedLogit:
         grid, n_items = self.grid, self.n_items
         lambdas = theta[self.lambda_index]  # (M,)
         utility = grid.utility(theta, cases).view(-1, n_items)  # (C, J)
-        nest_utility = self.nest_grid.utility(theta, cases).view(-1, n_items)  # (C, J)
         scaled = utility / lambdas[self.nest_of_item]  # (C, J)
+        offered = None
         if grid.mask is not None:  # mask after scaling: -inf / lambda has no gradient
             offered = grid.mask.view(-1, n_items)[cases if cases is not None else slice(None)]
             scaled = scaled.masked_fill(~offered, -torch.inf)
-            nest_utility = nest_utility.masked_fill(~offered, -torch.inf)
         inclusive = torch.stack([scaled[:, m].logsumexp(dim=1) for m in self.members], dim=1)
-        nest_value = torch.stack([nest_utility[:, m].amax(dim=1) for m in self.members], dim=1)
         present = torch.isfinite(inclusive)  # (C, M) nests with an offered alternative
         inclusive = inclusive.masked_fill(~present, 0.0)  # finite, so lambda * I has a gradient
-        upper = nest_value.masked_fill(~present, 0.0) + lambdas * inclusive
+        upper = lambdas * inclusive  # (C, M)
+        if self.nest_grid.values.shape[1]:  # W_m: the nest formula, constant within a nest
+            nest_utility = self.nest_grid.utility(theta, cases).view(-1, n_items)  # (C, J)
+            if offered is not None:
+                nest_utility = nest_utility.masked_fill(~offered, -torch.inf)
+            nest_value = torch.stack([nest_utility[:, m].amax(dim=1) for m in self.members], 1)
+            upper = upper + nest_value.masked_fill(~present, 0.0)
         upper = upper.masked_fill(~present, -torch.inf)  # (C, M)
         return scaled, inclusive, upper, upper.logsumexp(dim=1)
 
@@ -537,6 +589,8 @@ class NestedLogit:
         return (row_weight * self.chosen * self.log_probabilities(theta)).sum()
 
     def value_and_gradient(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.grid is not None:
+            return self._grid_value_and_gradient(theta)
         with torch.enable_grad():
             point = theta.detach().requires_grad_(True)
             value = self.log_likelihood(point)
@@ -544,6 +598,18 @@ class NestedLogit:
         return value.detach(), gradient
 
     def hessian(self, theta: torch.Tensor) -> torch.Tensor:  # (P, P)
+        if self.grid is not None and self.n_parameters <= ANALYTIC_NESTED_LIMIT:
+            cached_theta, state = self._last_state
+            if cached_theta is None or not torch.equal(cached_theta, theta):
+                state = self._grid_state(theta)
+            width = self.n_parameters + 1
+            total = theta.new_zeros(width, width)
+            per_case = self.n_items * max(width, self.grid.values.shape[1] + 1)
+            step = max(16, (1 << 20) // per_case)
+            for first in range(0, self.n_cases, step):
+                cases = slice(first, min(first + step, self.n_cases))
+                total += self._grid_hessian(theta, state, cases)
+            return total[:-1, :-1]
         # vmap over P directions wins for few parameters, P backward passes for many;
         # in dense layouts, summed over blocks of cases to keep P copies of a block small
         vectorize = self.n_parameters <= 64 and self.n_rows * self.n_parameters <= 20_000_000
@@ -562,3 +628,175 @@ class NestedLogit:
                     vectorize=vectorize,
                 )  # fmt: skip
         return total
+
+    # -- analytic derivatives, dense layout -------------------------------------------------
+    # Per case with chosen i in nest k: l = s_i - I_k + T_k - L, where s_j = V_j / lambda_m(j),
+    # I_m = logsumexp_{j in m} s_j, T_m = W_m + lambda_m I_m, L = logsumexp_m T_m. With
+    # q_j = exp(s_j - I_m(j)) and P_m = exp(T_m - L), the derivatives in theta use
+    # Z_j = dV_j - s_j dlambda_m(j), Zbar_m = sum_{j in m} q_j Z_j, G_m = dT_m = dW_m + Zbar_m
+    # + I_m dlambda_m:  dl = (Z_i - Zbar_k) / lambda_k + G_k - sum_m P_m G_m, and
+    # d2l = sum_j rho_j Z_j Z_j' + sum_m pi_m Zbar_m Zbar_m' - sum_m P_m G_m G_m' + Gbar Gbar'
+    #       - (a dlambda_k' + dlambda_k a') / lambda_k^2 + 2 (s_i - A_k) / lambda_k^2 dl_k dl_k'
+    # with rho_j = q_j ([m(j) = k] (lambda_k - 1) / lambda_k^2 - P_m(j) / lambda_m(j)),
+    # pi_m = P_m / lambda_m - [m = k] (lambda_k - 1) / lambda_k^2, a = dV_i - sum_{j in k} q_j dV_j
+    # and A_m = sum_{j in m} q_j s_j. Tests check both against autograd and finite differences.
+
+    def _grid_state(self, theta: torch.Tensor) -> dict:
+        """Everything the value and derivatives need: (N, J) and (N, M) tensors, and lambdas."""
+        scaled, inclusive, upper, normaliser = self._grid_terms(theta)
+        nest = self.nest_of_item  # (J,)
+        offered = torch.isfinite(scaled)  # (N, J)
+        within = torch.exp(scaled - inclusive[:, nest])  # (N, J) q, 0 where not offered
+        share = torch.exp(upper - normaliser[:, None])  # (N, M) P, 0 where no alternative
+        scaled = scaled.masked_fill(~offered, 0.0)  # (N, J)
+        mean_scaled = torch.zeros_like(inclusive).index_add_(1, nest, within * scaled)  # (N, M)
+        item = self.chosen_item  # (N,)
+        chosen_nest = nest[item]  # (N,)
+        rows = torch.arange(item.shape[0], device=item.device)
+        value = (
+            scaled[rows, item]
+            - inclusive[rows, chosen_nest]
+            + upper[rows, chosen_nest]
+            - normaliser
+        )  # (N,)
+        state = {
+            "scaled": scaled, "inclusive": inclusive, "within": within, "share": share,
+            "mean_scaled": mean_scaled, "item": item, "nest": chosen_nest, "value": value,
+            "weights": self.case_weights,
+        }  # fmt: skip
+        self._last_state = (theta.clone(), state)  # a Newton step asks the Hessian here next
+        return state
+
+    def _grid_value_and_gradient(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        state = self._grid_state(theta)
+        nest, lambdas, weights = self.nest_of_item, theta[self.lambda_index], state["weights"]
+        within, share, item, chosen_nest = (state[k] for k in ("within", "share", "item", "nest"))
+        rows = torch.arange(item.shape[0], device=item.device)
+        in_chosen = (nest[None, :] == chosen_nest[:, None]).to(theta.dtype)  # (N, J)
+        value = (weights * state["value"]).sum()
+        # coefficients of dV_j and dW_j: (y_j - [j in k] q_j) / lambda_k + ([j in k] - P_m) q_j
+        upper_part = (in_chosen - share[:, nest]) * within  # (C, J)
+        lower_part = -in_chosen * within
+        lower_part[rows, item] += 1.0
+        lower_part = lower_part / lambdas[nest]
+        weight = weights[:, None]
+        gradient = self.grid.accumulate((weight * (lower_part + upper_part)).reshape(-1))
+        gradient = gradient + self.nest_grid.accumulate((weight * upper_part).reshape(-1))
+        # lambdas: [m = k] (A_k - s_i) / lambda_k + ([m = k] - P_m) (I_m - A_m)
+        inclusive, mean_scaled = state["inclusive"], state["mean_scaled"]
+        chosen_lower = (mean_scaled[rows, chosen_nest] - state["scaled"][rows, item]) / lambdas[
+            chosen_nest
+        ]  # (C,)
+        one_hot = torch.zeros_like(share)
+        one_hot[rows, chosen_nest] = 1.0  # (C, M)
+        per_nest = (one_hot - share) * (inclusive - mean_scaled)  # (C, M)
+        per_nest[rows, chosen_nest] += chosen_lower
+        gradient = gradient.index_add(0, self.lambda_index, (weight * per_nest).sum(dim=0))
+        return value, gradient
+
+    def _grid_hessian(self, theta: torch.Tensor, state: dict, cases: slice) -> torch.Tensor:
+        """Analytic Hessian of a block of cases, in the layout plus one spare column.
+
+        When every block is constant or alternative-level and the nest formula is empty
+        ('structured'), sum rho Z Z' is summed per alternative over its few value columns and
+        each nest's Zbar is held compactly (constant columns, its own alternatives' columns,
+        its lambda); otherwise Z, Zbar and G are formed densely, (C, J or M, P+1).
+        """
+        block = {k: v[cases] for k, v in state.items()}
+        scaled, within, share = block["scaled"], block["within"], block["share"]
+        inclusive, mean_scaled, weights = block["inclusive"], block["mean_scaled"], block["weights"]
+        item, chosen_nest = block["item"], block["nest"]
+        nest, lambda_index = self.nest_of_item, self.lambda_index
+        lambdas = theta[lambda_index]  # (M,)
+        n_cases, n_items, n_nests = scaled.shape[0], self.n_items, self.n_nests
+        width = self.n_parameters + 1
+        options = {"dtype": theta.dtype, "device": theta.device}
+        rows = torch.arange(n_cases, device=theta.device)
+        weight = weights[:, None]  # (C, 1)
+        in_chosen = nest[None, :] == chosen_nest[:, None]  # (C, J)
+        one_hot = torch.zeros_like(share)
+        one_hot[rows, chosen_nest] = 1.0  # (C, M)
+        curvature = (lambdas - 1.0) / lambdas**2  # (M,)
+        rho = weight * within * (in_chosen * curvature[nest] - share[:, nest] / lambdas[nest])
+        pi = weight * (share / lambdas - one_hot * curvature)  # (C, M)
+        chosen_lambda = lambdas[chosen_nest]  # (C,)
+        # coefficient of a = dV_i - sum_{j in k} q_j dV_j in the chosen nest's lambda terms
+        chosen_scale = -weights / chosen_lambda**2  # (C,)
+        grid = self.grid
+        values = grid.values[cases.start * n_items : cases.stop * n_items]
+        values = values.view(n_cases, n_items, -1)  # (C, J, F)
+        hessian = theta.new_zeros(width, width)
+        chosen_terms = torch.zeros(n_nests, width, **options)  # (M, P+1) sum of scale * a
+        if self._compact_columns is not None:
+            chosen_utility = torch.zeros(n_cases, width, **options).scatter_add_(
+                1, grid.grid_index[item], values[rows, item]
+            )  # (C, P+1) dV_i
+            # rows: per alternative j, sum_c rho y y' over y = (values, -s), then scattered
+            own = torch.cat([values, -scaled[:, :, None]], dim=2)  # (C, J, F+1)
+            sums = torch.bmm((own * rho[:, :, None]).permute(1, 2, 0), own.permute(1, 0, 2))
+            index = torch.cat([grid.grid_index, lambda_index[nest][:, None]], dim=1)  # (J, F+1)
+            hessian.index_put_((index[:, :, None], index[:, None, :]), sums, accumulate=True)
+            # nests: Zbar_m = sum_{j in m} q_j dV_j - A_m dlambda_m, compact per nest
+            mean_upper = torch.zeros(n_cases, width, **options)  # Gbar = sum_m P_m G_m
+            upper_scale = weight * share * inclusive  # (C, M)
+            n_constant = grid.n_constant
+            compact_columns = zip(self.members, self._compact_columns, strict=True)
+            for m, (members, columns) in enumerate(compact_columns):
+                q = within[:, members, None]  # (C, J_m, 1)
+                member_values = values[:, members]  # (C, J_m, F)
+                compact = torch.cat(
+                    [
+                        (q * member_values[:, :, :n_constant]).sum(dim=1),
+                        (q * member_values[:, :, n_constant:]).reshape(n_cases, -1),
+                        -mean_scaled[:, m : m + 1],
+                    ],
+                    dim=1,
+                )  # (C, W_m) Zbar_m
+                # G_m = Zbar_m + I_m dlambda_m: sum_m (pi - wP) Zbar Zbar' plus sparse terms
+                scale = pi[:, m] - weight[:, 0] * share[:, m]  # (C,)
+                gram = (compact * scale[:, None]).T @ compact  # (W_m, W_m)
+                hessian.index_put_((columns[:, None], columns[None, :]), gram, accumulate=True)
+                cross = torch.zeros(width, **options).index_add_(
+                    0, columns, upper_scale[:, m] @ compact
+                )  # (P+1,)
+                hessian[lambda_index[m]] -= cross
+                hessian[:, lambda_index[m]] -= cross
+                hessian[lambda_index[m], lambda_index[m]] -= upper_scale[:, m] @ inclusive[:, m]
+                mean_upper.index_add_(1, columns, share[:, m : m + 1] * compact)
+                chosen_here = chosen_scale * (chosen_nest == m)  # (C,)
+                chosen_terms[m].index_add_(0, columns[:-1], -(chosen_here @ compact[:, :-1]))
+            mean_upper.index_add_(1, lambda_index, share * inclusive)
+        else:
+            nests = torch.arange(n_nests, device=theta.device)
+            members = (nest[None, :] == nests[:, None]).to(theta.dtype)  # (M, J)
+            d_utility = grid.jacobian(cases).view(n_cases, n_items, width)  # (C, J, P+1)
+            chosen_utility = d_utility[rows, item]  # (C, P+1)
+            expected_scaled = torch.bmm(within[:, None, :] * members, d_utility)  # (C, M, P+1)
+            d_utility[:, torch.arange(n_items), lambda_index[nest]] -= scaled  # now Z
+            hessian += _gram(d_utility, rho, width)
+            chosen_expected = expected_scaled[rows, chosen_nest]  # (C, P+1) sum q dV
+            chosen_terms.index_add_(0, chosen_nest, -chosen_scale[:, None] * chosen_expected)
+            expected_scaled[:, nests, lambda_index] -= mean_scaled  # (C, M, P+1) Zbar
+            d_upper = expected_scaled.clone()  # G_m = dW_m + Zbar_m + I_m dlambda_m
+            d_upper[:, nests, lambda_index] += inclusive
+            if self.nest_grid.values.shape[1]:
+                d_nest = self.nest_grid.jacobian(cases).view(n_cases, n_items, width)
+                d_upper += torch.bmm(within[:, None, :] * members, d_nest)  # W: constant in m
+            mean_upper = torch.bmm(share[:, None, :], d_upper)[:, 0]  # (C, P+1) Gbar
+            hessian += _gram(expected_scaled, pi, width) - _gram(d_upper, weight * share, width)
+        hessian += _gram(mean_upper, weights, width)
+        # the chosen item's own lambda terms: -(a dl' + dl a') / l^2 + 2 (s_i - A_k) / l^2 dl dl'
+        chosen_terms.index_add_(0, chosen_nest, chosen_scale[:, None] * chosen_utility)
+        hessian.index_add_(0, lambda_index, chosen_terms)
+        hessian.index_add_(1, lambda_index, chosen_terms.T)
+        own = 2.0 * weights * (scaled[rows, item] - mean_scaled[rows, chosen_nest])
+        own = own / chosen_lambda**2  # (C,)
+        diagonal = torch.zeros(n_nests, **options).index_add_(0, chosen_nest, own)
+        hessian.index_put_((lambda_index, lambda_index), diagonal, accumulate=True)
+        return hessian
+
+
+def _gram(vectors: torch.Tensor, scale: torch.Tensor, width: int) -> torch.Tensor:
+    """sum over rows of scale * v v'. (..., width), (...) -> (width, width)"""
+    flat = vectors.reshape(-1, width)
+    return (flat * scale.reshape(-1, 1)).T @ flat
