@@ -23,6 +23,12 @@ class Model(Protocol):
     def hessian(self, theta: torch.Tensor) -> torch.Tensor: ...
 
 
+# Newton starts from a fit on every 10th case when there are this many cases, and at least
+# this many cases per parameter in that tenth
+WARM_START_CASES = 100_000
+WARM_START_EVERY = 10
+WARM_START_CASES_PER_PARAMETER = 200
+
 # a last Newton step shorter than this (in standard-error units) keeps its Hessian
 STALE_HESSIAN_DECREMENT = 1e-5
 
@@ -69,6 +75,12 @@ class Objective:
         self.penalised = penalised.to(start.dtype)
         self.l2_penalty = l2_penalty
 
+    def on(self, model: Model, share: float) -> Objective:
+        """The same objective on another model holding `share` of the cases."""
+        objective = Objective(model, self.free, self.start, self.penalised.bool(), 0.0)
+        objective.l2_penalty = self.l2_penalty * share  # the penalty keeps its weight
+        return objective
+
     def expand(self, theta: torch.Tensor) -> torch.Tensor:  # (P_layout,)
         return self.start.index_put((self.free,), theta)
 
@@ -104,6 +116,7 @@ def maximise(
         method = "newton" if theta.numel() <= limit else "lbfgs"
     started = time.perf_counter()
     if method == "newton":
+        theta = _warm_start(objective, theta, options, lower, upper)
         outcome = _newton(objective, theta, options, lower, upper, progress)
     else:
         outcome = _lbfgs(objective, theta, options, lower, upper, progress)
@@ -116,6 +129,33 @@ def maximise(
             outcome = polished
     outcome.seconds = time.perf_counter() - started
     return outcome
+
+
+def _warm_start(objective, theta, options, lower, upper) -> torch.Tensor:
+    """Newton on every 10th case first, when there are many cases per parameter.
+
+    Its optimum lies within a few standard errors of the full one, so the full fit then
+    needs two or three Newton steps instead of five or six; each subsample step costs a tenth
+    of a full one. The full fit's convergence test is unchanged. Models with user-specific
+    terms are left alone: a tenth of each user's cases may not identify them.
+    """
+    model = objective.model
+    n_cases = getattr(model, "n_cases", 0)
+    by_user = getattr(getattr(model, "grid", model), "by_user", True)
+    subsample = getattr(model, "subsample", None)
+    if (
+        subsample is None
+        or by_user
+        or n_cases < WARM_START_CASES
+        or n_cases < WARM_START_EVERY * WARM_START_CASES_PER_PARAMETER * theta.numel()
+    ):
+        return theta
+    smaller = subsample(WARM_START_EVERY)
+    if smaller is None:
+        return theta
+    outcome = _newton(objective.on(smaller, 1.0 / WARM_START_EVERY), theta, options, lower,
+                      upper, None)  # fmt: skip
+    return outcome.theta if outcome.converged and torch.isfinite(outcome.theta).all() else theta
 
 
 def _clip(theta: torch.Tensor, lower: torch.Tensor | None, upper: torch.Tensor | None):

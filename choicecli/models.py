@@ -174,6 +174,32 @@ class ConditionalLogit:
             self.grid_index = grid_index  # (J, F)
         return arranged
 
+    def subsample_rows(self, every: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Offered slots of every `every`-th case, their compact case numbers and items."""
+        kept_case = torch.arange(self.n_cases, device=self.case_index.device) % every == 0
+        keep = kept_case[self.case_index]  # (S,)
+        if self.mask is not None:
+            keep &= self.mask
+        slots = keep.nonzero().flatten()  # (R',)
+        return slots, self.case_index[slots] // every, self.item_index[slots]
+
+    def subsample(self, every: int) -> ConditionalLogit:
+        """The same model on every `every`-th case (a copy of a 1/every share of the values),
+        for a cheap starting point of the full fit."""
+        slots, case_index, item_index = self.subsample_rows(every)
+        cases = torch.arange(0, self.n_cases, every, device=slots.device)  # (N',)
+        return ConditionalLogit(
+            [_take_rows(block, slots) for block in self.blocks],
+            self.n_parameters,
+            case_index,
+            item_index,
+            int(cases.shape[0]),
+            self.n_items,
+            None if self.user_of_case is None else self.user_of_case[cases],
+            None if self.chosen is None else self.chosen[slots],
+            self.case_weights[cases] if self.weighted else None,
+        )
+
     # -- likelihood -------------------------------------------------------------------------
     def utility(self, theta: torch.Tensor, cases: slice | None = None) -> torch.Tensor:
         """Utility of every slot (S,), or of the slots of a block of cases (dense layouts)."""
@@ -232,6 +258,8 @@ class ConditionalLogit:
 
     def value_and_gradient(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-likelihood and its gradient: sum_r w (y_r - p_r) z_r. ((), (P,))"""
+        if self.dense:
+            return self._dense_value_and_gradient(theta)
         utility = self._masked_utility(theta)  # (S,)
         normaliser = self._log_normaliser(utility)  # (N,)
         value = (self.case_weights * (utility[self.chosen_slot] - normaliser)).sum()
@@ -241,6 +269,43 @@ class ConditionalLogit:
         if self.weighted:
             residual = self.case_weights[self.case_index] * residual
         return value, self.accumulate(residual)
+
+    def _dense_value_and_gradient(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """value_and_gradient in one pass over blocks of cases: every temporary is a block's,
+        so it stays in cache and is reused, and each block's values are read while warm."""
+        n_items, n_features = self.n_items, self.values.shape[1]
+        coefficients = torch.cat([theta, theta.new_zeros(1)])[self.grid_index]  # (J, F)
+        probability = torch.empty(self.n_slots, dtype=theta.dtype, device=theta.device)  # (S,)
+        per_column = theta.new_zeros(n_items, n_features)  # (J, F)
+        per_group = [theta.new_zeros(b.layout_index.shape) for b in self.other_blocks]  # (G, K)
+        value = theta.new_zeros(())
+        for slots, cases in self._chunks():
+            n_cases = cases.stop - cases.start
+            grid = self.values[slots].view(n_cases, n_items, n_features)  # (C, J, F)
+            utility = (grid * coefficients).sum(dim=2)  # (C, J)
+            for block in self.other_blocks:
+                group = theta[block.layout_index][block.code[slots]]  # (s, K)
+                utility += (block.x[slots] * group).sum(dim=1).view(n_cases, n_items)
+            if self.mask is not None:
+                utility.masked_fill_(~self.mask[slots].view(n_cases, n_items), -torch.inf)
+            normaliser = utility.logsumexp(dim=1)  # (C,)
+            chosen = utility.view(-1)[self.chosen_slot[cases] - slots.start]  # (C,)
+            weights = self.case_weights[cases]  # (C,)
+            value += (weights * (chosen - normaliser)).sum()
+            block_probability = torch.exp(utility - normaliser[:, None])  # (C, J)
+            probability[slots] = block_probability.view(-1)
+            residual = self.chosen[slots].view(n_cases, n_items) - block_probability  # (C, J)
+            if self.weighted:
+                residual *= weights[:, None]
+            per_column += (grid * residual[:, :, None]).sum(dim=0)
+            for block, sums in zip(self.other_blocks, per_group, strict=True):
+                sums.index_add_(0, block.code[slots], block.x[slots] * residual.view(-1, 1))
+        self._last = (theta.clone(), probability)  # a Newton step asks the Hessian here next
+        gradient = theta.new_zeros(self.n_parameters + 1)  # the last entry collects nothing
+        gradient.index_add_(0, self.grid_index.reshape(-1), per_column.reshape(-1))
+        for block, sums in zip(self.other_blocks, per_group, strict=True):
+            gradient.index_add_(0, block.layout_index.reshape(-1), sums.reshape(-1))
+        return value, gradient[:-1]
 
     def accumulate(self, residual: torch.Tensor) -> torch.Tensor:
         """sum over slots of residual[s] * d utility[s] / d theta. (S,) -> (P,)"""
@@ -282,13 +347,20 @@ class ConditionalLogit:
 
     def second_moments(self) -> torch.Tensor:
         """Sum over rows of each parameter's squared design value. (P,)"""
-        moments = torch.zeros(self.n_parameters, dtype=self.values.dtype, device=self.values.device)
-        for block in self.blocks:
+        moments = torch.zeros(self.n_parameters + 1, dtype=self.values.dtype,
+                              device=self.values.device)  # fmt: skip
+        if self.dense:  # dense blocks by column per alternative, one pass over the values
+            per_column = self.values.new_zeros(self.grid_index.shape)  # (J, F)
+            for slots, cases in self._chunks():
+                grid = self.values[slots].view(cases.stop - cases.start, self.n_items, -1)
+                per_column += (grid * grid).sum(dim=0)
+            moments.index_add_(0, self.grid_index.reshape(-1), per_column.reshape(-1))
+        for block in self.other_blocks if self.dense else self.blocks:
             per_group = torch.zeros(
                 block.layout_index.shape, dtype=moments.dtype, device=moments.device
             ).index_add_(0, block.code, block.x**2)  # (G, K)
             moments.index_add_(0, block.layout_index.reshape(-1), per_group.reshape(-1))
-        return moments
+        return moments[:-1]
 
     # -- Hessian ----------------------------------------------------------------------------
     def hessian(self, theta: torch.Tensor) -> torch.Tensor:
@@ -477,6 +549,7 @@ class NestedLogit:
         self.n_rows = int(case_index.shape[0])
         self.chosen = chosen
         device = case_index.device
+        self.weighted = case_weights is not None
         self.case_weights = (
             case_weights
             if case_weights is not None
@@ -529,6 +602,25 @@ class NestedLogit:
         first_row = torch.full((self.n_pairs,), self.n_rows, dtype=torch.long, device=device)
         rows = torch.arange(self.n_rows, device=device)
         self.first_row_of_pair = first_row.scatter_reduce(0, self.pair_of_row, rows, "amin")
+
+    def subsample(self, every: int) -> NestedLogit | None:
+        """The same model on every `every`-th case (dense layouts only), as a starting point."""
+        if self.grid is None:
+            return None
+        slots, case_index, item_index = self.grid.subsample_rows(every)
+        cases = torch.arange(0, self.n_cases, every, device=slots.device)  # (N',)
+        return NestedLogit(
+            [_take_rows(block, slots) for block in self.grid.blocks],
+            [_take_rows(block, slots) for block in self.nest_grid.blocks],
+            self.lambda_index,
+            self.nest_of_item,
+            self.n_parameters,
+            case_index,
+            item_index,
+            int(cases.shape[0]),
+            None if self.grid.chosen is None else self.grid.chosen[slots],
+            self.case_weights[cases] if self.weighted else None,
+        )
 
     def _grid_terms(self, theta: torch.Tensor, cases: slice | None = None):
         """Dense layout: scaled utilities (C, J), inclusive values, upper utilities (C, M)
@@ -800,3 +892,9 @@ def _gram(vectors: torch.Tensor, scale: torch.Tensor, width: int) -> torch.Tenso
     """sum over rows of scale * v v'. (..., width), (...) -> (width, width)"""
     flat = vectors.reshape(-1, width)
     return (flat * scale.reshape(-1, 1)).T @ flat
+
+
+def _take_rows(block: Block, rows: torch.Tensor) -> Block:
+    """The block restricted to some of its rows (copies of x and code)."""
+    return Block(block.term, block.level, block.features, block.x[rows], block.code[rows],
+                 block.layout_index)  # fmt: skip

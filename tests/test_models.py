@@ -152,7 +152,8 @@ def test_padded_and_ragged_layouts_agree(formula):
         )  # fmt: skip
         value, gradient = model.value_and_gradient(theta)
         results[model.layout] = (value, gradient, model.hessian(theta),
-                                 model.row_log_probabilities(theta))  # fmt: skip
+                                 model.row_log_probabilities(theta),
+                                 model.second_moments())  # fmt: skip
     padded, ragged = results["padded"], results["ragged"]
     for left, right in zip(padded, ragged, strict=True):
         assert torch.allclose(left, right, atol=1e-12)
@@ -253,3 +254,71 @@ def test_nested_structured_hessian_matches_autograd(shared_lambda):
     assert torch.allclose(gradient, torch.func.grad(model.log_likelihood)(theta), atol=1e-10)
     auto_hessian = torch.func.hessian(model.log_likelihood)(theta)
     assert torch.allclose(model.hessian(theta), auto_hessian, atol=1e-10)
+
+
+@pytest.mark.parametrize("nests", [None, "n1=i0,i3;n2=i2,i1;n3=i4"])
+def test_subsample_holds_every_tenth_case(nests):
+    """The warm start's model: the same likelihood, summed over cases 0, 10, 20, ..."""
+    frame = random_nested_frame(n_cases=200, seed=9)
+    roles = Roles(case="case", item="item", choice="choice", weights="weight")
+    formula = "(x|constant) + (1|item) + (z|item)"
+    problem = problem_for(frame, formula, nests=nests, roles=roles)
+    smaller = problem.model(torch.device("cpu")).subsample(10)
+    kept = frame.filter(pl.col("case") % 10 == 0)
+    expected = problem_for(kept, formula, nests=nests, roles=roles).model(torch.device("cpu"))
+    assert smaller.n_cases == expected.n_cases == 20
+    theta = random_theta(len(problem.parameters), seed=31)
+    if nests:
+        theta[problem.lambda_index] = torch.tensor([0.6, 0.9, 1.1], dtype=torch.float64)
+    for left, right in zip(
+        (*smaller.value_and_gradient(theta), smaller.hessian(theta)),
+        (*expected.value_and_gradient(theta), expected.hessian(theta)),
+        strict=True,
+    ):
+        assert torch.allclose(left, right, atol=1e-12)
+
+
+def simulated_frame(n_cases: int, seed: int) -> pl.DataFrame:
+    """Choices drawn from a logit with known coefficients; about a fifth of rows missing."""
+    frame = random_nested_frame(n_cases, seed).drop("choice")
+    generator = torch.Generator().manual_seed(seed)
+    intercept = {"i0": 0.0, "i1": 0.5, "i2": -0.3, "i3": 0.2, "i4": 0.8}
+    utility = (
+        -0.8 * torch.tensor(frame.get_column("x").to_numpy())
+        + 0.4 * torch.tensor(frame.get_column("z").to_numpy())
+        + torch.tensor([intercept[i] for i in frame.get_column("item").to_list()])
+    )
+    gumbel = -torch.log(-torch.log(torch.rand(utility.shape, generator=generator)))
+    frame = frame.with_columns(noisy=pl.Series((utility + gumbel).numpy()))
+    best = pl.col("noisy") == pl.col("noisy").max().over("case")
+    return frame.with_columns(choice=best.cast(pl.Int64)).drop("noisy")
+
+
+@pytest.mark.parametrize("nests", [None, "n1=i0,i3;n2=i2,i1;n3=i4"])
+def test_warm_start_reaches_the_same_optimum(monkeypatch, nests):
+    from choicecli import estimate
+    from choicecli.fit import FitOptions, fit_model
+    from choicecli.problem import ModelSpec
+
+    frame = simulated_frame(n_cases=3000, seed=13)
+    spec = ModelSpec(
+        formula="(x|constant) + (1|item) + (z|item)",
+        roles=Roles(case="case", item="item", choice="choice"),
+        nests=nests,
+    )
+    cold, _ = fit_model(frame, spec, FitOptions(), where="test")
+    started = []
+    original = estimate._newton
+
+    def newton(objective, *args):
+        started.append(objective.model.n_cases)
+        return original(objective, *args)
+
+    monkeypatch.setattr(estimate, "_newton", newton)
+    monkeypatch.setattr(estimate, "WARM_START_CASES", 1000)
+    monkeypatch.setattr(estimate, "WARM_START_CASES_PER_PARAMETER", 5)
+    warm, _ = fit_model(frame, spec, FitOptions(), where="test")
+    assert started == [300, 3000]  # every 10th case first, then all of them
+    assert warm.fit["converged"]  # its speed is measured in make bench, not here
+    assert warm.fit["log_likelihood"] == pytest.approx(cold.fit["log_likelihood"], abs=1e-9)
+    assert torch.allclose(warm.estimate, cold.estimate, atol=1e-7, equal_nan=True)
