@@ -505,10 +505,29 @@ class ConditionalLogit:
         if sums.shape[0] == 1:
             sums[0] += weighted.T @ compact
             return
-        outer = weighted[:, :, None] * compact[:, None, :]  # (C, Q, Q)
-        sums.view(sums.shape[0], -1).index_add_(
-            0, self.user_of_case[cases], outer.reshape(n_cases, -1)
-        )
+        # shared columns map to the same parameters for every user: one product over all
+        # cases, kept under user 0; only the rows of user-specific columns go per user
+        shared, own = self._compact_by_user(n_case_level)
+        sums[0, shared[:, None], shared[None, :]] += weighted[:, shared].T @ compact[:, shared]
+        outer = weighted[:, own, None] * compact[:, None, :]  # (C, Qu, Q)
+        per_user = torch.zeros(sums.shape[0], own.numel() * compact.shape[1], dtype=sums.dtype,
+                               device=sums.device)  # fmt: skip
+        per_user.index_add_(0, self.user_of_case[cases], outer.reshape(n_cases, -1))
+        per_user = per_user.view(sums.shape[0], own.numel(), compact.shape[1])  # (U', Qu, Q)
+        sums[:, own, :] += per_user
+        sums[:, shared[:, None], own[None, :]] += per_user[:, :, shared].transpose(1, 2)
+
+    def _compact_by_user(self, n_case_level: int):
+        """Compact per-case columns (case-level ones, then J x item-level ones): positions of
+        those shared by all users and of the user-specific ones. ((Qs,), (Qu,))"""
+        by_user = [
+            block.term.variation.by_user for block in self.blocks for _ in range(block.n_features)
+        ]  # one flag per value column, in value-column order
+        flags = torch.tensor(
+            by_user[:n_case_level] + by_user[n_case_level:] * self.n_items, dtype=torch.bool,
+            device=self.values.device,
+        )  # fmt: skip
+        return (~flags).nonzero().flatten(), flags.nonzero().flatten()
 
 
 class NestedLogit:
