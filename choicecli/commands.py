@@ -76,7 +76,7 @@ def run_fit(request: FitRequest, console: Console) -> int:
     from choicecli.estimate import EstimateOptions
     from choicecli.fit import FitOptions, fit_model
     from choicecli.io import clean_stale_temporaries, read_table
-    from choicecli.problem import ModelSpec
+    from choicecli.problem import ModelSpec, table_columns
     from choicecli.report import fit_summary
 
     if request.max_iter < 1 or request.tol <= 0 or request.l2 < 0:
@@ -84,7 +84,6 @@ def run_fit(request: FitRequest, console: Console) -> int:
     if request.lambda_init <= 0:
         raise UsageError(f"--lambda-init must be positive, not {request.lambda_init}")
     clean_stale_temporaries(request.model)
-    frame, digest = read_table(request.data, request.input_format)
     spec = ModelSpec(
         formula=request.formula,
         roles=Roles(**request.roles),
@@ -96,6 +95,10 @@ def run_fit(request: FitRequest, console: Console) -> int:
         lambda_bounds=_bounds(request.lambda_bounds),
         base=request.base,
         missing=request.missing,
+    )
+    # only the columns the model reads; fit_model takes the frame over (the data is held once)
+    frame, digest = read_table(
+        request.data, request.input_format, select=lambda columns: table_columns(spec, columns)
     )
     options = FitOptions(
         estimate=EstimateOptions(
@@ -120,9 +123,11 @@ def run_fit(request: FitRequest, console: Console) -> int:
             def progress(iteration: int, value: float, norm: float) -> None:
                 status.update(f"iteration {iteration}: log-likelihood {value:.6f}")
 
-            result, _ = fit_model(frame, spec, options, where=where, progress=progress)
+            result, _ = fit_model(
+                frame, spec, options, where=where, progress=progress, consume=True
+            )
     else:
-        result, _ = fit_model(frame, spec, options, where=where)
+        result, _ = fit_model(frame, spec, options, where=where, consume=True)
     result.provenance = {
         "input": str(Path(request.data).resolve()) if request.data != "-" else "-",
         "input_sha256": digest,

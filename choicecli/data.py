@@ -2,10 +2,12 @@
 
 Notation: R rows (one per case x offered alternative), N cases, J alternatives, U users.
 Rows are sorted by case, then alternative; every per-row tensor below follows that order.
+The tensors may share memory with the input table: they are read, never written in place.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import polars as pl
@@ -57,11 +59,12 @@ class ChoiceData:
     item_index: torch.Tensor  # (R,) long, 0..J-1
     user_of_case: torch.Tensor | None  # (N,) long
     chosen: torch.Tensor | None  # (R,) float64 0/1, one 1 per case
-    columns: dict[str, torch.Tensor]  # name -> (R,) float64
-    source_row: torch.Tensor  # (R,) long: the row's position in the input table
+    columns: dict[str, torch.Tensor]  # name -> (R,) float64; empty once released
+    source_row: torch.Tensor | None  # (R,) long: the row's position in the input table
     case_weights: torch.Tensor | None = None  # (N,) float64
     notes: list[str] = field(default_factory=list)  # what was done to the data, as asked
     warnings: list[str] = field(default_factory=list)  # what --strict turns into an error
+    released: dict[str, bool] = field(default_factory=dict)  # released column -> constant in item
 
     @property
     def n_rows(self) -> int:
@@ -85,6 +88,29 @@ class ChoiceData:
 
     def alternatives_per_case(self) -> torch.Tensor:  # (N,)
         return torch.bincount(self.case_index, minlength=self.n_cases)
+
+    def constant_within_item(self, name: str) -> bool:
+        """Whether column `name` takes one value per alternative (False if it is no column)."""
+        if name in self.released:
+            return self.released[name]
+        if name not in self.columns:
+            return False
+        values = self.columns[name]  # (R,)
+        n_rows = values.shape[0]
+        for stop in dict.fromkeys((min(n_rows, 4096), n_rows)):  # a prefix settles most columns
+            items = self.item_index[:stop]
+            low = torch.full((self.n_items,), torch.inf, dtype=values.dtype)
+            high = torch.full((self.n_items,), -torch.inf, dtype=values.dtype)
+            low = low.scatter_reduce(0, items, values[:stop], "amin")  # (J,)
+            high = high.scatter_reduce(0, items, values[:stop], "amax")  # (J,)
+            if bool((high > low).any()):
+                return False
+        return bool((high == low).all())
+
+    def release_columns(self) -> None:
+        """Drop the value columns (a model holds its own copy), keeping what a fit still asks."""
+        self.released |= {name: self.constant_within_item(name) for name in self.columns}
+        self.columns = {}
 
 
 def check_columns(frame: pl.DataFrame, names: list[str], where: str) -> None:
@@ -129,10 +155,20 @@ def load_choice_data(
     item_labels: list | None = None,
     user_labels: list | None = None,
     drop_single_alternative: bool = True,
+    consume: bool = False,
 ) -> ChoiceData:
-    """Validate the long table and turn it into tensors (no Python loop over rows or cases)."""
+    """Validate the long table and turn it into tensors (no Python loop over rows or cases).
+
+    Columns become tensors one at a time, without a copy where their type and order allow.
+    consume: the caller hands the frame over; it is left empty, so each column's memory goes
+    as its tensor comes and the data is held once (and `source_row` is None: no table is left
+    for it to point into).
+    """
     check_columns(frame, roles.names() + used_columns, where)
     table = frame.select(list(dict.fromkeys(roles.names() + used_columns))).with_row_index(ROW)
+    if consume:
+        for name in frame.columns:
+            frame.drop_in_place(name)
     notes: list[str] = []
     table = _check_numeric(table, used_columns + [c for c in (roles.weights,) if c], where)
     table = _handle_missing(table, roles, used_columns, missing, where, notes)
@@ -142,32 +178,45 @@ def load_choice_data(
         table = _apply_availability(table, roles, where, notes)
     if table.height == 0:
         raise DataError(f"{where}: no rows left to fit after the checks above")
+    roles_used = set(roles.names())
+    features = {  # the value columns leave polars first: its work below reuses their memory
+        name: (_tensor(table.get_column(name)) if name in roles_used else _take(table, name))
+        for name in used_columns
+    }
     if item_labels is None:
         item_labels = sorted_labels(table.get_column(roles.item))
     case_labels = sorted_labels(table.get_column(roles.case))
     table = table.with_columns(
         encode(table, roles.item, item_labels, "alternative", where).alias("__item"),
         (pl.col(roles.case).rank("dense").cast(pl.Int64) - 1).alias("__case"),
-    ).sort(["__case", "__item"])
-    case_index = _tensor(table, "__case")  # (R,)
-    item_index = _tensor(table, "__item")  # (R,)
+    )
+    case_index = _take(table, "__case").long()  # (R,) in table order
+    item_index = _take(table, "__item").long()  # (R,)
+    order = _sort_order(case_index, item_index, len(item_labels))  # None: already sorted
+
+    def in_order(values: torch.Tensor) -> torch.Tensor:
+        return values if order is None else values[order]
+
+    case_index, item_index = in_order(case_index), in_order(item_index)
     _check_duplicates(case_index, item_index, case_labels, item_labels, where)
     users = None
     if roles.user:
         if user_labels is None:
             user_labels = sorted_labels(table.get_column(roles.user))
         user_codes = encode(table, roles.user, user_labels, "user", where)
-        users = torch.from_numpy(user_codes.to_numpy().copy())
+        users = in_order(torch.from_numpy(user_codes.to_numpy().copy()))
     within_case = [(roles.user, "user", users)]
     if roles.session:
-        sessions = _tensor(table.select(pl.col(roles.session).rank("dense")), roles.session)
-        within_case.append((roles.session, "session", sessions))
+        sessions = table.select(pl.col(roles.session).rank("dense")).to_series()
+        within_case.append((roles.session, "session", in_order(_tensor(sessions).long())))
+    weights = None
     if roles.weights:
-        within_case.append((roles.weights, "weight", _tensor(table, roles.weights)))
+        weights = in_order(_take(table, roles.weights).double())
+        within_case.append((roles.weights, "weight", weights))
     for name, what, values in within_case:
         if values is not None:
             _check_constant_within_case(case_index, values, case_labels, name, what, where)
-    chosen = _tensor(table, "__chosen").double() if roles.choice else None
+    chosen = in_order(_take(table, "__chosen")).double() if roles.choice else None
     if chosen is not None:
         _check_one_chosen(case_index, chosen, case_labels, roles.choice, where)
     keep = torch.ones(case_index.shape[0], dtype=torch.bool)
@@ -191,10 +240,16 @@ def load_choice_data(
             v if v is None else v[keep] for v in (item_index, users, chosen)
         )
     first_row = _first_row_of_case(case_index, len(case_labels))  # (N,)
-    columns = {name: kept(_tensor(table, name).double()) for name in used_columns}
-    weights = None
-    if roles.weights:
-        weights = kept(_tensor(table, roles.weights).double())[first_row]
+    rows = order  # (R,) the table's rows in output order; None: all of them, as they are
+    if dropped:
+        rows = keep.nonzero().flatten() if order is None else order[keep]
+
+    def in_rows(column: torch.Tensor) -> torch.Tensor:
+        return column if rows is None else column[rows]
+
+    columns = {name: in_rows(features.pop(name).double()) for name in used_columns}
+    if weights is not None:
+        weights = kept(weights)[first_row]
     return ChoiceData(
         roles=roles,
         item_labels=item_labels,
@@ -205,18 +260,48 @@ def load_choice_data(
         user_of_case=None if users is None else users[first_row],
         chosen=chosen,
         columns=columns,
-        source_row=kept(_tensor(table, ROW).long()),
+        source_row=None if consume else in_rows(_take(table, ROW).long()),
         case_weights=weights,
         notes=notes,
         warnings=warnings,
     )
 
 
-def _tensor(table: pl.DataFrame, name: str) -> torch.Tensor:
-    series = table.get_column(name)
+def _tensor(series: pl.Series) -> torch.Tensor:
+    """The series as a tensor: a read-only view of its memory if it is one chunk, else a copy.
+
+    The copy is torch's own, joined from views of the chunks (polars would rechunk into
+    memory of its own allocator, which keeps freed pages for a while).
+    """
     if series.dtype == pl.Boolean:
         series = series.cast(pl.Int8)
-    return torch.from_numpy(series.to_numpy(writable=True))  # one copy at most
+    with warnings.catch_warnings():  # read-only memory: these tensors are never written
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        parts = [torch.from_numpy(chunk.to_numpy()) for chunk in series.get_chunks()]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat(parts) if parts else torch.from_numpy(series.to_numpy())
+
+
+def _take(table: pl.DataFrame, name: str) -> torch.Tensor:
+    """Move a column out of the table into a tensor (the table no longer holds it)."""
+    return _tensor(table.drop_in_place(name))
+
+
+def _sort_order(
+    case_index: torch.Tensor, item_index: torch.Tensor, n_items: int
+) -> torch.Tensor | None:
+    """Positions that sort the rows by (case, alternative); None if they already are. (R,)"""
+    key = case_index * n_items + item_index  # (R,)
+    if bool((key[1:] >= key[:-1]).all()):
+        return None
+    return torch.argsort(key, stable=True)
+
+
+def _filter_rows(table: pl.DataFrame, keep: pl.Expr) -> pl.DataFrame:
+    """The rows where `keep` holds, column by column: the table is left empty, never held twice."""
+    mask = table.select(keep).to_series()
+    return pl.DataFrame([table.drop_in_place(name).filter(mask) for name in table.columns])
 
 
 def _first_row_of_case(case_index: torch.Tensor, n_cases: int) -> torch.Tensor:
@@ -284,7 +369,7 @@ def _handle_missing(
     if bad_cases.len() == 0:
         return table
     if missing == "drop":
-        kept = table.filter(~pl.col(case).is_in(bad_cases.implode()))
+        kept = _filter_rows(table, ~pl.col(case).is_in(bad_cases.implode()))
         notes.append(
             f"dropped {bad_cases.len()} cases with null, NaN or infinite values in used columns "
             f"(--missing drop); {kept.get_column(case).n_unique()} cases remain"
@@ -341,9 +426,10 @@ def _apply_availability(
                 f"{where}: {bad.height} cases choose an alternative marked unavailable in "
                 f"{name!r} (first: case {bad.get_column(roles.case)[0]!r}); fix the data"
             )
-    kept = table.filter(available)
-    if kept.height < table.height:
-        notes.append(f"{table.height - kept.height} rows marked unavailable in {name!r} left out")
+    height = table.height
+    kept = _filter_rows(table, available)
+    if kept.height < height:
+        notes.append(f"{height - kept.height} rows marked unavailable in {name!r} left out")
     return kept
 
 

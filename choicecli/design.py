@@ -53,7 +53,7 @@ class Block:
     term: Term
     level: Level
     features: list[str]
-    x: torch.Tensor  # (R, K) float64
+    x: torch.Tensor | None  # (R, K) float64; None once released (the model holds a copy)
     code: torch.Tensor  # (R,) long in [0, G)
     layout_index: torch.Tensor  # (G, K) long: parameter numbers in the layout
 
@@ -149,10 +149,12 @@ def build_blocks(
         columns = [ones if name == "intercept" else data.columns[name] for name in names]
         # one column: a view, not a copy (the data may be large)
         x = columns[0].unsqueeze(1) if len(columns) == 1 else torch.stack(columns, dim=1)  # (R, K)
-        code = torch.zeros(1, dtype=torch.long).expand(data.n_rows)
-        if term.variation.by_user:
-            code = users * (len(level.labels) if term.variation.by_item else 1)
-        if term.variation.by_item:
-            code = code + item_codes
+        variation = term.variation
+        if variation.by_user and variation.by_item:
+            code = users * len(level.labels) + item_codes
+        elif variation.by_user or variation.by_item:  # shared with the data, not copied
+            code = users if variation.by_user else item_codes
+        else:
+            code = torch.zeros(1, dtype=torch.long).expand(data.n_rows)
         blocks.append(Block(term, level, names, x, code, index))
     return blocks

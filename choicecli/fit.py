@@ -54,16 +54,26 @@ def fit_model(
     *,
     where: str,
     progress: Callable[[int, float, float], None] | None = None,
+    consume: bool = False,
 ) -> tuple[FitResult, Problem]:
-    """Everything between a read table and a FitResult."""
+    """Everything between a read table and a FitResult.
+
+    consume: the caller hands the frame over (it is left empty) and the problem drops its
+    values once the model holds a copy, so the data is held once; the returned problem can
+    then build no further model.
+    """
     started = time.perf_counter()
     device = resolve_device(options.device)
-    problem = build_problem(frame, spec, where)
+    problem = build_problem(frame, spec, where, consume=consume)
     model = problem.model(device)
     warnings = list(problem.warnings)
     # the rank check runs on the CPU; the conditional logit there is the fit's own model
     reusable = not problem.nested and device.type == "cpu"
+    if consume and reusable:
+        problem.release_values()  # the model holds a copy: free this one before the rank check
     unidentified = _unidentified(problem, warnings, model if reusable else None)
+    if consume:
+        problem.release_values()  # a GPU or nested fit's rank check read the problem's copy
     if warnings and options.strict:
         raise ModelError(f"--strict: {warnings[0]}")
     warnings = list(problem.notes) + warnings
@@ -301,15 +311,7 @@ def _dependence_reason(problem: Problem, found) -> str:
 
 
 def _constant_within_item(problem: Problem, feature: str | None) -> bool:
-    data = problem.data
-    if feature not in data.columns:
-        return False
-    values = data.columns[feature]
-    low = torch.full((data.n_items,), torch.inf, dtype=values.dtype)
-    high = torch.full((data.n_items,), -torch.inf, dtype=values.dtype)
-    low = low.scatter_reduce(0, data.item_index, values, "amin")
-    high = high.scatter_reduce(0, data.item_index, values, "amax")
-    return bool((high == low).all())
+    return feature is not None and problem.data.constant_within_item(feature)
 
 
 def _user_blocks(problem: Problem) -> list[Block]:

@@ -11,7 +11,7 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import polars as pl
@@ -38,8 +38,16 @@ def input_format(path: str, declared: str | None, head: bytes = b"") -> str:
     return "parquet" if head.startswith(PARQUET_MAGIC) else "csv"
 
 
-def read_table(path: str, declared_format: str | None = None) -> tuple[pl.DataFrame, str]:
-    """Read a long-format table; returns the frame and the SHA-256 of the bytes read."""
+def read_table(
+    path: str,
+    declared_format: str | None = None,
+    select: Callable[[list[str]], list[str]] | None = None,
+) -> tuple[pl.DataFrame, str]:
+    """Read a long-format table; returns the frame and the SHA-256 of the bytes read.
+
+    `select` picks, from the table's column names, the ones to keep: a Parquet file reads
+    only those (its bytes are never held whole), CSV and stdin are parsed whole first.
+    """
     if path == "-":
         raw = sys.stdin.buffer.read()
         where = "<stdin>"
@@ -49,6 +57,8 @@ def read_table(path: str, declared_format: str | None = None) -> tuple[pl.DataFr
             raise DataError(f"{path}: no such file")
         if file.is_dir():
             raise DataError(f"{path}: is a directory, expected a Parquet or CSV file")
+        if _is_parquet_file(file, declared_format):
+            return _read_parquet_file(file, path, select), sha256_file(file)
         raw = file.read_bytes()
         where = path
     if not raw.strip():
@@ -58,7 +68,7 @@ def read_table(path: str, declared_format: str | None = None) -> tuple[pl.DataFr
     frame = _read_parquet(raw, where) if fmt == "parquet" else _read_csv(raw, where)
     if frame.height == 0:
         raise DataError(f"{where}: the table has no rows")
-    return frame, digest
+    return (frame if select is None else frame.select(select(frame.columns))), digest
 
 
 def scan_table(path: str, declared_format: str | None = None) -> tuple[pl.LazyFrame | None, str]:
@@ -80,6 +90,38 @@ def scan_table(path: str, declared_format: str | None = None) -> tuple[pl.LazyFr
     except Exception as exc:  # pyarrow raises several types for damaged files
         raise DataError(f"{path}: cannot read Parquet: {_first_line(exc)}") from exc
     return pl.scan_parquet(file), sha256_file(file)
+
+
+def _is_parquet_file(file: Path, declared_format: str | None) -> bool:
+    """A file that is Parquet by its format and has both magic numbers (else: read whole)."""
+    if file.stat().st_size < 2 * len(PARQUET_MAGIC):
+        return False
+    with file.open("rb") as handle:
+        head = handle.read(len(PARQUET_MAGIC))
+        handle.seek(-len(PARQUET_MAGIC), os.SEEK_END)
+        tail = handle.read()
+    fmt = input_format(str(file), declared_format, head)
+    return fmt == "parquet" and head == PARQUET_MAGIC and tail == PARQUET_MAGIC
+
+
+def _read_parquet_file(
+    file: Path, where: str, select: Callable[[list[str]], list[str]] | None
+) -> pl.DataFrame:
+    """A Parquet file straight from disk, only the selected columns."""
+    columns = None
+    if select is not None:
+        try:
+            names = list(pl.read_parquet_schema(file))
+        except Exception as exc:  # polars/pyarrow raise many types for corrupt files
+            raise DataError(f"{where}: cannot read Parquet: {_first_line(exc)}") from exc
+        columns = select(names)
+    try:
+        frame = pl.read_parquet(file, columns=columns)
+    except Exception as exc:
+        raise DataError(f"{where}: cannot read Parquet: {_first_line(exc)}") from exc
+    if frame.height == 0:
+        raise DataError(f"{where}: the table has no rows")
+    return frame
 
 
 def _read_parquet(raw: bytes, where: str) -> pl.DataFrame:

@@ -12,7 +12,7 @@ import torch
 
 from choicecli.data import ChoiceData, Roles, load_choice_data
 from choicecli.design import Block, Level, Parameter, build_blocks, build_layout, resolve_features
-from choicecli.errors import FormulaError, UsageError
+from choicecli.errors import ChoiceError, FormulaError, UsageError
 from choicecli.formula import Term, parse_formula
 from choicecli.models import ConditionalLogit, NestedLogit
 from choicecli.nests import nest_codes, parse_nests
@@ -54,13 +54,26 @@ class Problem:
     lambda_index: torch.Tensor | None = None  # (M,)
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    released: bool = False  # the per-row values are gone: no further model can be built
 
     @property
     def nested(self) -> bool:
         return self.nests is not None
 
+    def release_values(self) -> None:
+        """Drop the per-row values once a model holds its own copy: the data is then held once."""
+        self.data.release_columns()
+        for block in self.item_blocks + self.nest_blocks:
+            block.x = None
+        self.released = True
+
+    def _check_values(self) -> None:
+        if self.released:
+            raise RuntimeError("the problem's values were released; build the problem again")
+
     def model(self, device: torch.device) -> ConditionalLogit | NestedLogit:
         """The likelihood object on `device`."""
+        self._check_values()
         data = self.data
         to = {"device": device}
         item_blocks = [_block_to(b, device) for b in self.item_blocks]
@@ -93,6 +106,7 @@ class Problem:
 
     def identification_model(self) -> ConditionalLogit:
         """The conditional logit with both levels' terms: the nested model at lambda = 1."""
+        self._check_values()
         data = self.data
         return ConditionalLogit(
             self.item_blocks + self.nest_blocks,
@@ -129,8 +143,12 @@ def build_problem(
     item_labels: list | None = None,
     user_labels: list | None = None,
     drop_single_alternative: bool = True,
+    consume: bool = False,
 ) -> Problem:
-    """Parse, validate and lay out everything a fit or a prediction needs."""
+    """Parse, validate and lay out everything a fit or a prediction needs.
+
+    consume: the caller hands the frame over; it is left empty (see `load_choice_data`).
+    """
     terms = parse_formula(spec.formula)
     role_names = spec.roles.names()
     features = [resolve_features(t, frame.columns, role_names, where) for t in terms]
@@ -158,6 +176,7 @@ def build_problem(
         item_labels=item_labels,
         user_labels=user_labels,
         drop_single_alternative=drop_single_alternative,
+        consume=consume,
     )
     base = _base_index(spec.base, data.item_labels)
     item_level = Level("item", data.item_labels, None, base)
@@ -208,6 +227,29 @@ def build_problem(
         notes=list(data.notes),
         warnings=list(data.warnings),
     )
+
+
+def table_columns(spec: ModelSpec, columns: list[str]) -> list[str]:
+    """The columns of a table (named `columns`) that `spec` reads, in table order.
+
+    All of them when a name does not resolve, so the error that follows lists the table's columns.
+    """
+    role_names = spec.roles.names()
+    wanted = set(role_names)
+    try:
+        terms = parse_formula(spec.formula)
+        if spec.nests is not None:
+            terms += parse_formula(spec.nest_formula, allow_empty=True, label="nest formula")
+        for term in terms:
+            if not term.is_intercept:
+                wanted.update(resolve_features(term, columns, role_names, "table"))
+    except ChoiceError:
+        return list(columns)
+    if isinstance(spec.nests, str) and spec.nests.startswith("col:"):
+        wanted.add(spec.nests[4:])
+    if not wanted <= set(columns):
+        return list(columns)
+    return [name for name in columns if name in wanted]
 
 
 def _base_index(base: str | None, item_labels: list) -> int:

@@ -1,0 +1,114 @@
+"""The data is held once: what `choice fit` reads, copies and lets go (issue 7, item 6).
+
+A sorted table's value columns become tensors without a copy; a fit that is handed the frame
+empties it, keeps no row positions, and drops the problem's values once the model holds its
+own; a Parquet file is read for the columns the model uses only. No timings or RSS here: the
+memory itself is measured by `make bench` (scenario mem_10m).
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import polars as pl
+import pytest
+import torch
+
+from choicecli.data import Roles, load_choice_data
+from choicecli.fit import FitOptions, fit_model
+from choicecli.io import read_table
+from choicecli.problem import ModelSpec, build_problem, table_columns
+
+ROLES = Roles(case="case", item="item", choice="choice")
+FORMULA = "(1|item) + (x|constant) + (z|item)"
+
+
+def long_table(n_cases: int = 500, n_items: int = 6, seed: int = 0) -> pl.DataFrame:
+    """A few thousand rows sorted by (case, item); about one alternative in ten left out."""
+    generator = torch.Generator().manual_seed(seed)
+    offered = torch.rand(n_cases, n_items, generator=generator) > 0.1
+    offered[:, :2] = True  # at least two alternatives per case
+    case, item = offered.nonzero().unbind(1)  # row-major: sorted by case, then item
+    sizes = torch.bincount(case, minlength=n_cases)  # (N,)
+    first = torch.cumsum(sizes, 0) - sizes  # (N,) each case's first row
+    pick = (torch.rand(n_cases, generator=generator) * sizes).long()  # (N,) any offered row
+    chosen = torch.zeros(case.shape[0], dtype=torch.int64)
+    chosen[first + pick] = 1
+    return pl.DataFrame(
+        {
+            "case": case.numpy(),
+            "item": [f"alt{j}" for j in item.tolist()],
+            "choice": chosen.numpy(),
+            "x": torch.randn(case.shape[0], generator=generator, dtype=torch.float64).numpy(),
+            "z": torch.randn(case.shape[0], generator=generator, dtype=torch.float64).numpy(),
+            "unused": torch.zeros(case.shape[0], dtype=torch.float64).numpy(),
+        }
+    )
+
+
+def test_a_sorted_table_becomes_tensors_without_a_copy_and_a_shuffled_one_is_sorted():
+    frame = long_table()
+    data = load_choice_data(frame, ROLES, ["x", "z"], where="t")
+    for name in ("x", "z"):  # views of the frame's own memory
+        assert data.columns[name].data_ptr() == frame.get_column(name).to_numpy().ctypes.data
+    shuffled = frame.sample(fraction=1.0, shuffle=True, seed=3)
+    again = load_choice_data(shuffled, ROLES, ["x", "z"], where="t")
+    for name in ("x", "z"):
+        assert torch.equal(again.columns[name], data.columns[name])
+    assert torch.equal(again.case_index, data.case_index)
+    assert torch.equal(again.item_index, data.item_index)
+    rows = shuffled.get_column("x").to_numpy()[again.source_row.numpy()]
+    assert torch.equal(torch.from_numpy(rows), data.columns["x"])
+
+
+def test_a_consumed_frame_is_emptied_and_released_values_are_referenced_nowhere():
+    frame = long_table()
+    reference = build_problem(frame, ModelSpec(FORMULA, ROLES), "t")
+    theta = torch.linspace(-0.5, 0.5, len(reference.parameters), dtype=torch.float64)
+    expected = reference.model(torch.device("cpu")).log_likelihood(theta)
+
+    handed = frame.clone()
+    problem = build_problem(handed, ModelSpec(FORMULA, ROLES), "t", consume=True)
+    assert handed.width == 0  # the caller's frame holds nothing any more
+    assert problem.data.source_row is None  # no table is left to point into
+    model = problem.model(torch.device("cpu"))
+    values = [weakref.ref(v) for v in problem.data.columns.values()]
+    values += [weakref.ref(b.x) for b in problem.item_blocks if not b.term.is_intercept]
+    assert len(values) == 4
+    problem.release_values()
+    gc.collect()
+    assert all(value() is None for value in values)  # only the model's copy is left
+    assert problem.data.columns == {} and all(b.x is None for b in problem.item_blocks)
+    assert torch.allclose(model.log_likelihood(theta), expected, rtol=1e-12, atol=0)
+    with pytest.raises(RuntimeError, match="released"):
+        problem.model(torch.device("cpu"))
+
+
+def test_a_fit_handed_its_frame_gives_the_same_result_and_still_names_constant_columns():
+    frame = long_table().with_columns(  # constant within alternative: collinear with (1|item)
+        pl.col("item").str.slice(3).cast(pl.Float64).alias("w")
+    )
+    spec = ModelSpec(FORMULA + " + (w|constant)", ROLES)
+    kept, _ = fit_model(frame, spec, FitOptions(), where="t")
+    handed = frame.clone()
+    consumed, problem = fit_model(handed, spec, FitOptions(), where="t", consume=True)
+    assert handed.width == 0 and problem.released and problem.data.columns == {}
+    assert torch.equal(consumed.estimate.isnan(), kept.estimate.isnan())
+    free = ~kept.estimate.isnan()
+    assert torch.allclose(consumed.estimate[free], kept.estimate[free], rtol=1e-10, atol=1e-12)
+    assert consumed.warnings == kept.warnings
+    assert any("constant within each alternative" in w for w in consumed.warnings)
+
+
+def test_a_parquet_file_is_read_for_the_used_columns_only(tmp_path):
+    path = tmp_path / "t.parquet"
+    long_table(n_cases=50).write_parquet(path)
+    spec = ModelSpec(FORMULA, ROLES)
+    frame, digest = read_table(str(path), select=lambda names: table_columns(spec, names))
+    assert frame.columns == ["case", "item", "choice", "x", "z"]
+    assert digest == read_table(str(path))[1]
+    # a name that does not resolve keeps every column, so the error can list them
+    typo = ModelSpec("(1|item) + (xx|constant)", ROLES)
+    frame, _ = read_table(str(path), select=lambda names: table_columns(typo, names))
+    assert "unused" in frame.columns
