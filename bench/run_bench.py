@@ -3,6 +3,8 @@
 Every tool runs in its own process on the same Parquet file and model, one thread each; the
 harness measures whole-process wall time and peak RSS (os.wait4), and reads fit seconds,
 log-likelihood and iterations from the tool (choice: DIR/model.json; peers: one JSON line).
+Memory scenarios also fit the first cases alone (the process baseline) and read one copy of
+the used data (rows x used columns x 8 bytes) from the Parquet metadata.
 Results: a table on stdout, bench/results/latest.md and bench/results/latest.json.
 
 Run through bench/run.sh, which builds the peers' environment (.bench-venv) first.
@@ -60,7 +62,15 @@ class Scenario:
     kind: str = "fit"  # or "load"
     projected: dict[str, str] = field(default_factory=dict)  # skipped unless --all
     unsupported: dict[str, str] = field(default_factory=dict)
-    targets: dict[str, float] = field(default_factory=dict)  # choice: fit, whole (s), rss_gb
+    targets: dict[str, float] = field(default_factory=dict)  # fit, whole (s), rss_gb, rss_ratio
+    memory: bool = False  # also: baseline RSS, one copy of the used data, and their ratio
+
+    @property
+    def used_columns(self) -> list[str]:
+        """Every column the choice command reads: roles, formula variables, nests."""
+        roles = ["case", "item", "choice"] + (["user"] if self.has_users else [])
+        variables = [v for v, _ in self.terms if v != "1"]
+        return list(dict.fromkeys(roles + variables + ([self.nest] if self.nest else [])))
 
     @property
     def formula(self) -> str:
@@ -72,6 +82,7 @@ class Scenario:
 
 
 NO_NESTED_USERS = "no nested logit or user-specific coefficients"
+CHOICE_ONLY = "memory scenario: choice alone, its peak RSS against one copy of the data"
 SCENARIOS = {
     s.name: s
     for s in [
@@ -129,6 +140,14 @@ SCENARIOS = {
             targets={"fit": 3.0},
         ),
         Scenario(
+            "mem_10m",
+            "cl_10m",
+            "memory: 1.1M cases x 10 alternatives (10% missing, 10M rows), 22 parameters",
+            unsupported={tool: CHOICE_ONLY for tool in FIT_TOOLS if tool != "choice"},
+            targets={"rss_ratio": 1.5},
+            memory=True,
+        ),
+        Scenario(
             "load_10k",
             "cl_10k",
             "loading alone: 10k cases (90k rows), Parquet and CSV",
@@ -139,7 +158,16 @@ SCENARIOS = {
         ),
     ]
 }
-DEFAULT = ["cl_10k", "cl_100k", "cl_1m", "alts_100", "users_1k", "nested_3", "load_1m"]
+DEFAULT = [
+    "cl_10k",
+    "cl_100k",
+    "cl_1m",
+    "alts_100",
+    "users_1k",
+    "nested_3",
+    "mem_10m",
+    "load_1m",
+]
 QUICK = ["cl_10k", "load_10k"]
 
 
@@ -316,6 +344,47 @@ def read_choice(row: Row, result: dict, model_dir: Path) -> Row:
     return row
 
 
+def data_copy_mb(scenario: Scenario, data: Path) -> float:
+    """One copy of the used data, from the Parquet metadata: rows x used columns x 8 bytes."""
+    import pyarrow.parquet as pq
+
+    metadata = pq.read_metadata(data)
+    missing = set(scenario.used_columns) - set(metadata.schema.names)
+    if missing:
+        raise ValueError(f"{data.name} lacks the columns {sorted(missing)}")
+    return metadata.num_rows * len(scenario.used_columns) * 8 / 2**20
+
+
+def baseline_rss_mb(scenario: Scenario, data: Path, args, env: dict) -> float | None:
+    """Peak RSS of the same fit on the first cases alone: start-up, imports, a tiny fit."""
+    import polars as pl
+
+    head = pl.scan_parquet(data).head(3000).collect()
+    head = head.filter(pl.col("case") != head.get_column("case")[-1])  # drop a cut-off case
+    with tempfile.TemporaryDirectory(prefix="bench-baseline-") as scratch:
+        tiny = Path(scratch) / "head.parquet"
+        head.write_parquet(tiny)
+        cmd = choice_command(scenario, tiny, Path(scratch) / "model")
+        result = run_process(cmd, args.timeout, env, Path(scratch))
+    return result["rss_mb"] if result["code"] in (0, 3) else None
+
+
+def add_memory(row: Row, scenario: Scenario, data: Path, args, env: dict) -> None:
+    """The choice row's baseline, data copy and (peak - baseline) / copy, into row.extra."""
+    copy = data_copy_mb(scenario, data)
+    baseline = baseline_rss_mb(scenario, data, args, env)
+    ratio = None
+    if baseline is not None and row.peak_rss_mb is not None:
+        ratio = (row.peak_rss_mb - baseline) / copy
+    row.extra |= {"baseline_rss_mb": baseline, "data_copy_mb": copy, "rss_ratio": ratio}
+    print(
+        f"  memory: baseline {fmt(baseline, '.0f')} MB, one copy of the used data "
+        f"{copy:.0f} MB ({len(scenario.used_columns)} columns), (peak - baseline) / copy "
+        f"{fmt(ratio, '.2f')}",
+        flush=True,
+    )
+
+
 def run_load(tool: str, scenario: Scenario, files: dict, args, env: dict) -> Row:
     """Loading alone, in the product environment: choice's reader vs a plain polars read."""
     who, fmt = tool.split("_")
@@ -354,6 +423,8 @@ def run_scenario(scenario: Scenario, args, env: dict) -> dict:
         else:
             rows.append(run_tool(tool, scenario, files["parquet"], args, env))
         print("  " + progress_line(rows[-1]), flush=True)
+        if scenario.memory and tool == "choice" and rows[-1].status in ("ok", "not-converged"):
+            add_memory(rows[-1], scenario, files["parquet"], args, env)
     reference = next(
         (r.log_likelihood for r in rows if r.tool == "newton" and r.log_likelihood is not None),
         None,
@@ -366,6 +437,8 @@ def run_scenario(scenario: Scenario, args, env: dict) -> dict:
         "name": scenario.name,
         "description": scenario.description,
         "kind": scenario.kind,
+        "memory": scenario.memory,
+        "used_columns": scenario.used_columns,
         "formula": scenario.formula,
         "nests": scenario.nest,
         "dataset": scenario.dataset,
@@ -391,6 +464,12 @@ def check_targets(scenario: Scenario, rows: list[Row]) -> list[str]:
             (row.peak_rss_mb or 0) / 1024,
             scenario.targets.get("rss_gb"),
             "peak RSS {:.2f} GB <= {} GB",
+        ),
+        (
+            "rss_ratio",
+            row.extra.get("rss_ratio"),
+            scenario.targets.get("rss_ratio"),
+            "(peak RSS - baseline) / one data copy {:.2f} <= {}",
         ),
         ("ll", row.rel_ll_gap, LL_TARGET, "LL gap {:.1e} <= {:.0e}"),
     ]
@@ -437,10 +516,22 @@ FIT_HEAD = [
     "note",
 ]
 LOAD_HEAD = ["tool", "status", "load s", "whole s", "peak RSS MB", "rows", "load / polars", "note"]
+MEMORY_HEAD = ["baseline RSS MB", "data copy MB", "(peak - baseline) / copy"]
 
 
 def table_head(scenario: dict) -> list[str]:
-    return LOAD_HEAD if scenario["kind"] == "load" else FIT_HEAD
+    if scenario["kind"] == "load":
+        return LOAD_HEAD
+    return FIT_HEAD + (MEMORY_HEAD if scenario.get("memory") else [])
+
+
+def memory_cells(row: dict) -> list[str]:
+    extra = row["extra"]
+    return [
+        fmt(extra.get("baseline_rss_mb"), ".0f"),
+        fmt(extra.get("data_copy_mb"), ".0f"),
+        fmt(extra.get("rss_ratio"), ".2f"),
+    ]
 
 
 def table_rows(scenario: dict) -> list[list[str]]:
@@ -483,6 +574,7 @@ def table_rows(scenario: dict) -> list[list[str]]:
                 ratio(r, base, "whole_seconds"),
                 r["note"],
             ]
+            + (memory_cells(r) if scenario.get("memory") else [])
         )
     return out
 
@@ -517,6 +609,14 @@ def markdown(report: dict) -> str:
                 f"Formula `{s['formula']}`"
                 + (f", nests `col:{s['nests']}`" if s["nests"] else "")
                 + f"; reference LL {fmt(s['reference_ll'], '.6f')}.",
+                "",
+            ]
+        if s.get("memory"):
+            lines += [
+                "Memory: baseline RSS is the peak of the same fit on the first cases alone "
+                "(start-up, imports); data copy is rows x the "
+                f"{len(s['used_columns'])} used columns ({', '.join(s['used_columns'])}) x 8 "
+                "bytes, from the Parquet metadata.",
                 "",
             ]
         head = table_head(s)
