@@ -131,6 +131,18 @@ def maximise(
     return outcome
 
 
+def warm_start_applies(model, n_parameters: int) -> bool:
+    """Whether Newton starts from a fit on every 10th case (see _warm_start)."""
+    n_cases = getattr(model, "n_cases", 0)
+    by_user = getattr(getattr(model, "grid", model), "by_user", True)
+    return (
+        getattr(model, "subsample", None) is not None
+        and not by_user
+        and n_cases >= WARM_START_CASES
+        and n_cases >= WARM_START_EVERY * WARM_START_CASES_PER_PARAMETER * n_parameters
+    )
+
+
 def _warm_start(objective, theta, options, lower, upper) -> torch.Tensor:
     """Newton on every 10th case first, when there are many cases per parameter.
 
@@ -139,18 +151,9 @@ def _warm_start(objective, theta, options, lower, upper) -> torch.Tensor:
     of a full one. The full fit's convergence test is unchanged. Models with user-specific
     terms are left alone: a tenth of each user's cases may not identify them.
     """
-    model = objective.model
-    n_cases = getattr(model, "n_cases", 0)
-    by_user = getattr(getattr(model, "grid", model), "by_user", True)
-    subsample = getattr(model, "subsample", None)
-    if (
-        subsample is None
-        or by_user
-        or n_cases < WARM_START_CASES
-        or n_cases < WARM_START_EVERY * WARM_START_CASES_PER_PARAMETER * theta.numel()
-    ):
+    if not warm_start_applies(objective.model, theta.numel()):
         return theta
-    smaller = subsample(WARM_START_EVERY)
+    smaller = objective.model.subsample(WARM_START_EVERY)
     if smaller is None:
         return theta
     outcome = _newton(objective.on(smaller, 1.0 / WARM_START_EVERY), theta, options, lower,

@@ -12,13 +12,20 @@ import torch
 
 from choicecli.design import Block
 from choicecli.errors import ModelError, UsageError
-from choicecli.estimate import EstimateOptions, Objective, covariance, maximise
+from choicecli.estimate import (
+    EstimateOptions,
+    Objective,
+    covariance,
+    maximise,
+    warm_start_applies,
+)
 from choicecli.identify import dependent_parameters
 from choicecli.models import ConditionalLogit
 from choicecli.problem import ModelSpec, Problem, build_problem
 from choicecli.results import FitResult
 
 MAX_RANK_CHECK_PARAMETERS = 6000
+RANK_CHECK_SUBSAMPLE_CASES = 100_000  # from here the rank check looks at every 10th case first
 
 
 @dataclass(frozen=True)
@@ -65,12 +72,11 @@ def fit_model(
     started = time.perf_counter()
     device = resolve_device(options.device)
     problem = build_problem(frame, spec, where, consume=consume)
-    model = problem.model(device)
-    warnings = list(problem.warnings)
     # the rank check runs on the CPU; the conditional logit there is the fit's own model
     reusable = not problem.nested and device.type == "cpu"
-    if consume and reusable:
-        problem.release_values()  # the model holds a copy: free this one before the rank check
+    # handed over, the values move into the model column by column: held once throughout
+    model = problem.model(device, release=consume and reusable)
+    warnings = list(problem.warnings)
     unidentified = _unidentified(problem, warnings, model if reusable else None)
     if consume:
         problem.release_values()  # a GPU or nested fit's rank check read the problem's copy
@@ -279,9 +285,11 @@ def _unidentified(
             [problem.parameters[i].feature == "intercept" for i in candidates.tolist()]
         )
         candidates = torch.cat([candidates[is_intercept], candidates[~is_intercept]])
+        # the fit's own model at theta = 0 gives Newton's first Hessian too, unless Newton
+        # starts elsewhere (a warm start) or the check needs a model of its own
+        reused = model is not None and not warm_start_applies(model, candidates.numel())
         model = model or problem.identification_model()
-        information = -model.hessian(torch.zeros(len(problem.parameters), dtype=torch.float64))
-        for found in dependent_parameters(information, candidates, model.second_moments()):
+        for found in _rank_check(model, candidates, len(problem.parameters), not reused):
             reasons[found.index] = _dependence_reason(problem, found)
     by_term: dict[str, list[str]] = {}
     for index, reason in sorted(reasons.items()):
@@ -293,6 +301,23 @@ def _unidentified(
         shown = "; ".join(distinct[:2]) + (" ..." if len(distinct) > 2 else "")
         warnings.append(f"{term}: {count} coefficient(s) not estimated: {shown}")
     return sorted(reasons)
+
+
+def _rank_check(model, candidates: torch.Tensor, n_parameters: int, subsample: bool) -> list:
+    """Dependent parameters at theta = 0, on every 10th case first when there are many.
+
+    The information of a tenth of the cases is a sum of positive semi-definite terms over
+    fewer cases, so it is at most the full information: when every parameter passes there,
+    all pass on the full data and its Hessian is not needed.
+    """
+    zero = torch.zeros(n_parameters, dtype=torch.float64)
+    if subsample and model.n_cases >= RANK_CHECK_SUBSAMPLE_CASES:
+        smaller = model.subsample(10)
+        if smaller is not None and not dependent_parameters(
+            -smaller.hessian(zero), candidates, smaller.second_moments()
+        ):
+            return []
+    return dependent_parameters(-model.hessian(zero), candidates, model.second_moments())
 
 
 def _dependence_reason(problem: Problem, found) -> str:

@@ -56,7 +56,10 @@ class ConditionalLogit:
         chosen: torch.Tensor | None = None,  # (R,) 0/1
         case_weights: torch.Tensor | None = None,  # (N,)
         dense_threshold: float = 0.5,
+        own_blocks: bool = False,
     ) -> None:
+        """own_blocks: the blocks are handed over; each block's values are dropped once copied,
+        so a caller holding no other reference frees them column by column."""
         self.n_parameters = n_parameters
         self.n_cases = n_cases
         self.n_items = n_items
@@ -80,22 +83,23 @@ class ConditionalLogit:
             self.positions = case_index * n_items + item_index  # (R,)
             self.mask = torch.zeros(n_slots, dtype=torch.bool, device=device)
             self.mask[self.positions] = True
-            case_index = torch.arange(n_cases, device=device).repeat_interleave(n_items)
-            item_index = torch.arange(n_items, device=device).repeat(n_cases)
-            if chosen is not None:
-                chosen = torch.zeros(n_slots, dtype=chosen.dtype, device=device).index_copy_(
-                    0, self.positions, chosen
-                )
         else:
             self.layout = "ragged"
-        self.blocks = self._arrange(blocks, int(case_index.shape[0]), device)
-        self.case_index = case_index  # (S,) slots: rows, or padded positions
-        self.item_index = item_index  # (S,)
-        self.n_slots = int(case_index.shape[0])
-        self.chosen = chosen  # (S,)
-        self.chosen_slot = None if chosen is None else chosen.nonzero().flatten()  # (N,)
-        sizes = torch.bincount(case_index, minlength=n_cases)
-        self.case_start = torch.cat([sizes.new_zeros(1), torch.cumsum(sizes, 0)]).tolist()
+        self.n_slots = n_rows if self.layout == "ragged" else n_slots
+        self.blocks = self._arrange(blocks, self.n_slots, device, own_blocks)
+        # slot -> case and alternative: stored for ragged rows, slot // J and slot % J otherwise
+        self._case_index = case_index if self.layout == "ragged" else None  # (R,)
+        self._item_index = item_index if self.layout == "ragged" else None  # (R,)
+        self._ragged_chosen = chosen if self.layout == "ragged" else None  # (R,)
+        self.chosen_slot = None  # (N,) the chosen slot of each case
+        if chosen is not None:
+            chosen_row = chosen.nonzero().flatten()  # (N,) rows are sorted by case
+            self.chosen_slot = chosen_row if self.positions is None else self.positions[chosen_row]
+        self._subsamples: dict[int, ConditionalLogit] = {}
+        self.case_start = None  # (N+1,) first row of each case, ragged layout only
+        if self.layout == "ragged":
+            sizes = torch.bincount(case_index, minlength=n_cases)
+            self.case_start = torch.cat([sizes.new_zeros(1), torch.cumsum(sizes, 0)]).tolist()
         # the last point evaluated: (theta, probabilities) and (theta, Hessian), for reuse
         self._last: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
         self._last_hessian: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
@@ -104,7 +108,36 @@ class ConditionalLogit:
     def dense(self) -> bool:
         return self.layout != "ragged"
 
-    def _arrange(self, blocks: list[Block], n_slots: int, device: torch.device) -> list[Block]:
+    @property
+    def case_index(self) -> torch.Tensor:  # (S,) the case of each slot
+        return self._case_index if self._case_index is not None else self._slot_cases()
+
+    @property
+    def item_index(self) -> torch.Tensor:  # (S,) the alternative of each slot
+        return self._item_index if self._item_index is not None else self._slot_items()
+
+    @property
+    def chosen(self) -> torch.Tensor | None:  # (S,) 1 at the chosen slots
+        if self._ragged_chosen is not None or self.chosen_slot is None:
+            return self._ragged_chosen
+        chosen = torch.zeros(self.n_slots, dtype=torch.float64, device=self.chosen_slot.device)
+        return chosen.index_fill_(0, self.chosen_slot, 1.0)
+
+    def _slot_cases(self, slots: slice = slice(None)) -> torch.Tensor:  # (s,)
+        if self._case_index is not None:
+            return self._case_index[slots]
+        start, stop, _ = slots.indices(self.n_slots)
+        return torch.arange(start, stop, device=self.values.device) // self.n_items
+
+    def _slot_items(self, slots: slice = slice(None)) -> torch.Tensor:  # (s,)
+        if self._item_index is not None:
+            return self._item_index[slots]
+        start, stop, _ = slots.indices(self.n_slots)
+        return torch.arange(start, stop, device=self.values.device) % self.n_items
+
+    def _arrange(
+        self, blocks: list[Block], n_slots: int, device: torch.device, own_blocks: bool
+    ) -> list[Block]:
         """Order blocks constant, user, alternative-level; keep all values in one (S, F) matrix.
 
         Constant blocks then form one matrix product, and alternative-level blocks in a dense
@@ -118,6 +151,7 @@ class ConditionalLogit:
             )
 
         ordered = sorted(blocks, key=rank)
+        self._block_columns: list[tuple[int, int]] = []  # value columns of each arranged block
         n_features = sum(block.n_features for block in ordered)
         self.values = torch.zeros(n_slots, n_features, dtype=torch.float64, device=device)
         arranged, start = [], 0
@@ -129,13 +163,17 @@ class ConditionalLogit:
                 else:
                     self.values[:, start + k].index_copy_(0, self.positions, block.x[:, k])
             code = block.code
-            if rank(block) == 0:
-                code = torch.zeros(1, dtype=torch.long, device=device).expand(n_slots)
+            by_alternative = block.term.variation in (Variation.ITEM, Variation.ITEM_FULL)
+            if rank(block) == 0 or (self.dense and by_alternative):  # not read per slot:
+                code = torch.zeros(1, dtype=torch.long, device=device).expand(n_slots)  # grid
             elif self.positions is not None:
                 code = torch.zeros(n_slots, dtype=torch.long, device=device).index_copy_(
                     0, self.positions, block.code
                 )  # missing slots: code 0, values 0
+            if own_blocks:
+                block.x = None  # copied: the caller's values go once nothing else holds them
             columns = self.values[:, start:stop]
+            self._block_columns.append((start, stop))
             arranged.append(
                 Block(block.term, block.level, block.features, columns, code, block.layout_index)
             )
@@ -176,29 +214,56 @@ class ConditionalLogit:
 
     def subsample_rows(self, every: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Offered slots of every `every`-th case, their compact case numbers and items."""
-        kept_case = torch.arange(self.n_cases, device=self.case_index.device) % every == 0
-        keep = kept_case[self.case_index]  # (S,)
-        if self.mask is not None:
-            keep &= self.mask
-        slots = keep.nonzero().flatten()  # (R',)
-        return slots, self.case_index[slots] // every, self.item_index[slots]
+        device = self.values.device
+        if self.dense:
+            cases = torch.arange(0, self.n_cases, every, device=device)  # (N',)
+            items = torch.arange(self.n_items, device=device)
+            slots = (cases[:, None] * self.n_items + items).reshape(-1)  # (N'J,)
+            if self.mask is not None:
+                slots = slots[self.mask[slots]]
+            return slots, slots // (self.n_items * every), slots % self.n_items
+        slots = (self._case_index % every == 0).nonzero().flatten()  # (R',)
+        return slots, self._case_index[slots] // every, self._item_index[slots]
+
+    def blocks_at(self, slots: torch.Tensor, items: torch.Tensor) -> list[Block]:
+        """This model's blocks restricted to some slots: one gather of their value rows."""
+        rows = self.values[slots]  # (R', F)
+        blocks = []
+        for block, (start, stop) in zip(self.blocks, self._block_columns, strict=True):
+            if any(block is item_block for item_block in self.item_blocks):  # code by item
+                level = block.level.code_of_item
+                code = items if level is None else level[items]
+            else:
+                code = block.code[slots]
+            blocks.append(Block(block.term, block.level, block.features, rows[:, start:stop],
+                                code, block.layout_index))  # fmt: skip
+        return blocks
+
+    def chosen_at(self, slots: torch.Tensor) -> torch.Tensor | None:  # (R',) 0/1
+        if self.chosen_slot is None:
+            return None
+        marked = torch.zeros(self.n_slots, dtype=torch.bool, device=slots.device)
+        return marked.index_fill_(0, self.chosen_slot, True)[slots].double()
 
     def subsample(self, every: int) -> ConditionalLogit:
         """The same model on every `every`-th case (a copy of a 1/every share of the values),
-        for a cheap starting point of the full fit."""
-        slots, case_index, item_index = self.subsample_rows(every)
-        cases = torch.arange(0, self.n_cases, every, device=slots.device)  # (N',)
-        return ConditionalLogit(
-            [_take_rows(block, slots) for block in self.blocks],
-            self.n_parameters,
-            case_index,
-            item_index,
-            int(cases.shape[0]),
-            self.n_items,
-            None if self.user_of_case is None else self.user_of_case[cases],
-            None if self.chosen is None else self.chosen[slots],
-            self.case_weights[cases] if self.weighted else None,
-        )
+        for a cheap starting point of the full fit and rank check; built once."""
+        if every not in self._subsamples:
+            slots, case_index, item_index = self.subsample_rows(every)
+            cases = torch.arange(0, self.n_cases, every, device=slots.device)  # (N',)
+            self._subsamples[every] = ConditionalLogit(
+                self.blocks_at(slots, item_index),
+                self.n_parameters,
+                case_index,
+                item_index,
+                int(cases.shape[0]),
+                self.n_items,
+                None if self.user_of_case is None else self.user_of_case[cases],
+                self.chosen_at(slots),
+                self.case_weights[cases] if self.weighted else None,
+                own_blocks=True,
+            )
+        return self._subsamples[every]
 
     # -- likelihood -------------------------------------------------------------------------
     def utility(self, theta: torch.Tensor, cases: slice | None = None) -> torch.Tensor:
@@ -294,7 +359,8 @@ class ConditionalLogit:
             value += (weights * (chosen - normaliser)).sum()
             block_probability = torch.exp(utility - normaliser[:, None])  # (C, J)
             probability[slots] = block_probability.view(-1)
-            residual = self.chosen[slots].view(n_cases, n_items) - block_probability  # (C, J)
+            residual = -block_probability  # (C, J) y - p, with y added at the chosen slots
+            residual.view(-1)[self.chosen_slot[cases] - slots.start] += 1.0
             if self.weighted:
                 residual *= weights[:, None]
             per_column += (grid * residual[:, :, None]).sum(dim=0)
@@ -421,7 +487,7 @@ class ConditionalLogit:
 
     def _code_table(self, block: Block, n_key_users: int) -> torch.Tensor:
         """The block's code for every (user, alternative) key. (U', J)"""
-        device = self.case_index.device
+        device = self.values.device
         users = torch.arange(n_key_users, device=device)[:, None]  # (U', 1)
         items = torch.arange(self.n_items, device=device)[None, :]  # (1, J)
         variation = block.term.variation
@@ -460,21 +526,21 @@ class ConditionalLogit:
         n_features = values.shape[1]
         weight = probability  # (s,)
         if self.weighted:
-            weight = self.case_weights[self.case_index[slots]] * probability
+            weight = self.case_weights[self._slot_cases(slots)] * probability
         if self.dense and not self.by_user:  # keys are the alternatives
             grid = values.view(n_cases, self.n_items, n_features)  # (C, J, F)
-            weighted = grid * weight.view(n_cases, self.n_items, 1)  # (C, J, F)
-            if self.n_items * n_features <= 96:  # one small GEMM, keep the diagonal blocks
-                width = self.n_items * n_features
-                full = weighted.reshape(n_cases, width).T @ grid.reshape(n_cases, width)
-                blocks = full.view(self.n_items, n_features, self.n_items, n_features)
-                sums += torch.diagonal(blocks, dim1=0, dim2=2).permute(2, 0, 1)
-            else:
-                sums += torch.bmm(weighted.permute(1, 2, 0), grid.permute(1, 0, 2))
+            if self.n_items <= 32:  # one (F, C) x (C, F) product per alternative, on views
+                weighted = grid * weight.view(n_cases, self.n_items, 1)  # (C, J, F)
+                for item in range(self.n_items):
+                    sums[item] += weighted[:, item].T @ grid[:, item]
+            else:  # many alternatives: alternative-major copies, then one batched product
+                by_item = grid.transpose(0, 1).contiguous()  # (J, C, F)
+                weighted = by_item * weight.view(n_cases, self.n_items).T[:, :, None]
+                sums += torch.bmm(weighted.transpose(1, 2), by_item)
             return
-        key = self.item_index[slots]
+        key = self._slot_items(slots)
         if self.by_user:
-            key = self.user_of_case[self.case_index[slots]] * self.n_items + key  # (s,)
+            key = self.user_of_case[self._slot_cases(slots)] * self.n_items + key  # (s,)
         outer = (values * weight[:, None])[:, :, None] * values[:, None, :]  # (s, F, F)
         sums.view(sums.shape[0], -1).index_add_(0, key, outer.reshape(values.shape[0], -1))
 
@@ -483,7 +549,7 @@ class ConditionalLogit:
         n_cases = cases.stop - cases.start
         n_case_level = sum(b.n_features for b in self.blocks if not b.term.variation.by_item)
         values = self.values[slots] * probability[:, None]  # (s, F)
-        local_case = self.case_index[slots] - cases.start  # (s,)
+        local_case = None if self.dense else self._slot_cases(slots) - cases.start  # (s,)
         parts = []
         if n_case_level and self.dense:
             grid = values[:, :n_case_level].reshape(n_cases, self.n_items, n_case_level)
@@ -498,7 +564,7 @@ class ConditionalLogit:
             else:
                 spread = torch.zeros(n_cases * self.n_items, item_values.shape[1],
                                      dtype=values.dtype, device=values.device)  # fmt: skip
-                spread[local_case * self.n_items + self.item_index[slots]] = item_values
+                spread[local_case * self.n_items + self._slot_items(slots)] = item_values
             parts.append(spread.reshape(n_cases, -1))  # (C, J*Fb)
         compact = torch.cat(parts, dim=1)  # (C, Q)
         weighted = compact * self.case_weights[cases, None] if self.weighted else compact
@@ -595,6 +661,7 @@ class NestedLogit:
             chosen_slot = self.grid.chosen_slot if chosen is not None else None
             self.chosen_item = None if chosen_slot is None else chosen_slot % self.n_items  # (N,)
             self.newton_limit = ANALYTIC_NESTED_LIMIT
+            self._subsamples: dict[int, NestedLogit] = {}
             self._last_state: tuple[torch.Tensor | None, dict | None] = (None, None)
             # the structured Hessian: per nest, the parameter of each compact column of Zbar
             # (constant columns, each member's alternative-level columns, the nest's lambda)
@@ -626,20 +693,22 @@ class NestedLogit:
         """The same model on every `every`-th case (dense layouts only), as a starting point."""
         if self.grid is None:
             return None
-        slots, case_index, item_index = self.grid.subsample_rows(every)
-        cases = torch.arange(0, self.n_cases, every, device=slots.device)  # (N',)
-        return NestedLogit(
-            [_take_rows(block, slots) for block in self.grid.blocks],
-            [_take_rows(block, slots) for block in self.nest_grid.blocks],
-            self.lambda_index,
-            self.nest_of_item,
-            self.n_parameters,
-            case_index,
-            item_index,
-            int(cases.shape[0]),
-            None if self.grid.chosen is None else self.grid.chosen[slots],
-            self.case_weights[cases] if self.weighted else None,
-        )
+        if every not in self._subsamples:
+            slots, case_index, item_index = self.grid.subsample_rows(every)
+            cases = torch.arange(0, self.n_cases, every, device=slots.device)  # (N',)
+            self._subsamples[every] = NestedLogit(
+                self.grid.blocks_at(slots, item_index),
+                self.nest_grid.blocks_at(slots, item_index),
+                self.lambda_index,
+                self.nest_of_item,
+                self.n_parameters,
+                case_index,
+                item_index,
+                int(cases.shape[0]),
+                self.grid.chosen_at(slots),
+                self.case_weights[cases] if self.weighted else None,
+            )
+        return self._subsamples[every]
 
     def _grid_terms(self, theta: torch.Tensor, cases: slice | None = None):
         """Dense layout: scaled utilities (C, J), inclusive values, upper utilities (C, M)
@@ -911,9 +980,3 @@ def _gram(vectors: torch.Tensor, scale: torch.Tensor, width: int) -> torch.Tenso
     """sum over rows of scale * v v'. (..., width), (...) -> (width, width)"""
     flat = vectors.reshape(-1, width)
     return (flat * scale.reshape(-1, 1)).T @ flat
-
-
-def _take_rows(block: Block, rows: torch.Tensor) -> Block:
-    """The block restricted to some of its rows (copies of x and code)."""
-    return Block(block.term, block.level, block.features, block.x[rows], block.code[rows],
-                 block.layout_index)  # fmt: skip

@@ -71,8 +71,12 @@ class Problem:
         if self.released:
             raise RuntimeError("the problem's values were released; build the problem again")
 
-    def model(self, device: torch.device) -> ConditionalLogit | NestedLogit:
-        """The likelihood object on `device`."""
+    def model(self, device: torch.device, release: bool = False) -> ConditionalLogit | NestedLogit:
+        """The likelihood object on `device`.
+
+        release: a conditional logit takes the values over: the problem drops them first and
+        the model frees each column once copied, so the data is never held twice.
+        """
         self._check_values()
         data = self.data
         to = {"device": device}
@@ -80,6 +84,8 @@ class Problem:
         chosen = data.chosen.to(**to) if data.chosen is not None else None
         weights = data.case_weights.to(**to) if data.case_weights is not None else None
         if not self.nested:
+            if release:
+                self.release_values()  # item_blocks now hold the only references
             return ConditionalLogit(
                 item_blocks,
                 len(self.parameters),
@@ -90,6 +96,7 @@ class Problem:
                 data.user_of_case.to(**to) if data.user_of_case is not None else None,
                 chosen,
                 weights,
+                own_blocks=release,
             )
         return NestedLogit(
             item_blocks,

@@ -322,3 +322,26 @@ def test_warm_start_reaches_the_same_optimum(monkeypatch, nests):
     assert warm.fit["converged"]  # its speed is measured in make bench, not here
     assert warm.fit["log_likelihood"] == pytest.approx(cold.fit["log_likelihood"], abs=1e-9)
     assert torch.allclose(warm.estimate, cold.estimate, atol=1e-7, equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    "formula", ["(x|constant) + (1|item) + (z|item)", "(x|constant) + (1|item) + (w|constant)"]
+)
+def test_rank_check_on_a_subsample_finds_what_the_full_check_finds(monkeypatch, formula):
+    """w is constant within each case: it cancels, and both checks say so; clean formulas
+    pass on the tenth of the cases without the full Hessian at theta = 0."""
+    from choicecli import estimate, fit
+    from choicecli.fit import FitOptions, fit_model
+    from choicecli.problem import ModelSpec
+
+    frame = simulated_frame(n_cases=3000, seed=17)
+    spec = ModelSpec(formula=formula, roles=Roles(case="case", item="item", choice="choice"))
+    full, _ = fit_model(frame, spec, FitOptions(), where="test")
+    monkeypatch.setattr(fit, "RANK_CHECK_SUBSAMPLE_CASES", 1000)
+    monkeypatch.setattr(estimate, "WARM_START_CASES", 1000)
+    monkeypatch.setattr(estimate, "WARM_START_CASES_PER_PARAMETER", 5)
+    sampled, _ = fit_model(frame, spec, FitOptions(), where="test")
+    assert sampled.warnings == full.warnings
+    assert torch.equal(sampled.estimate.isnan(), full.estimate.isnan())
+    assert sampled.fit["log_likelihood"] == pytest.approx(full.fit["log_likelihood"], abs=1e-9)
+    assert ("w[constant]" in " ".join(full.warnings)) == ("w|constant" in formula)
