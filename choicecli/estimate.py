@@ -116,8 +116,8 @@ def maximise(
         method = "newton" if theta.numel() <= limit else "lbfgs"
     started = time.perf_counter()
     if method == "newton":
-        theta = _warm_start(objective, theta, options, lower, upper)
-        outcome = _newton(objective, theta, options, lower, upper, progress)
+        theta, first_hessian = _warm_start(objective, theta, options, lower, upper)
+        outcome = _newton(objective, theta, options, lower, upper, progress, first_hessian)
     else:
         outcome = _lbfgs(objective, theta, options, lower, upper, progress)
         if theta.numel() <= options.max_newton_parameters:
@@ -143,22 +143,27 @@ def warm_start_applies(model, n_parameters: int) -> bool:
     )
 
 
-def _warm_start(objective, theta, options, lower, upper) -> torch.Tensor:
+def _warm_start(objective, theta, options, lower, upper):
+    """(start, Hessian for the first full step or None): see the notes below."""
     """Newton on every 10th case first, when there are many cases per parameter.
 
     Its optimum lies within a few standard errors of the full one, so the full fit then
     needs two or three Newton steps instead of five or six; each subsample step costs a tenth
-    of a full one. The full fit's convergence test is unchanged. Models with user-specific
-    terms are left alone: a tenth of each user's cases may not identify them.
+    of a full one. The subsample's Hessian at its optimum, scaled up to all cases, serves the
+    first full step (its direction, never a convergence test or standard errors). Models with
+    user-specific terms are left alone: a tenth of each user's cases may not identify them.
     """
     if not warm_start_applies(objective.model, theta.numel()):
-        return theta
+        return theta, None
     smaller = objective.model.subsample(WARM_START_EVERY)
     if smaller is None:
-        return theta
-    outcome = _newton(objective.on(smaller, 1.0 / WARM_START_EVERY), theta, options, lower,
-                      upper, None)  # fmt: skip
-    return outcome.theta if outcome.converged and torch.isfinite(outcome.theta).all() else theta
+        return theta, None
+    share = float(smaller.case_weights.sum() / objective.model.case_weights.sum())
+    outcome = _newton(objective.on(smaller, share), theta, options, lower, upper, None)
+    if not (outcome.converged and torch.isfinite(outcome.theta).all()):
+        return theta, None
+    scaled = None if outcome.hessian is None else outcome.hessian / share
+    return outcome.theta, scaled
 
 
 def _clip(theta: torch.Tensor, lower: torch.Tensor | None, upper: torch.Tensor | None):
@@ -193,7 +198,18 @@ def _newton_direction(gradient: torch.Tensor, hessian: torch.Tensor) -> torch.Te
     return gradient / scale
 
 
-def _newton(objective, theta, options, lower, upper, progress) -> Outcome:
+def _step(theta, gradient, hessian, lower, upper) -> tuple[torch.Tensor, float]:
+    """Newton direction (P,) and decrement; a parameter held at a bound by its gradient stays
+    there, Newton moves the others."""
+    moving = ~_held_at_bound(theta, gradient, lower, upper)  # (P,)
+    direction = torch.zeros_like(theta)
+    direction[moving] = _newton_direction(gradient[moving], hessian[moving][:, moving])
+    return direction, math.sqrt(max(float(gradient @ direction), 0.0))
+
+
+def _newton(objective, theta, options, lower, upper, progress, first_hessian=None) -> Outcome:
+    """Newton with a backtracking line search; `first_hessian` (an approximation) may serve
+    the first step's direction, never a convergence test or the returned Hessian."""
     value, gradient = objective.value_and_gradient(theta)
     message = f"reached the iteration cap ({options.max_iterations}); raise --max-iter"
     converged = False
@@ -201,12 +217,13 @@ def _newton(objective, theta, options, lower, upper, progress) -> Outcome:
     decrement = math.inf
     iteration = 0
     for iteration in range(1, options.max_iterations + 1):
-        hessian = objective.hessian(theta)
-        # a parameter held at a bound by its gradient stays there: Newton on the others
-        moving = ~_held_at_bound(theta, gradient, lower, upper)  # (P,)
-        direction = torch.zeros_like(theta)
-        direction[moving] = _newton_direction(gradient[moving], hessian[moving][:, moving])
-        decrement = math.sqrt(max(float(gradient @ direction), 0.0))
+        borrowed = first_hessian is not None
+        hessian = first_hessian if borrowed else objective.hessian(theta)
+        first_hessian = None
+        direction, decrement = _step(theta, gradient, hessian, lower, upper)
+        if borrowed and decrement <= math.sqrt(options.tolerance):  # tests need the real one
+            borrowed, hessian = False, objective.hessian(theta)
+            direction, decrement = _step(theta, gradient, hessian, lower, upper)
         if progress:
             progress(iteration, value, decrement)
         if decrement <= options.tolerance:
@@ -222,6 +239,8 @@ def _newton(objective, theta, options, lower, upper, progress) -> Outcome:
                 accepted = True
                 break
             step *= 0.5
+        if not accepted and borrowed:
+            continue  # the approximation led nowhere: the next iteration takes the real one
         if not accepted:
             converged = decrement < 1e-4 * max(1.0, math.sqrt(abs(value)))
             message = (

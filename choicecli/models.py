@@ -913,7 +913,8 @@ class NestedLogit:
             )  # (C, P+1) dV_i
             # rows: per alternative j, sum_c rho y y' over y = (values, -s), then scattered
             own = torch.cat([values, -scaled[:, :, None]], dim=2)  # (C, J, F+1)
-            sums = torch.bmm((own * rho[:, :, None]).permute(1, 2, 0), own.permute(1, 0, 2))
+            weighted = own * rho[:, :, None]  # (C, J, F+1)
+            sums = torch.stack([weighted[:, j].T @ own[:, j] for j in range(n_items)])
             index = torch.cat([grid.grid_index, lambda_index[nest][:, None]], dim=1)  # (J, F+1)
             hessian.index_put_((index[:, :, None], index[:, None, :]), sums, accumulate=True)
             # nests: Zbar_m = sum_{j in m} q_j dV_j - A_m dlambda_m, compact per nest
