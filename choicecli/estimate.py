@@ -77,9 +77,9 @@ class Objective:
 
     def on(self, model: Model, share: float) -> Objective:
         """The same objective on another model holding `share` of the cases."""
-        objective = Objective(model, self.free, self.start, self.penalised.bool(), 0.0)
-        objective.l2_penalty = self.l2_penalty * share  # the penalty keeps its weight
-        return objective
+        # the penalty shrinks with the likelihood, so it keeps its weight against it
+        penalty = self.l2_penalty * share
+        return Objective(model, self.free, self.start, self.penalised.bool(), penalty)
 
     def expand(self, theta: torch.Tensor) -> torch.Tensor:  # (P_layout,)
         return self.start.index_put((self.free,), theta)
@@ -116,8 +116,10 @@ def maximise(
         method = "newton" if theta.numel() <= limit else "lbfgs"
     started = time.perf_counter()
     if method == "newton":
-        theta, first_hessian = _warm_start(objective, theta, options, lower, upper)
-        outcome = _newton(objective, theta, options, lower, upper, progress, first_hessian)
+        start, first_hessian = _warm_start(objective, theta, options, lower, upper)
+        outcome = _newton(objective, start, options, lower, upper, progress, first_hessian)
+        if start is not theta:
+            outcome.method = "newton from a 1-in-10 subsample fit"
     else:
         outcome = _lbfgs(objective, theta, options, lower, upper, progress)
         if theta.numel() <= options.max_newton_parameters:
@@ -144,8 +146,8 @@ def warm_start_applies(model, n_parameters: int) -> bool:
 
 
 def _warm_start(objective, theta, options, lower, upper):
-    """(start, Hessian for the first full step or None): see the notes below."""
-    """Newton on every 10th case first, when there are many cases per parameter.
+    """Newton on every 10th case first, when there are many cases per parameter: returns the
+    start of the full fit and a Hessian for its first step (or theta and None).
 
     Its optimum lies within a few standard errors of the full one, so the full fit then
     needs two or three Newton steps instead of five or six; each subsample step costs a tenth
