@@ -203,6 +203,18 @@ def thread_env(threads: int) -> dict[str, str]:
     return env
 
 
+SETTLE_SECONDS = 3.0
+
+
+def settle(data: Path) -> None:
+    """Before each timed run, the same start for every tool: the data file in the page cache
+    (a heavy earlier run may have pushed it out) and a pause for the memory the last run freed."""
+    with data.open("rb") as handle:
+        while handle.read(1 << 23):
+            pass
+    time.sleep(SETTLE_SECONDS)
+
+
 def run_process(cmd: list[str], timeout: float, env: dict, cwd: Path) -> dict:
     """Run one command; wall time, peak RSS of its process tree, exit code, output tails."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -300,6 +312,7 @@ def run_tool(tool: str, scenario: Scenario, data: Path, args, env: dict) -> Row:
             if tool == "choice"
             else peer_command(tool, scenario, data)
         )
+        settle(data)
         result = run_process(cmd, args.timeout, env, Path(scratch))
         row = Row(tool, "ok", whole_seconds=result["wall"], peak_rss_mb=result["rss_mb"])
         if result["timed_out"]:
@@ -391,6 +404,7 @@ def run_load(tool: str, scenario: Scenario, files: dict, args, env: dict) -> Row
     data = files[fmt]
     cmd = [str(PRODUCT_PYTHON), str(PEERS / "load_runner.py"), "--tool", who, "--data", str(data)]
     with tempfile.TemporaryDirectory(prefix=f"bench-{tool}-") as scratch:
+        settle(data)
         result = run_process(cmd, args.timeout, env, Path(scratch))
     row = Row(tool, "ok", whole_seconds=result["wall"], peak_rss_mb=result["rss_mb"])
     record = last_json(result["stdout"])
