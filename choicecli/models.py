@@ -597,10 +597,12 @@ class ConditionalLogit:
 
 
 class NestedLogit:
-    """Two-level nested logit (Train ch. 4); derivatives by automatic differentiation.
+    """Two-level nested logit (Train ch. 4).
 
-    The Hessian costs about P gradient evaluations, so Newton is used for few parameters
-    (`newton_limit`) and L-BFGS with one final Hessian for standard errors beyond that.
+    Nearly full choice sets ('grid', (N, J) views): analytic gradient and Hessian, Newton up
+    to ANALYTIC_NESTED_LIMIT parameters. Sparse ones (segment sums over rows): derivatives by
+    automatic differentiation, whose Hessian costs about P gradients, so Newton only while
+    that is cheap (`newton_limit`), else L-BFGS with one final Hessian for standard errors.
 
     P(i) = P(i | k) P(k), P(i | k) = exp(Y_i / l_k) / sum_{j in k} exp(Y_j / l_k),
     I_k = log sum_{j in k} exp(Y_j / l_k), P(k) = exp(W_k + l_k I_k) / sum_m exp(W_m + l_m I_m).
