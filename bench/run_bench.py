@@ -548,6 +548,17 @@ def memory_cells(row: dict) -> list[str]:
     ]
 
 
+def measured_cells(r: dict, seconds: str) -> list[str]:
+    """The cells every row starts with: tool, status, fit and whole seconds, peak RSS."""
+    return [
+        r["tool"],
+        r["status"],
+        fmt(r["fit_seconds"], seconds),
+        fmt(r["whole_seconds"], ".2f"),
+        fmt(r["peak_rss_mb"], ".0f"),
+    ]
+
+
 def table_rows(scenario: dict) -> list[list[str]]:
     """Cells of a scenario's table; ratios are peer / choice (loading: tool / polars)."""
     rows = scenario["rows"]
@@ -558,12 +569,8 @@ def table_rows(scenario: dict) -> list[list[str]]:
                 (p for p in rows if p["tool"] == "polars_" + r["tool"].split("_")[1]), None
             )
             out.append(
-                [
-                    r["tool"],
-                    r["status"],
-                    fmt(r["fit_seconds"], ".3f"),
-                    fmt(r["whole_seconds"], ".2f"),
-                    fmt(r["peak_rss_mb"], ".0f"),
+                measured_cells(r, ".3f")
+                + [
                     fmt(r["extra"].get("rows"), ",d"),
                     ratio(r, polars, "fit_seconds") if r is not polars else "-",
                     r["note"],
@@ -575,12 +582,8 @@ def table_rows(scenario: dict) -> list[list[str]]:
     for r in rows:
         iterations = r["iterations"] if isinstance(r["iterations"], int) else None
         out.append(
-            [
-                r["tool"],
-                r["status"],
-                fmt(r["fit_seconds"], ".2f"),
-                fmt(r["whole_seconds"], ".2f"),
-                fmt(r["peak_rss_mb"], ".0f"),
+            measured_cells(r, ".2f")
+            + [
                 fmt(r["log_likelihood"], ".6f"),
                 fmt(r["rel_ll_gap"], ".1e"),
                 fmt(iterations, "d"),

@@ -339,7 +339,6 @@ class ConditionalLogit:
         """value_and_gradient in one pass over blocks of cases: every temporary is a block's,
         so it stays in cache and is reused, and each block's values are read while warm."""
         n_items, n_features = self.n_items, self.values.shape[1]
-        coefficients = torch.cat([theta, theta.new_zeros(1)])[self.grid_index]  # (J, F)
         probability = torch.empty(self.n_slots, dtype=theta.dtype, device=theta.device)  # (S,)
         per_column = theta.new_zeros(n_items, n_features)  # (J, F)
         per_group = [theta.new_zeros(b.layout_index.shape) for b in self.other_blocks]  # (G, K)
@@ -347,10 +346,7 @@ class ConditionalLogit:
         for slots, cases in self._chunks():
             n_cases = cases.stop - cases.start
             grid = self.values[slots].view(n_cases, n_items, n_features)  # (C, J, F)
-            utility = (grid * coefficients).sum(dim=2)  # (C, J)
-            for block in self.other_blocks:
-                group = theta[block.layout_index][block.code[slots]]  # (s, K)
-                utility += (block.x[slots] * group).sum(dim=1).view(n_cases, n_items)
+            utility = self.utility(theta, cases).view(n_cases, n_items)  # (C, J)
             if self.mask is not None:
                 utility.masked_fill_(~self.mask[slots].view(n_cases, n_items), -torch.inf)
             normaliser = utility.logsumexp(dim=1)  # (C,)

@@ -698,10 +698,7 @@ def test_killed_fit_keeps_the_previous_model_and_next_run_leaves_no_temporaries(
         assert returncode == -signal.SIGKILL
     assert snapshot(run.model) == run.before
 
-    result = fit(run.data, run.model, formula="(price|constant)")
-    assert result.exit_code == 0, result.stderr
-    assert leftovers(run.model) == []
-    assert model_document(run.model)["spec"]["formula"] == "(price|constant)"
+    assert_next_fit_replaces_the_model(run)
 
 
 def test_sigkill_while_writing_the_model_keeps_the_previous_one(background):
@@ -711,10 +708,7 @@ def test_sigkill_while_writing_the_model_keeps_the_previous_one(background):
     assert snapshot(run.model) == run.before
     assert [name for name in leftovers(run.model) if name.endswith(".tmp")], "no half-written dir"
 
-    result = fit(run.data, run.model, formula="(price|constant)")
-    assert result.exit_code == 0, result.stderr
-    assert leftovers(run.model) == []
-    assert model_document(run.model)["spec"]["formula"] == "(price|constant)"
+    assert_next_fit_replaces_the_model(run)
 
 
 def test_sigkill_between_the_renames_is_repaired_by_the_next_run(background):
@@ -728,9 +722,15 @@ def test_sigkill_between_the_renames_is_repaired_by_the_next_run(background):
     assert snapshot(run.model) == run.before
     assert leftovers(run.model) == []
 
+    assert_next_fit_replaces_the_model(run)
+
+
+def assert_next_fit_replaces_the_model(run) -> None:
+    """The next fit succeeds, leaves no temporary behind and writes its own model."""
     result = fit(run.data, run.model, formula="(price|constant)")
     assert result.exit_code == 0, result.stderr
     assert leftovers(run.model) == []
+    assert model_document(run.model)["spec"]["formula"] == "(price|constant)"
 
 
 def _crash_between_renames(model: Path) -> None:
