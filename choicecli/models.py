@@ -102,6 +102,7 @@ class ConditionalLogit:
             self.case_start = torch.cat([sizes.new_zeros(1), torch.cumsum(sizes, 0)]).tolist()
         # the last point evaluated: (theta, probabilities) and (theta, Hessian), for reuse
         self._last: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        self._probability_buffer: torch.Tensor | None = None  # (S,) dense value_and_gradient
         self._last_hessian: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
 
     @property
@@ -127,21 +128,23 @@ class ConditionalLogit:
         if self._case_index is not None:
             return self._case_index[slots]
         start, stop, _ = slots.indices(self.n_slots)
-        return torch.arange(start, stop, device=self.values.device) // self.n_items
+        return torch.arange(start, stop, device=self.columns.device) // self.n_items
 
     def _slot_items(self, slots: slice = slice(None)) -> torch.Tensor:  # (s,)
         if self._item_index is not None:
             return self._item_index[slots]
         start, stop, _ = slots.indices(self.n_slots)
-        return torch.arange(start, stop, device=self.values.device) % self.n_items
+        return torch.arange(start, stop, device=self.columns.device) % self.n_items
 
     def _arrange(
         self, blocks: list[Block], n_slots: int, device: torch.device, own_blocks: bool
     ) -> list[Block]:
-        """Order blocks constant, user, alternative-level; keep all values in one (S, F) matrix.
+        """Order blocks constant, user, alternative-level; keep all values in one (F, S) matrix.
 
-        Constant blocks then form one matrix product, and alternative-level blocks in a dense
-        layout broadcast over an (N, J, K) view instead of gathering per slot.
+        Feature-major: each value column is one contiguous row, filled (and its pages first
+        touched) when copied, so a caller freeing its columns as they are copied holds the
+        data about once. Constant columns then form one matrix-vector product per block of
+        slots, and alternative-level ones broadcast over (N, J) views.
         """
 
         def rank(block: Block) -> int:
@@ -153,15 +156,19 @@ class ConditionalLogit:
         ordered = sorted(blocks, key=rank)
         self._block_columns: list[tuple[int, int]] = []  # value columns of each arranged block
         n_features = sum(block.n_features for block in ordered)
-        self.values = torch.zeros(n_slots, n_features, dtype=torch.float64, device=device)
+        self.n_features = n_features
+        self.columns = torch.empty(n_features, n_slots, dtype=torch.float64, device=device)
+        self.ones_columns: list[int] = []  # intercept columns: 1 at every offered slot
         arranged, start = [], 0
         for block in ordered:  # fill column by column: no (S, F) temporaries
             stop = start + block.n_features
             for k in range(block.n_features):
                 if self.positions is None:
-                    self.values[:, start + k].copy_(block.x[:, k])
+                    self.columns[start + k].copy_(block.x[:, k])
                 else:
-                    self.values[:, start + k].index_copy_(0, self.positions, block.x[:, k])
+                    self.columns[start + k].zero_().index_copy_(0, self.positions, block.x[:, k])
+                if block.features[k] == "intercept":
+                    self.ones_columns.append(start + k)
             code = block.code
             by_alternative = block.term.variation in (Variation.ITEM, Variation.ITEM_FULL)
             if rank(block) == 0 or (self.dense and by_alternative):  # not read per slot:
@@ -172,7 +179,7 @@ class ConditionalLogit:
                 )  # missing slots: code 0, values 0
             if own_blocks:
                 block.x = None  # copied: the caller's values go once nothing else holds them
-            columns = self.values[:, start:stop]
+            columns = self.columns[start:stop].T  # (S, K) view
             self._block_columns.append((start, stop))
             arranged.append(
                 Block(block.term, block.level, block.features, columns, code, block.layout_index)
@@ -183,7 +190,7 @@ class ConditionalLogit:
         self.constant_index = (
             torch.cat([b.layout_index.reshape(-1) for b in constant])
             if constant
-            else torch.zeros(0, dtype=torch.long, device=self.values.device)
+            else torch.zeros(0, dtype=torch.long, device=self.columns.device)
         )  # (Fc,)
         self.item_blocks = [
             b
@@ -193,12 +200,18 @@ class ConditionalLogit:
         self.other_blocks = [
             b for b in arranged if rank(b) > 0 and all(b is not d for d in self.item_blocks)
         ]
+        self.item_columns = [  # dense layouts: value columns of alternative-level blocks
+            k
+            for block, (start, stop) in zip(arranged, self._block_columns, strict=True)
+            if any(block is d for d in self.item_blocks)
+            for k in range(start, stop)
+        ]
         # dense layouts: the coefficient of every (alternative, value column) as one (J, F)
         # table of parameter numbers; columns of other blocks point at a zero past the end
         self.grid_index = None
         if self.dense:
-            grid_index = torch.full((self.n_items, self.values.shape[1]), self.n_parameters,
-                                    dtype=torch.long, device=self.values.device)  # fmt: skip
+            grid_index = torch.full((self.n_items, n_features), self.n_parameters,
+                                    dtype=torch.long, device=device)  # fmt: skip
             start = 0
             for block in arranged:
                 stop = start + block.n_features
@@ -214,7 +227,7 @@ class ConditionalLogit:
 
     def subsample_rows(self, every: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Offered slots of every `every`-th case, their compact case numbers and items."""
-        device = self.values.device
+        device = self.columns.device
         if self.dense:
             cases = torch.arange(0, self.n_cases, every, device=device)  # (N',)
             items = torch.arange(self.n_items, device=device)
@@ -227,7 +240,7 @@ class ConditionalLogit:
 
     def blocks_at(self, slots: torch.Tensor, items: torch.Tensor) -> list[Block]:
         """This model's blocks restricted to some slots: one gather of their value rows."""
-        rows = self.values[slots]  # (R', F)
+        rows = self.columns[:, slots]  # (F, R')
         blocks = []
         for block, (start, stop) in zip(self.blocks, self._block_columns, strict=True):
             if any(block is item_block for item_block in self.item_blocks):  # code by item
@@ -235,7 +248,7 @@ class ConditionalLogit:
                 code = items if level is None else level[items]
             else:
                 code = block.code[slots]
-            blocks.append(Block(block.term, block.level, block.features, rows[:, start:stop],
+            blocks.append(Block(block.term, block.level, block.features, rows[start:stop].T,
                                 code, block.layout_index))  # fmt: skip
         return blocks
 
@@ -279,17 +292,39 @@ class ConditionalLogit:
             size = (cases.stop - cases.start) * self.n_items if cases is not None else self.n_slots
             utility = torch.empty(size, dtype=theta.dtype, device=theta.device)
             for slots, block_cases in chunks:
-                n_block = block_cases.stop - block_cases.start
-                grid = self.values[slots].view(n_block, self.n_items, self.values.shape[1])
                 local = slice(slots.start - first, slots.stop - first)
-                utility[local] = (grid * coefficients).sum(dim=2).view(-1)
+                grid = self._grid_utility(theta, coefficients, slots, block_cases)  # (C, J)
+                utility[local] = grid.view(-1)
             every = slice(first, first + size)
         else:
-            utility = self.values[:, : self.n_constant] @ theta[self.constant_index]  # (S,)
+            utility = theta[self.constant_index] @ self.columns[: self.n_constant]  # (S,)
             every = slice(None)
         for block in self.other_blocks:
             coefficients = theta[block.layout_index]  # (G, K)
             utility = utility + (block.x[every] * coefficients[block.code[every]]).sum(dim=1)
+        return utility
+
+    def _grid_utility(
+        self, theta: torch.Tensor, coefficients: torch.Tensor, slots: slice, cases: slice
+    ) -> torch.Tensor:
+        """Dense layouts: the constant and alternative-level part of a block's utility. (C, J)
+
+        Constant columns share one coefficient: a matrix-vector product over the block's
+        contiguous rows. Alternative-level columns scale an (N, J) view by a (J,) row, and
+        intercepts (1 where offered) add it: where nothing is offered the caller masks.
+        """
+        n_cases = cases.stop - cases.start
+        values = self.columns[:, slots]  # (F, s)
+        if self.n_constant:
+            utility = theta[self.constant_index] @ values[: self.n_constant]  # (s,)
+            utility = utility.view(n_cases, self.n_items)  # (C, J)
+        else:
+            utility = theta.new_zeros(n_cases, self.n_items)
+        for k in self.item_columns:
+            if k in self.ones_columns:
+                utility += coefficients[:, k]
+            else:
+                utility += values[k].view(n_cases, self.n_items) * coefficients[:, k]
         return utility
 
     def _log_normaliser(self, utility: torch.Tensor) -> torch.Tensor:  # (N,)
@@ -338,70 +373,100 @@ class ConditionalLogit:
     def _dense_value_and_gradient(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """value_and_gradient in one pass over blocks of cases: every temporary is a block's,
         so it stays in cache and is reused, and each block's values are read while warm."""
-        n_items, n_features = self.n_items, self.values.shape[1]
-        probability = torch.empty(self.n_slots, dtype=theta.dtype, device=theta.device)  # (S,)
-        per_column = theta.new_zeros(n_items, n_features)  # (J, F)
-        per_group = [theta.new_zeros(b.layout_index.shape) for b in self.other_blocks]  # (G, K)
+        n_items = self.n_items
+        self._last = (None, None)  # the buffer below is rewritten: nothing may point into it
+        if self._probability_buffer is None:  # one buffer for every call: no fresh pages
+            self._probability_buffer = theta.new_empty(self.n_slots)
+        probability = self._probability_buffer  # (S,)
+        sums = self._gradient_sums(theta)
         value = theta.new_zeros(())
         for slots, cases in self._chunks():
             n_cases = cases.stop - cases.start
-            grid = self.values[slots].view(n_cases, n_items, n_features)  # (C, J, F)
             utility = self.utility(theta, cases).view(n_cases, n_items)  # (C, J)
             if self.mask is not None:
                 utility.masked_fill_(~self.mask[slots].view(n_cases, n_items), -torch.inf)
-            normaliser = utility.logsumexp(dim=1)  # (C,)
-            chosen = utility.view(-1)[self.chosen_slot[cases] - slots.start]  # (C,)
+            # log-sum-exp by hand, so the exponentials serve the probabilities too
+            top = utility.amax(dim=1, keepdim=True)  # (C, 1) finite: every case offers one
+            exponential = torch.exp(utility - top)  # (C, J) 0 where not offered
+            total = exponential.sum(dim=1, keepdim=True)  # (C, 1)
+            block_probability = probability[slots].view(n_cases, n_items)  # (C, J) view
+            torch.div(exponential, total, out=block_probability)
+            chosen_local = self.chosen_slot[cases] - slots.start  # (C,)
+            normaliser = (top + torch.log(total)).view(-1)  # (C,)
             weights = self.case_weights[cases]  # (C,)
-            value += (weights * (chosen - normaliser)).sum()
-            block_probability = torch.exp(utility - normaliser[:, None])  # (C, J)
-            probability[slots] = block_probability.view(-1)
-            residual = -block_probability  # (C, J) y - p, with y added at the chosen slots
-            residual.view(-1)[self.chosen_slot[cases] - slots.start] += 1.0
+            value += (weights * (utility.view(-1)[chosen_local] - normaliser)).sum()
+            residual = torch.neg(block_probability)  # (C, J) y - p, y added at the chosen slots
+            residual.view(-1)[chosen_local] += 1.0
             if self.weighted:
                 residual *= weights[:, None]
-            per_column += (grid * residual[:, :, None]).sum(dim=0)
-            for block, sums in zip(self.other_blocks, per_group, strict=True):
-                sums.index_add_(0, block.code[slots], block.x[slots] * residual.view(-1, 1))
+            self._add_gradient(sums, slots, residual, offered_only=True)
         self._last = (theta.clone(), probability)  # a Newton step asks the Hessian here next
-        gradient = theta.new_zeros(self.n_parameters + 1)  # the last entry collects nothing
-        gradient.index_add_(0, self.grid_index.reshape(-1), per_column.reshape(-1))
-        for block, sums in zip(self.other_blocks, per_group, strict=True):
-            gradient.index_add_(0, block.layout_index.reshape(-1), sums.reshape(-1))
-        return value, gradient[:-1]
+        return value, self._gradient_from(sums)
+
+    def _gradient_sums(self, like: torch.Tensor) -> list[torch.Tensor]:
+        """Zeroed accumulators: constant columns (Fc,), alternative-level columns (J, Fi) in
+        dense layouts, and each other block's (G, K)."""
+        sums = [like.new_zeros(self.n_constant)]
+        if self.dense:
+            sums.append(like.new_zeros(self.n_items, len(self.item_columns)))
+        return sums + [like.new_zeros(b.layout_index.shape) for b in self.other_blocks]
+
+    def _add_gradient(
+        self, sums: list[torch.Tensor], slots: slice, residual: torch.Tensor, offered_only=False
+    ) -> None:
+        """sums += the block's residual times its values, per accumulator of `_gradient_sums`.
+
+        offered_only: the residual is 0 wherever nothing is offered, so intercepts need no
+        product with their 0/1 column.
+        """
+        values = self.columns[:, slots]  # (F, s)
+        flat = residual.reshape(-1)  # (s,)
+        if self.n_constant:
+            sums[0] += values[: self.n_constant] @ flat  # (Fc,)
+        if self.dense:
+            grid = residual.view(-1, self.n_items)  # (C, J)
+            for i, k in enumerate(self.item_columns):
+                if offered_only and k in self.ones_columns:
+                    sums[1][:, i] += grid.sum(dim=0)
+                else:
+                    sums[1][:, i] += (values[k].view(-1, self.n_items) * grid).sum(dim=0)
+        others = sums[2:] if self.dense else sums[1:]
+        for block, per_group in zip(self.other_blocks, others, strict=True):
+            per_group.index_add_(0, block.code[slots], block.x[slots] * flat[:, None])
+
+    def _gradient_from(self, sums: list[torch.Tensor]) -> torch.Tensor:
+        """The accumulators of `_gradient_sums` scattered into the layout. (P,)"""
+        gradient = sums[0].new_zeros(self.n_parameters + 1)  # the last entry collects nothing
+        gradient.index_add_(0, self.constant_index, sums[0])
+        if self.dense:
+            index = self.grid_index[:, self.item_columns]  # (J, Fi)
+            gradient.index_add_(0, index.reshape(-1), sums[1].reshape(-1))
+        others = sums[2:] if self.dense else sums[1:]
+        for block, per_group in zip(self.other_blocks, others, strict=True):
+            gradient.index_add_(0, block.layout_index.reshape(-1), per_group.reshape(-1))
+        return gradient[:-1]
 
     def accumulate(self, residual: torch.Tensor) -> torch.Tensor:
         """sum over slots of residual[s] * d utility[s] / d theta. (S,) -> (P,)"""
-        gradient = residual.new_zeros(self.n_parameters + 1)  # the last entry collects nothing
+        sums = self._gradient_sums(residual)
         if self.dense:
-            per_column = residual.new_zeros(self.grid_index.shape)  # (J, F)
-            for slots, cases in self._chunks():
-                n_cases = cases.stop - cases.start
-                grid = self.values[slots].view(
-                    n_cases, self.n_items, self.values.shape[1]
-                )  # (C, J, F)
-                per_column += (grid * residual[slots].view(n_cases, self.n_items, 1)).sum(dim=0)
-            gradient.index_add_(0, self.grid_index.reshape(-1), per_column.reshape(-1))
+            for slots, _ in self._chunks():
+                self._add_gradient(sums, slots, residual[slots])
         else:
-            constant = self.values[:, : self.n_constant].T @ residual  # (Fc,)
-            gradient.index_add_(0, self.constant_index, constant)
-        for block in self.other_blocks:
-            per_group = torch.zeros(
-                block.layout_index.shape, dtype=residual.dtype, device=residual.device
-            ).index_add_(0, block.code, block.x * residual[:, None])  # (G, K)
-            gradient.index_add_(0, block.layout_index.reshape(-1), per_group.reshape(-1))
-        return gradient[:-1]
+            self._add_gradient(sums, slice(None), residual)
+        return self._gradient_from(sums)
 
     def jacobian(self, cases: slice) -> torch.Tensor:
         """d utility / d theta for the slots of a block of cases, dense layouts only.
 
         (C*J, P + 1): one row per slot; the last column collects nothing.
         """
-        n_items, n_features = self.n_items, self.values.shape[1]
+        n_items, n_features = self.n_items, self.n_features
         slots = slice(cases.start * n_items, cases.stop * n_items)
         n_slots = slots.stop - slots.start
-        jacobian = self.values.new_zeros(n_slots, self.n_parameters + 1)  # (s, P + 1)
+        jacobian = self.columns.new_zeros(n_slots, self.n_parameters + 1)  # (s, P + 1)
         index = self.grid_index.expand(n_slots // n_items, n_items, n_features)  # (C, J, F)
-        jacobian.scatter_add_(1, index.reshape(n_slots, n_features), self.values[slots])
+        jacobian.scatter_add_(1, index.reshape(n_slots, n_features), self.columns[:, slots].T)
         for block in self.other_blocks:  # their columns point at the last one in grid_index
             index = block.layout_index[block.code[slots]]  # (s, K)
             jacobian.scatter_add_(1, index, block.x[slots])
@@ -409,13 +474,13 @@ class ConditionalLogit:
 
     def second_moments(self) -> torch.Tensor:
         """Sum over rows of each parameter's squared design value. (P,)"""
-        moments = torch.zeros(self.n_parameters + 1, dtype=self.values.dtype,
-                              device=self.values.device)  # fmt: skip
+        moments = self.columns.new_zeros(self.n_parameters + 1)
         if self.dense:  # dense blocks by column per alternative, one pass over the values
-            per_column = self.values.new_zeros(self.grid_index.shape)  # (J, F)
-            for slots, cases in self._chunks():
-                grid = self.values[slots].view(cases.stop - cases.start, self.n_items, -1)
-                per_column += (grid * grid).sum(dim=0)
+            per_column = self.columns.new_zeros(self.grid_index.shape)  # (J, F)
+            for slots, _ in self._chunks():
+                values = self.columns[:, slots]  # (F, s)
+                squares = (values * values).view(self.n_features, -1, self.n_items)  # (F, C, J)
+                per_column += squares.sum(dim=1).T
             moments.index_add_(0, self.grid_index.reshape(-1), per_column.reshape(-1))
         for block in self.other_blocks if self.dense else self.blocks:
             per_group = torch.zeros(
@@ -442,7 +507,7 @@ class ConditionalLogit:
             utility = self._masked_utility(theta)  # (S,)
             probability = self._probability(utility, self._log_normaliser(utility))  # (S,)
         n_key_users = self._key_users()
-        n_features = self.values.shape[1]
+        n_features = self.n_features
         row_sums = torch.zeros(n_key_users * self.n_items, n_features, n_features,
                                dtype=theta.dtype, device=theta.device)  # fmt: skip
         case_slots = self._case_slots(n_key_users)  # (U', Q)
@@ -464,7 +529,7 @@ class ConditionalLogit:
 
     def _chunks(self):
         """(slot slice, case slice) for consecutive blocks of about 512k values."""
-        width = max(1, self.values.shape[1]) * self.n_items
+        width = max(1, self.n_features) * self.n_items
         step = max(64, (1 << 19) // width)
         for first in range(0, self.n_cases, step):
             last = min(first + step, self.n_cases)
@@ -483,7 +548,7 @@ class ConditionalLogit:
 
     def _code_table(self, block: Block, n_key_users: int) -> torch.Tensor:
         """The block's code for every (user, alternative) key. (U', J)"""
-        device = self.values.device
+        device = self.columns.device
         users = torch.arange(n_key_users, device=device)[:, None]  # (U', 1)
         items = torch.arange(self.n_items, device=device)[None, :]  # (1, J)
         variation = block.term.variation
@@ -503,65 +568,71 @@ class ConditionalLogit:
         )
 
     def _case_slots(self, n_key_users: int) -> torch.Tensor:
-        """Parameter number of each compact per-case column, per user. (U', Fa + J*Fb)"""
+        """Parameter number of each compact per-case column, per user. (U', Fa + Fb*J)"""
         case_level = [b for b in self.blocks if not b.term.variation.by_item]
         item_level = [b for b in self.blocks if b.term.variation.by_item]
         slots = []
         if case_level:
             tables = [b.layout_index[self._code_table(b, n_key_users)[:, 0]] for b in case_level]
             slots.append(torch.cat(tables, dim=1))  # (U', Fa)
-        if item_level:
-            tables = [b.layout_index[self._code_table(b, n_key_users)] for b in item_level]
-            slots.append(torch.cat(tables, dim=2).reshape(n_key_users, -1))  # (U', J*Fb)
+        if item_level:  # column-major: all alternatives of a value column, then the next
+            tables = [
+                b.layout_index[self._code_table(b, n_key_users)].transpose(1, 2)  # (U', K, J)
+                for b in item_level
+            ]
+            slots.append(torch.cat(tables, dim=1).reshape(n_key_users, -1))  # (U', Fb*J)
         return torch.cat(slots, dim=1)
 
     def _add_row_part(self, sums, slots: slice, cases: slice, probability) -> None:
         """sums[key] += sum over the block's slots of w p z z' (in value-column space)."""
-        values = self.values[slots]  # (s, F)
-        n_cases = cases.stop - cases.start
-        n_features = values.shape[1]
+        n_cases, n_features = cases.stop - cases.start, self.n_features
         weight = probability  # (s,)
         if self.weighted:
             weight = self.case_weights[self._slot_cases(slots)] * probability
-        if self.dense and not self.by_user:  # keys are the alternatives
-            grid = values.view(n_cases, self.n_items, n_features)  # (C, J, F)
-            if self.n_items <= 32:  # one (F, C) x (C, F) product per alternative, on views
-                weighted = grid * weight.view(n_cases, self.n_items, 1)  # (C, J, F)
-                for item in range(self.n_items):
-                    sums[item] += weighted[:, item].T @ grid[:, item]
-            else:  # many alternatives: alternative-major copies, then one batched product
-                by_item = grid.transpose(0, 1).contiguous()  # (J, C, F)
-                weighted = by_item * weight.view(n_cases, self.n_items).T[:, :, None]
-                sums += torch.bmm(weighted.transpose(1, 2), by_item)
+        values = self.columns[:, slots]  # (F, s)
+        weighted = values * weight  # (F, s)
+        first_item = self.n_constant  # dense, no user terms: constant columns, then by item
+        if self.dense and not self.by_user and len(self.item_columns) == n_features - first_item:
+            # constant columns map to the same parameters under every alternative: one
+            # product over all slots, kept under alternative 0
+            if first_item:
+                sums[0, :first_item, :first_item] += weighted[:first_item] @ values[:first_item].T
+            grid = values.view(n_features, n_cases, self.n_items)  # (F, C, J)
+            weighted_grid = weighted.view(n_features, n_cases, self.n_items)  # (F, C, J)
+            for k in self.item_columns:  # each pair once: column k against columns 0..k
+                products = (weighted_grid[k] * grid[: k + 1]).sum(dim=1).T  # (J, k+1)
+                sums[:, k, : k + 1] += products
+                sums[:, :k, k] += products[:, :k]
             return
+        rows, weighted_rows = values.T, weighted.T  # (s, F) views
         key = self._slot_items(slots)
         if self.by_user:
             key = self.user_of_case[self._slot_cases(slots)] * self.n_items + key  # (s,)
-        outer = (values * weight[:, None])[:, :, None] * values[:, None, :]  # (s, F, F)
-        sums.view(sums.shape[0], -1).index_add_(0, key, outer.reshape(values.shape[0], -1))
+        outer = weighted_rows[:, :, None] * rows[:, None, :]  # (s, F, F)
+        sums.view(sums.shape[0], -1).index_add_(0, key, outer.reshape(rows.shape[0], -1))
 
     def _add_case_part(self, sums, slots: slice, cases: slice, probability) -> None:
         """sums[user] += sum over the block's cases of w m m' (compact per-case columns)."""
-        n_cases = cases.stop - cases.start
+        n_cases, n_items = cases.stop - cases.start, self.n_items
         n_case_level = sum(b.n_features for b in self.blocks if not b.term.variation.by_item)
-        values = self.values[slots] * probability[:, None]  # (s, F)
+        values = self.columns[:, slots] * probability  # (F, s)
         local_case = None if self.dense else self._slot_cases(slots) - cases.start  # (s,)
         parts = []
         if n_case_level and self.dense:
-            grid = values[:, :n_case_level].reshape(n_cases, self.n_items, n_case_level)
-            parts.append(grid.sum(dim=1))  # (C, Fa)
+            grid = values[:n_case_level].view(n_case_level, n_cases, n_items)  # (Fa, C, J)
+            parts.append(grid.sum(dim=2).T)  # (C, Fa)
         elif n_case_level:
-            summed = torch.zeros(n_cases, n_case_level, dtype=values.dtype, device=values.device)
-            parts.append(summed.index_add_(0, local_case, values[:, :n_case_level]))
-        if values.shape[1] > n_case_level:
-            item_values = values[:, n_case_level:]  # (s, Fb)
+            summed = values.new_zeros(n_cases, n_case_level)
+            parts.append(summed.index_add_(0, local_case, values[:n_case_level].T))
+        if self.n_features > n_case_level:
+            item_values = values[n_case_level:]  # (Fb, s)
             if self.dense:
-                spread = item_values  # already (C*J, Fb) in slot order
+                spread = item_values  # already (Fb, C*J) in slot order
             else:
-                spread = torch.zeros(n_cases * self.n_items, item_values.shape[1],
-                                     dtype=values.dtype, device=values.device)  # fmt: skip
-                spread[local_case * self.n_items + self._slot_items(slots)] = item_values
-            parts.append(spread.reshape(n_cases, -1))  # (C, J*Fb)
+                spread = values.new_zeros(item_values.shape[0], n_cases * n_items)
+                spread[:, local_case * n_items + self._slot_items(slots)] = item_values
+            spread = spread.view(-1, n_cases, n_items).transpose(0, 1)  # (C, Fb, J)
+            parts.append(spread.reshape(n_cases, -1))  # (C, Fb*J)
         compact = torch.cat(parts, dim=1)  # (C, Q)
         weighted = compact * self.case_weights[cases, None] if self.weighted else compact
         if sums.shape[0] == 1:
@@ -580,15 +651,14 @@ class ConditionalLogit:
         sums[:, shared[:, None], own[None, :]] += per_user[:, :, shared].transpose(1, 2)
 
     def _compact_by_user(self, n_case_level: int):
-        """Compact per-case columns (case-level ones, then J x item-level ones): positions of
+        """Compact per-case columns (case-level ones, then item-level ones x J): positions of
         those shared by all users and of the user-specific ones. ((Qs,), (Qu,))"""
         by_user = [
             block.term.variation.by_user for block in self.blocks for _ in range(block.n_features)
         ]  # one flag per value column, in value-column order
-        flags = torch.tensor(
-            by_user[:n_case_level] + by_user[n_case_level:] * self.n_items, dtype=torch.bool,
-            device=self.values.device,
-        )  # fmt: skip
+        item_level = [flag for flag in by_user[n_case_level:] for _ in range(self.n_items)]
+        flags = torch.tensor(by_user[:n_case_level] + item_level, dtype=torch.bool,
+                             device=self.columns.device)  # fmt: skip
         return (~flags).nonzero().flatten(), flags.nonzero().flatten()
 
 
@@ -664,7 +734,7 @@ class NestedLogit:
             # the structured Hessian: per nest, the parameter of each compact column of Zbar
             # (constant columns, each member's alternative-level columns, the nest's lambda)
             self._compact_columns = None
-            if not self.grid.other_blocks and not self.nest_grid.values.shape[1]:
+            if not self.grid.other_blocks and not self.nest_grid.n_features:
                 grid_index, n_constant = self.grid.grid_index, self.grid.n_constant
                 self._compact_columns = [
                     torch.cat(
@@ -723,7 +793,7 @@ class NestedLogit:
         present = torch.isfinite(inclusive)  # (C, M) nests with an offered alternative
         inclusive = inclusive.masked_fill(~present, 0.0)  # finite, so lambda * I has a gradient
         upper = lambdas * inclusive  # (C, M)
-        if self.nest_grid.values.shape[1]:  # W_m: the nest formula, constant within a nest
+        if self.nest_grid.n_features:  # W_m: the nest formula, constant within a nest
             nest_utility = self.nest_grid.utility(theta, cases).view(-1, n_items)  # (C, J)
             if offered is not None:
                 nest_utility = nest_utility.masked_fill(~offered, -torch.inf)
@@ -782,7 +852,7 @@ class NestedLogit:
                 state = self._grid_state(theta)
             width = self.n_parameters + 1
             total = theta.new_zeros(width, width)
-            per_case = self.n_items * max(width, self.grid.values.shape[1] + 1)
+            per_case = self.n_items * max(width, self.grid.n_features + 1)
             step = max(16, (1 << 20) // per_case)
             for first in range(0, self.n_cases, step):
                 cases = slice(first, min(first + step, self.n_cases))
@@ -901,7 +971,7 @@ class NestedLogit:
         # coefficient of a = dV_i - sum_{j in k} q_j dV_j in the chosen nest's lambda terms
         chosen_scale = -weights / chosen_lambda**2  # (C,)
         grid = self.grid
-        values = grid.values[cases.start * n_items : cases.stop * n_items]
+        values = grid.columns[:, cases.start * n_items : cases.stop * n_items].T  # (s, F) view
         values = values.view(n_cases, n_items, -1)  # (C, J, F)
         hessian = theta.new_zeros(width, width)
         chosen_terms = torch.zeros(n_nests, width, **options)  # (M, P+1) sum of scale * a
@@ -958,7 +1028,7 @@ class NestedLogit:
             expected_scaled[:, nests, lambda_index] -= mean_scaled  # (C, M, P+1) Zbar
             d_upper = expected_scaled.clone()  # G_m = dW_m + Zbar_m + I_m dlambda_m
             d_upper[:, nests, lambda_index] += inclusive
-            if self.nest_grid.values.shape[1]:
+            if self.nest_grid.n_features:
                 d_nest = self.nest_grid.jacobian(cases).view(n_cases, n_items, width)
                 d_upper += torch.bmm(within[:, None, :] * members, d_nest)  # W: constant in m
             mean_upper = torch.bmm(share[:, None, :], d_upper)[:, 0]  # (C, P+1) Gbar
