@@ -191,9 +191,12 @@ def _newton_direction(gradient: torch.Tensor, hessian: torch.Tensor) -> torch.Te
     information = -hessian
     scale = float(information.diagonal().abs().max().clamp_min(1e-12))
     ridge = 0.0
-    identity = torch.eye(information.shape[0], dtype=information.dtype, device=information.device)
     for _ in range(30):
-        factor, info = torch.linalg.cholesky_ex(information + ridge * identity)
+        ridged = information
+        if ridge:
+            ridged = information.clone()
+            ridged.diagonal().add_(ridge)
+        factor, info = torch.linalg.cholesky_ex(ridged)
         if int(info) == 0:
             return torch.cholesky_solve(gradient[:, None], factor)[:, 0]
         ridge = scale * 1e-10 if ridge == 0.0 else ridge * 10.0
@@ -204,6 +207,9 @@ def _step(theta, gradient, hessian, lower, upper) -> tuple[torch.Tensor, float]:
     """Newton direction (P,) and decrement; a parameter held at a bound by its gradient stays
     there, Newton moves the others."""
     moving = ~_held_at_bound(theta, gradient, lower, upper)  # (P,)
+    if bool(moving.all()):  # no parameter at a bound: no copies of the Hessian
+        direction = _newton_direction(gradient, hessian)
+        return direction, math.sqrt(max(float(gradient @ direction), 0.0))
     direction = torch.zeros_like(theta)
     direction[moving] = _newton_direction(gradient[moving], hessian[moving][:, moving])
     return direction, math.sqrt(max(float(gradient @ direction), 0.0))

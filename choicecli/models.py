@@ -200,6 +200,11 @@ class ConditionalLogit:
         self.other_blocks = [
             b for b in arranged if rank(b) > 0 and all(b is not d for d in self.item_blocks)
         ]
+        self._column_variation = [  # (by user, by alternative) of each value column
+            (block.term.variation.by_user, block.term.variation.by_item)
+            for block in arranged
+            for _ in range(block.n_features)
+        ]
         self.item_columns = [  # dense layouts: value columns of alternative-level blocks
             k
             for block, (start, stop) in zip(arranged, self._block_columns, strict=True)
@@ -604,12 +609,25 @@ class ConditionalLogit:
                 sums[:, k, : k + 1] += products
                 sums[:, :k, k] += products[:, :k]
             return
-        rows, weighted_rows = values.T, weighted.T  # (s, F) views
-        key = self._slot_items(slots)
+        # any layout: each pair of columns once, summed by what its two parameters vary with
+        # (one bincount per pair: torch's index_add_ of (s, F^2) rows is far slower)
+        keys: dict[tuple[bool, bool], torch.Tensor] = {}  # (by user, by alternative) -> (s,)
+        keys[False, True] = self._slot_items(slots)
         if self.by_user:
-            key = self.user_of_case[self._slot_cases(slots)] * self.n_items + key  # (s,)
-        outer = weighted_rows[:, :, None] * rows[:, None, :]  # (s, F, F)
-        sums.view(sums.shape[0], -1).index_add_(0, key, outer.reshape(rows.shape[0], -1))
+            keys[True, False] = self.user_of_case[self._slot_cases(slots)] * self.n_items
+            keys[True, True] = keys[True, False] + keys[False, True]
+        for f, (f_user, f_item) in enumerate(self._column_variation):
+            for g, (g_user, g_item) in enumerate(self._column_variation[: f + 1]):
+                product = weighted[f] * values[g]  # (s,)
+                varies = (f_user or g_user, f_item or g_item)
+                if varies == (False, False):  # both constant: the same parameters everywhere
+                    sums[0, f, g] += product.sum()
+                else:
+                    sums[:, f, g] += torch.bincount(
+                        keys[varies], weights=product, minlength=sums.shape[0]
+                    )
+                if g != f:
+                    sums[:, g, f] = sums[:, f, g]
 
     def _add_case_part(self, sums, slots: slice, cases: slice, probability) -> None:
         """sums[user] += sum over the block's cases of w m m' (compact per-case columns)."""
@@ -642,11 +660,15 @@ class ConditionalLogit:
         # cases, kept under user 0; only the rows of user-specific columns go per user
         shared, own = self._compact_by_user(n_case_level)
         sums[0, shared[:, None], shared[None, :]] += weighted[:, shared].T @ compact[:, shared]
-        outer = weighted[:, own, None] * compact[:, None, :]  # (C, Qu, Q)
-        per_user = torch.zeros(sums.shape[0], own.numel() * compact.shape[1], dtype=sums.dtype,
-                               device=sums.device)  # fmt: skip
-        per_user.index_add_(0, self.user_of_case[cases], outer.reshape(n_cases, -1))
-        per_user = per_user.view(sums.shape[0], own.numel(), compact.shape[1])  # (U', Qu, Q)
+        outer = weighted[:, own].T[:, None, :] * compact.T[None, :, :]  # (Qu, Q, C)
+        users = self.user_of_case[cases]  # (C,)
+        per_user = torch.stack(  # one bincount per column: faster than index_add_ of rows
+            [
+                torch.bincount(users, weights=column, minlength=sums.shape[0])
+                for column in outer.reshape(-1, n_cases)
+            ],
+            dim=1,
+        ).view(sums.shape[0], own.numel(), compact.shape[1])  # (U', Qu, Q)
         sums[:, own, :] += per_user
         sums[:, shared[:, None], own[None, :]] += per_user[:, :, shared].transpose(1, 2)
 

@@ -68,9 +68,27 @@ def test_nested_logit_matches_hand_computation():
     assert float(model.log_likelihood(theta)) == pytest.approx(expected, abs=1e-12)
 
 
-@pytest.mark.parametrize("formula", [ALL_VARIATIONS, "(x|constant) + (1|item) + (z|user)"])
-def test_conditional_logit_gradient_and_hessian_match_autograd(formula):
-    problem = problem_for(toy_frame(), formula)
+@pytest.mark.parametrize(
+    "formula, weighted",
+    [
+        (ALL_VARIATIONS, False),
+        ("(x|constant) + (1|item) + (z|user)", False),
+        # no user terms: the Hessian's row part per alternative only for alternative-level
+        # columns, constant ones in one product
+        ("(x|constant) + (1|item) + (z|item-full) + (w|item) + (z|constant)", False),
+        ("(x|constant) + (1|item) + (z|item-full) + (w|item)", True),
+        ("(x|constant) + (1|item) + (z|user)", True),
+    ],
+)
+def test_conditional_logit_gradient_and_hessian_match_autograd(formula, weighted):
+    frame = toy_frame()
+    roles = Roles(case="case", item="item", choice="choice", user="user")
+    if weighted:
+        frame = frame.with_columns(
+            pl.col("case").replace_strict({1: 0.5, 2: 2.0, 3: 1.25}).alias("weight")
+        )
+        roles = Roles(case="case", item="item", choice="choice", user="user", weights="weight")
+    problem = problem_for(frame, formula, roles=roles)
     model = problem.model(torch.device("cpu"))
     theta = random_theta(len(problem.parameters), seed=3)
     value, gradient = model.value_and_gradient(theta)
