@@ -29,8 +29,10 @@ WARM_START_CASES = 100_000
 WARM_START_EVERY = 10
 WARM_START_CASES_PER_PARAMETER = 200
 
-# a last Newton step shorter than this (in standard-error units) keeps its Hessian
-STALE_HESSIAN_DECREMENT = 1e-5
+# a last Newton step shorter than this times sqrt(cases) (in standard-error units) keeps its
+# Hessian: a step of d standard errors moves the Hessian, and the standard errors, by about
+# d / sqrt(cases) relative, so they stay within about 1e-7 of the optimum's
+STALE_HESSIAN_DECREMENT = 1e-7
 
 
 @dataclass(frozen=True)
@@ -261,9 +263,10 @@ def _newton(objective, theta, options, lower, upper, progress, first_hessian=Non
         theta, value, gradient = candidate, new_value, new_gradient
         if change <= options.relative_tolerance and decrement <= math.sqrt(options.tolerance):
             converged, message = True, "relative change of the log-likelihood below tolerance"
-            # a last step of under 1e-5 standard errors leaves the Hessian as it was to that
-            # precision: keep it for the standard errors rather than recompute it
-            if decrement > STALE_HESSIAN_DECREMENT:
+            # a tiny last step leaves the Hessian as it was to far below any reported digit:
+            # keep it for the standard errors rather than recompute it
+            n_cases = getattr(objective.model, "n_cases", 1)
+            if decrement > STALE_HESSIAN_DECREMENT * math.sqrt(n_cases):
                 hessian = objective.hessian(theta)
             break
     return Outcome(theta, value, decrement, iteration, converged, "newton", message, 0.0, hessian)

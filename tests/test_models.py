@@ -365,3 +365,27 @@ def test_rank_check_on_a_subsample_finds_what_the_full_check_finds(monkeypatch, 
     assert torch.equal(sampled.estimate.isnan(), full.estimate.isnan())
     assert sampled.fit["log_likelihood"] == pytest.approx(full.fit["log_likelihood"], abs=1e-9)
     assert ("w[constant]" in " ".join(full.warnings)) == ("w|constant" in formula)
+
+
+@pytest.mark.parametrize("n_cases, seed", [(60, 1), (1000, 7), (3000, 3), (3000, 4)])
+def test_newton_returns_the_hessian_of_its_optimum(n_cases, seed):
+    """The Hessian Newton returns (for standard errors) may be the one of its last step when
+    that step was tiny: it must equal a fresh one at the optimum to far below any SE digit."""
+    from choicecli.estimate import EstimateOptions, Objective, maximise
+    from choicecli.problem import ModelSpec, build_problem
+
+    frame = simulated_frame(n_cases=n_cases, seed=seed)
+    spec = ModelSpec(
+        formula="(x|constant) + (1|item) + (z|item)",
+        roles=Roles(case="case", item="item", choice="choice"),
+    )
+    problem = build_problem(frame, spec, "test")
+    free = (~problem.fixed).nonzero().flatten()
+    model = problem.model(torch.device("cpu"))
+    objective = Objective(model, free, problem.start, torch.ones_like(free, dtype=torch.bool), 0.0)
+    outcome = maximise(objective, problem.start[free], EstimateOptions())
+    assert outcome.converged
+    fresh = objective.hessian(outcome.theta)
+    assert float((outcome.hessian - fresh).norm() / fresh.norm()) <= 1e-7
+    std_errors = [torch.linalg.inv(-h).diagonal().sqrt() for h in (outcome.hessian, fresh)]
+    assert torch.allclose(*std_errors, rtol=1e-6, atol=0)
