@@ -146,7 +146,7 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-def big_parquet_bytes(n_cases: int = 60_000, n_items: int = 10) -> bytes:
+def big_parquet_bytes(n_cases: int = 200_000, n_items: int = 10) -> bytes:
     """A table large enough that a fit runs for several seconds (n_cases * n_items rows)."""
     import io
 
