@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from choicecli.cli import app
+from choicecli.cli import ALLOCATOR_SETTINGS, ALLOCATOR_VARIABLE, allocator_settings, app
 from choicecli.results import COEFFICIENT_COLUMNS
 from conftest import CHOICE_EXECUTABLE, SAMPLE_DATA, shared_file
 
@@ -207,6 +208,34 @@ def test_help_does_not_import_torch():
     code = "import sys; import choicecli.cli; print('torch' in sys.modules)"
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert completed.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("entry", ["console-script", "python-m"])
+@pytest.mark.parametrize("own", [None, "dirty_decay_ms:0"])
+def test_entry_points_set_polars_allocator_before_it_loads_and_keep_a_users_setting(entry, own):
+    run = {
+        "console-script": "from choicecli.cli import main; main()",
+        "python-m": "import runpy; runpy.run_module('choicecli', run_name='__main__')",
+    }[entry]
+    code = (
+        "import os, sys\n"
+        "sys.argv = ['choice', '--help']\n"
+        f"try:\n    {run}\nexcept SystemExit:\n    pass\n"
+        "before = 'polars' in sys.modules\n"
+        "import polars\n"
+        "print(before, os.environ['_RJEM_MALLOC_CONF'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != ALLOCATOR_VARIABLE}
+    if own is not None:
+        env[ALLOCATOR_VARIABLE] = own
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               env=env, timeout=120)  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    before, setting = completed.stdout.splitlines()[-1].split()  # after the help text
+    assert before == "False"  # nothing had read the setting yet
+    # polars puts its defaults first; ours follow and the user's own come last, so they win
+    assert setting.endswith(allocator_settings(own))
+    assert allocator_settings(own) == ALLOCATOR_SETTINGS + (f",{own}" if own else "")
 
 
 def mode_canada_fit(data, model, *extra: str):
