@@ -22,6 +22,8 @@ PARQUET_MAGIC = b"PAR1"
 CSV_NULLS = ("", "NA", "NaN", "nan", "null", "NULL")
 CSV_TRUE = ("TRUE", "True", "true")
 CSV_FALSE = ("FALSE", "False", "false")
+READ_BATCH_ROWS = 1 << 16  # numeric Parquet columns are read this many rows at a time
+READ_BUFFER_BYTES = 1 << 20  # and their pages streamed through a buffer this size
 
 
 def input_format(path: str, declared: str | None, head: bytes = b"") -> str:
@@ -107,21 +109,69 @@ def _is_parquet_file(file: Path, declared_format: str | None) -> bool:
 def _read_parquet_file(
     file: Path, where: str, select: Callable[[list[str]], list[str]] | None
 ) -> pl.DataFrame:
-    """A Parquet file straight from disk, only the selected columns."""
-    columns = None
-    if select is not None:
-        try:
-            names = list(pl.read_parquet_schema(file))
-        except Exception as exc:  # polars/pyarrow raise many types for corrupt files
-            raise DataError(f"{where}: cannot read Parquet: {_first_line(exc)}") from exc
-        columns = select(names)
+    """A Parquet file straight from disk, only the selected columns.
+
+    Numeric columns come through `_read_numeric_columns` (each into one array of its own, which
+    the frame shares), the others through polars.
+    """
     try:
-        frame = pl.read_parquet(file, columns=columns)
+        names = list(pl.read_parquet_schema(file))
+    except Exception as exc:  # polars/pyarrow raise many types for corrupt files
+        raise DataError(f"{where}: cannot read Parquet: {_first_line(exc)}") from exc
+    columns = names if select is None else select(names)
+    try:
+        numeric, n_rows = _read_numeric_columns(file, columns)
+        others = [name for name in columns if name not in numeric]
+        frame = pl.read_parquet(file, columns=others) if others else None
     except Exception as exc:
         raise DataError(f"{where}: cannot read Parquet: {_first_line(exc)}") from exc
-    if frame.height == 0:
+    if (frame.height if frame is not None else n_rows) == 0:
         raise DataError(f"{where}: the table has no rows")
-    return frame
+    if not numeric:
+        return frame
+    return pl.DataFrame(
+        [numeric[name] if name in numeric else frame.get_column(name) for name in columns]
+    )
+
+
+def _read_numeric_columns(file: Path, names: list[str]) -> tuple[dict[str, pl.Series], int]:
+    """The named integer and float columns without nulls, each read batch by batch into one
+    array of its own that the returned series share; and the file's row count.
+
+    A column is then held once, in memory that goes back to the system when it is freed; polars
+    would hold it in row-group pieces whose memory its allocator keeps after they are joined.
+    A column with nulls is left out (polars reads it).
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(file, pre_buffer=False, buffer_size=READ_BUFFER_BYTES)
+    n_rows = parquet.metadata.num_rows
+    schema = parquet.schema_arrow
+    found = [name for name in names if schema.get_field_index(name) >= 0]  # -1: absent or twice
+    types = {name: schema.field(name).type for name in found}
+    arrays = {
+        name: np.empty(n_rows, dtype=kind.to_pandas_dtype())  # (R,)
+        for name, kind in types.items()
+        if pa.types.is_integer(kind) or pa.types.is_float32(kind) or pa.types.is_float64(kind)
+    }
+    if not arrays:
+        return {}, n_rows
+    start = 0
+    for batch in parquet.iter_batches(batch_size=READ_BATCH_ROWS, columns=list(arrays)):
+        stop = start + batch.num_rows
+        for name in list(arrays):
+            column = batch.column(name)
+            if column.null_count:
+                del arrays[name]
+            else:
+                arrays[name][start:stop] = column.to_numpy(zero_copy_only=True)
+        start = stop
+    if start != n_rows:
+        raise DataError(f"{start} rows read where the footer lists {n_rows}")
+    pa.default_memory_pool().release_unused()  # the batches' memory: back to the system
+    return {name: pl.Series(name, values) for name, values in arrays.items()}, n_rows
 
 
 def _read_parquet(raw: bytes, where: str) -> pl.DataFrame:

@@ -101,6 +101,29 @@ def test_a_fit_handed_its_frame_gives_the_same_result_and_still_names_constant_c
     assert any("constant within each alternative" in w for w in consumed.warnings)
 
 
+def test_numeric_parquet_columns_are_read_whole_into_one_array_each(tmp_path):
+    frame = pl.DataFrame(
+        {
+            "case": [1, 1, 2, 2, 3, 3, 4],
+            "item": ["a", "b", "a", "b", "a", "b", "a"],
+            "choice": pl.Series([1, 0, 0, 1, 1, 0, 1], dtype=pl.Int8),
+            "x": [0.5, float("nan"), 1.5, -2.0, 3.0, 0.0, 1.0],
+            "n": pl.Series([1, None, 3, 4, 5, 6, 7], dtype=pl.Int32),
+            "u": pl.Series([1, 2, 3, 4, 5, 6, 7], dtype=pl.UInt16),
+            "f": pl.Series([1, 2, 3, 4, 5, 6, 7], dtype=pl.Float32),
+            "flag": [True, False, True, True, False, True, False],
+        }
+    )
+    path = tmp_path / "t.parquet"
+    frame.write_parquet(path, row_group_size=2)  # four row groups
+    read, _ = read_table(str(path))
+    assert read.equals(frame) and read.schema == frame.schema  # nulls, NaN and types kept
+    for name in ("case", "choice", "x", "u", "f"):  # read into one array, not row-group pieces
+        assert read.get_column(name).n_chunks() == 1
+    picked, _ = read_table(str(path), select=lambda names: ["x", "item", "n"])
+    assert picked.equals(frame.select("x", "item", "n"))
+
+
 def test_a_parquet_file_is_read_for_the_used_columns_only(tmp_path):
     path = tmp_path / "t.parquet"
     long_table(n_cases=50).write_parquet(path)
