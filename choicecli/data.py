@@ -54,7 +54,7 @@ class ChoiceData:
     roles: Roles
     item_labels: list  # (J,) labels in code order
     user_labels: list | None  # (U,)
-    case_labels: list  # (N,)
+    case_labels: pl.Series  # (N,) a Series, not a list: millions of Python objects otherwise
     case_index: torch.Tensor  # (R,) long, 0..N-1, non-decreasing
     item_index: torch.Tensor  # (R,) long, 0..J-1
     user_of_case: torch.Tensor | None  # (N,) long
@@ -123,9 +123,45 @@ def check_columns(frame: pl.DataFrame, names: list[str], where: str) -> None:
             )
 
 
-def sorted_labels(series: pl.Series) -> list:
-    """Distinct labels in order: numeric ids numerically, others as sorted strings."""
-    return series.unique().sort().to_list()
+def _role_codes(
+    table: pl.DataFrame,
+    name: str,
+    labels: list | None,
+    what: str,
+    where: str,
+    later: list,
+    listed: bool = True,
+) -> tuple[torch.Tensor, list | pl.Series]:
+    """Codes (R,) long of a role column against `labels` (its own sorted distinct values when
+    None, as a list if `listed`) and those labels; the column then leaves the table unless a
+    role in `later` reads it."""
+    if labels is None:
+        codes, found = _codes(table.get_column(name))
+        labels = found.to_list() if listed else found
+    else:
+        codes = _tensor(encode(table, name, labels, what, where)).long()
+    if name not in later:
+        table.drop_in_place(name)  # with a consumed frame, its memory goes now
+    return codes, labels
+
+
+def _codes(series: pl.Series) -> tuple[torch.Tensor, pl.Series]:
+    """Each row's code (R,) long and the labels it indexes: the distinct values in order,
+    numeric ids numerically, others as sorted strings.
+
+    A numeric column already in order (cases usually are) is numbered where its value changes,
+    in one pass and without polars; any other is looked up in its sorted distinct values.
+    """
+    dtype = series.dtype
+    if series.len() and (dtype.is_signed_integer() or dtype.is_float()):
+        values = _tensor(series)  # (R,) a view
+        if bool((values[1:] >= values[:-1]).all()):  # False at NaN: looked up below
+            starts = torch.ones(values.shape[0], dtype=torch.bool)  # (R,) first row of a value
+            torch.ne(values[1:], values[:-1], out=starts[1:])
+            return torch.cumsum(starts, 0) - 1, pl.Series(series.name, values[starts].numpy())
+    labels = series.unique().sort()
+    found = labels.search_sorted(series).to_numpy()  # (R,) unsigned
+    return torch.from_numpy(found.astype("int64")), labels
 
 
 def encode(frame: pl.DataFrame, column: str, labels: list, what: str, where: str) -> pl.Series:
@@ -178,20 +214,24 @@ def load_choice_data(
         table = _apply_availability(table, roles, where, notes)
     if table.height == 0:
         raise DataError(f"{where}: no rows left to fit after the checks above")
+    if consume:
+        table.drop_in_place(ROW)  # only the messages above cite rows: no source_row to give
     roles_used = set(roles.names())
     features = {  # the value columns leave polars first: its work below reuses their memory
         name: (_tensor(table.get_column(name)) if name in roles_used else _take(table, name))
         for name in used_columns
     }
-    if item_labels is None:
-        item_labels = sorted_labels(table.get_column(roles.item))
-    case_labels = sorted_labels(table.get_column(roles.case))
-    table = table.with_columns(
-        encode(table, roles.item, item_labels, "alternative", where).alias("__item"),
-        (pl.col(roles.case).rank("dense").cast(pl.Int64) - 1).alias("__case"),
-    )
-    case_index = _take(table, "__case").long()  # (R,) in table order
-    item_index = _take(table, "__item").long()  # (R,)
+    # each role column becomes codes in table order and leaves the table unless read later
+    later = [roles.case, roles.user, roles.session, roles.weights]
+    item_index, item_labels = _role_codes(table, roles.item, item_labels, "alternative", where,
+                                          later)  # fmt: skip
+    case_index, case_labels = _role_codes(table, roles.case, None, "case", where, later[1:],
+                                          listed=False)  # fmt: skip
+    users = sessions = None
+    if roles.user:
+        users, user_labels = _role_codes(table, roles.user, user_labels, "user", where, later[2:])
+    if roles.session:
+        sessions, _ = _role_codes(table, roles.session, None, "session", where, later[3:])
     order = _sort_order(case_index, item_index, len(item_labels))  # None: already sorted
 
     def in_order(values: torch.Tensor) -> torch.Tensor:
@@ -199,16 +239,10 @@ def load_choice_data(
 
     case_index, item_index = in_order(case_index), in_order(item_index)
     _check_duplicates(case_index, item_index, case_labels, item_labels, where)
-    users = None
-    if roles.user:
-        if user_labels is None:
-            user_labels = sorted_labels(table.get_column(roles.user))
-        user_codes = encode(table, roles.user, user_labels, "user", where)
-        users = in_order(torch.from_numpy(user_codes.to_numpy().copy()))
+    users = None if users is None else in_order(users)
     within_case = [(roles.user, "user", users)]
-    if roles.session:
-        sessions = table.select(pl.col(roles.session).rank("dense")).to_series()
-        within_case.append((roles.session, "session", in_order(_tensor(sessions).long())))
+    if sessions is not None:
+        within_case.append((roles.session, "session", in_order(sessions)))
     weights = None
     if roles.weights:
         weights = in_order(_take(table, roles.weights).double())
@@ -235,7 +269,7 @@ def load_choice_data(
         kept_cases[case_index[keep]] = True
         new_code = torch.cumsum(kept_cases.long(), 0) - 1  # (N_old,) compacted case codes
         case_index = new_code[case_index[keep]]
-        case_labels = pl.Series(case_labels).filter(pl.Series(kept_cases.numpy())).to_list()
+        case_labels = case_labels.filter(pl.Series(kept_cases.numpy()))
         item_index, users, chosen = (
             v if v is None else v[keep] for v in (item_index, users, chosen)
         )
@@ -291,11 +325,15 @@ def _take(table: pl.DataFrame, name: str) -> torch.Tensor:
 def _sort_order(
     case_index: torch.Tensor, item_index: torch.Tensor, n_items: int
 ) -> torch.Tensor | None:
-    """Positions that sort the rows by (case, alternative); None if they already are. (R,)"""
-    key = case_index * n_items + item_index  # (R,)
-    if bool((key[1:] >= key[:-1]).all()):
+    """Positions that sort the rows by (case, alternative); None if they already are. (R,)
+
+    Sorted rows are recognised from their neighbours, without an (R,) key.
+    """
+    later_case = case_index[1:] > case_index[:-1]  # (R-1,) bool
+    later_item = (case_index[1:] == case_index[:-1]) & (item_index[1:] >= item_index[:-1])
+    if bool((later_case | later_item).all()):
         return None
-    return torch.argsort(key, stable=True)
+    return torch.argsort(case_index * n_items + item_index, stable=True)  # (R,)
 
 
 def _filter_rows(table: pl.DataFrame, keep: pl.Expr) -> pl.DataFrame:
@@ -472,7 +510,7 @@ def _check_one_chosen(
 
 
 def _single_alternative_rows(
-    case_index: torch.Tensor, case_labels: list, notes: list[str]
+    case_index: torch.Tensor, case_labels: pl.Series, notes: list[str]
 ) -> torch.Tensor:
     """Rows to keep: cases with a single alternative carry no information. (R,) bool"""
     sizes = torch.bincount(case_index, minlength=len(case_labels))  # (N,)

@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 import torch
 
-from choicecli.data import Roles, load_choice_data
+from choicecli.data import Roles, _codes, load_choice_data
 from choicecli.fit import FitOptions, fit_model
 from choicecli.io import read_table
 from choicecli.problem import ModelSpec, build_problem, table_columns
@@ -99,6 +99,20 @@ def test_a_fit_handed_its_frame_gives_the_same_result_and_still_names_constant_c
     assert torch.allclose(consumed.estimate[free], kept.estimate[free], rtol=1e-10, atol=1e-12)
     assert consumed.warnings == kept.warnings
     assert any("constant within each alternative" in w for w in consumed.warnings)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [[3, 3, 5, 9, 9], [9, 3, 5, 3, 9], ["b", "a", "b", "c"], [2.5, float("nan"), -1.0, 2.5],
+     [-2.0, 0.5, 0.5, 7.0], [True, False, True]],
+    ids=["sorted-int", "int", "text", "nan", "sorted-float", "bool"],
+)  # fmt: skip
+def test_codes_number_values_by_their_sorted_distinct_values(values):
+    series = pl.Series("c", values)
+    codes, labels = _codes(series)
+    assert labels.equals(series.unique().sort(), check_names=False)
+    assert codes.dtype == torch.int64
+    assert codes.tolist() == (series.rank("dense") - 1).to_list()
 
 
 def test_numeric_parquet_columns_are_read_whole_into_one_array_each(tmp_path):

@@ -358,6 +358,6 @@ def test_valid_tables_round_trip(scratch, frame, fmt, pads, booleans):
 
     data = load_choice_data(read, Roles(), ["price"], where=str(path))
     assert data.n_rows == frame.height and data.notes == []
-    assert data.case_labels == sorted(set(frame.get_column("case").to_list()))
+    assert data.case_labels.to_list() == sorted(set(frame.get_column("case").to_list()))
     assert data.item_labels == sorted(set(frame.get_column("item").to_list()))  # 2 < 10 < 100
     _check_invariants(read, data, Roles(), ["price"])
