@@ -49,26 +49,33 @@ class Roles:
 
 @dataclass
 class ChoiceData:
-    """A validated long table as tensors, rows sorted by (case, alternative)."""
+    """A validated long table as tensors, rows sorted by (case, alternative).
+
+    Once a model holds what it needs, `release_columns` and `release_rows` drop the per-row
+    tensors; what a fit reads afterwards (counts per case and alternative, which columns are
+    constant within alternatives) is kept.
+    """
 
     roles: Roles
     item_labels: list  # (J,) labels in code order
     user_labels: list | None  # (U,)
     case_labels: pl.Series  # (N,) a Series, not a list: millions of Python objects otherwise
-    case_index: torch.Tensor  # (R,) long, 0..N-1, non-decreasing
-    item_index: torch.Tensor  # (R,) long, 0..J-1
+    case_index: torch.Tensor | None  # (R,) long, 0..N-1, non-decreasing; None once released
+    item_index: torch.Tensor | None  # (R,) long, 0..J-1; None once released
     user_of_case: torch.Tensor | None  # (N,) long
-    chosen: torch.Tensor | None  # (R,) float64 0/1, one 1 per case
+    chosen: torch.Tensor | None  # (R,) float64 0/1, one 1 per case; None without or released
     columns: dict[str, torch.Tensor]  # name -> (R,) float64; empty once released
     source_row: torch.Tensor | None  # (R,) long: the row's position in the input table
     case_weights: torch.Tensor | None = None  # (N,) float64
     notes: list[str] = field(default_factory=list)  # what was done to the data, as asked
     warnings: list[str] = field(default_factory=list)  # what --strict turns into an error
     released: dict[str, bool] = field(default_factory=dict)  # released column -> constant in item
+    n_rows: int = field(init=False)
+    _sizes: torch.Tensor | None = field(default=None, init=False, repr=False)  # (N,)
+    _choices: dict[bool, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
 
-    @property
-    def n_rows(self) -> int:
-        return int(self.case_index.shape[0])
+    def __post_init__(self) -> None:
+        self.n_rows = int(self.case_index.shape[0])
 
     @property
     def n_cases(self) -> int:
@@ -87,7 +94,22 @@ class ChoiceData:
         return None if self.user_of_case is None else self.user_of_case[self.case_index]
 
     def alternatives_per_case(self) -> torch.Tensor:  # (N,)
-        return torch.bincount(self.case_index, minlength=self.n_cases)
+        if self._sizes is None:
+            self._sizes = torch.bincount(self.case_index, minlength=self.n_cases)
+        return self._sizes
+
+    def choices_per_alternative(self, weighted: bool = False) -> torch.Tensor | None:  # (J,)
+        """How often each alternative is chosen (each case counted by its weight if asked);
+        None without a choice column."""
+        if self.roles.choice is None:
+            return None
+        if weighted not in self._choices:
+            chosen = self.chosen  # (R,)
+            if weighted and self.case_weights is not None:
+                chosen = self.case_weights[self.case_index] * chosen
+            counts = torch.zeros(self.n_items, dtype=torch.float64)
+            self._choices[weighted] = counts.index_add_(0, self.item_index, chosen)
+        return self._choices[weighted]
 
     def constant_within_item(self, name: str) -> bool:
         """Whether column `name` takes one value per alternative (False if it is no column)."""
@@ -111,6 +133,16 @@ class ChoiceData:
         """Drop the value columns (a model holds its own copy), keeping what a fit still asks."""
         self.released |= {name: self.constant_within_item(name) for name in self.columns}
         self.columns = {}
+
+    def release_rows(self) -> None:
+        """Drop the (R,) case, alternative and choice vectors, counted first for the fit's
+        statistics; call `release_columns` before (it reads the alternatives)."""
+        if self.case_index is None:
+            return
+        self.alternatives_per_case()
+        self.choices_per_alternative()
+        self.choices_per_alternative(weighted=True)
+        self.case_index = self.item_index = self.chosen = None
 
 
 def check_columns(frame: pl.DataFrame, names: list[str], where: str) -> None:

@@ -54,7 +54,7 @@ class Block:
     level: Level
     features: list[str]
     x: torch.Tensor | None  # (R, K) float64; None once released (the model holds a copy)
-    code: torch.Tensor  # (R,) long in [0, G)
+    code: torch.Tensor | None  # (R,) long in [0, G); None once released
     layout_index: torch.Tensor  # (G, K) long: parameter numbers in the layout
 
     @property

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 import polars as pl
 import torch
 
+from choicecli.data import ChoiceData
 from choicecli.design import Block
 from choicecli.errors import ModelError, UsageError
 from choicecli.estimate import (
@@ -72,12 +73,13 @@ def fit_model(
     started = time.perf_counter()
     device = resolve_device(options.device)
     problem = build_problem(frame, spec, where, consume=consume)
+    reasons = _data_reasons(problem)  # read from the rows before a model may take them over
     # the rank check runs on the CPU; the conditional logit there is the fit's own model
     reusable = not problem.nested and device.type == "cpu"
     # handed over, the values move into the model column by column: held once throughout
     model = problem.model(device, release=consume and reusable)
     warnings = list(problem.warnings)
-    unidentified = _unidentified(problem, warnings, model if reusable else None)
+    unidentified = _unidentified(problem, warnings, reasons, model if reusable else None)
     if consume:
         problem.release_values()  # a GPU or nested fit's rank check read the problem's copy
     if warnings and options.strict:
@@ -175,12 +177,13 @@ def _separating_terms(problem: Problem, free: torch.Tensor, hessian: torch.Tenso
 
 
 def _statistics(problem: Problem, outcome, n_estimated: int) -> dict:
+    """Fit statistics; the data's counts outlive its released rows."""
     data = problem.data
     weights = data.case_weights if data.case_weights is not None else torch.ones(data.n_cases)
     null = float(-(weights * torch.log(data.alternatives_per_case().double())).sum())
     value = outcome.log_likelihood
     n_cases = data.n_cases
-    shares = _market_shares_log_likelihood(data, weights)
+    shares = _market_shares_log_likelihood(data)
     return {
         "log_likelihood": value,
         "null_log_likelihood": null,
@@ -201,34 +204,28 @@ def _statistics(problem: Problem, outcome, n_estimated: int) -> dict:
         "message": outcome.message,
         "gradient_norm": outcome.gradient_norm,
         "optimiser_seconds": round(outcome.seconds, 4),
-        "observed_shares": _shares(problem),
+        "observed_shares": _shares(data),
     }
 
 
-def _market_shares_log_likelihood(data, weights: torch.Tensor) -> float | None:
+def _market_shares_log_likelihood(data: ChoiceData) -> float | None:
     """Log-likelihood of the alternative-intercepts-only model (mlogit's McFadden R^2 base).
 
     Closed form sum_j c_j log(c_j / N) when every case offers every alternative; None with
     varying choice sets, where it would need a fit of its own.
     """
-    if data.chosen is None or data.n_rows != data.n_cases * data.n_items:
+    counts = data.choices_per_alternative(weighted=True)  # (J,)
+    if counts is None or data.n_rows != data.n_cases * data.n_items:
         return None
-    row_weight = weights[data.case_index] * data.chosen  # (R,)
-    counts = torch.zeros(data.n_items, dtype=torch.float64).index_add_(
-        0, data.item_index, row_weight
-    )  # (J,)
     total = counts.sum()
     chosen = counts[counts > 0]
     return float((chosen * torch.log(chosen / total)).sum())
 
 
-def _shares(problem: Problem) -> dict[str, float]:
-    data = problem.data
-    if data.chosen is None:
+def _shares(data: ChoiceData) -> dict[str, float]:
+    counts = data.choices_per_alternative()  # (J,)
+    if counts is None:
         return {}
-    counts = torch.zeros(data.n_items, dtype=torch.float64).index_add_(
-        0, data.item_index, data.chosen
-    )
     return {
         str(label): float(c) / data.n_cases
         for label, c in zip(data.item_labels, counts, strict=True)
@@ -262,13 +259,23 @@ def _spec_document(problem: Problem, options: FitOptions) -> dict:
     }
 
 
-def _unidentified(
-    problem: Problem, warnings: list[str], model: ConditionalLogit | None = None
-) -> list[int]:
-    """Positions of parameters the data cannot estimate, with one warning per term."""
+def _data_reasons(problem: Problem) -> dict[int, str]:
+    """Parameters the rows show to be inestimable (read before a model takes them over)."""
     reasons: dict[int, str] = {}
     _single_case_users(problem, reasons)
     _never_chosen(problem, reasons)
+    return reasons
+
+
+def _unidentified(
+    problem: Problem,
+    warnings: list[str],
+    reasons: dict[int, str],
+    model: ConditionalLogit | None = None,
+) -> list[int]:
+    """Positions of parameters the data cannot estimate (`reasons` and the rank check's), with
+    one warning per term."""
+    reasons = dict(reasons)
     candidates = (~problem.fixed).nonzero().flatten()
     candidates = candidates[~torch.isin(candidates, torch.tensor(sorted(reasons) or [-1]))]
     if problem.lambda_index is not None:

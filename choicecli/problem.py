@@ -61,10 +61,12 @@ class Problem:
         return self.nests is not None
 
     def release_values(self) -> None:
-        """Drop the per-row values once a model holds its own copy: the data is then held once."""
+        """Drop the per-row values and vectors once a model holds its own copy: the data is then
+        held once, and while a model is fitted only by the model."""
         self.data.release_columns()
+        self.data.release_rows()
         for block in self.item_blocks + self.nest_blocks:
-            block.x = None
+            block.x = block.code = None
         self.released = True
 
     def _check_values(self) -> None:
@@ -74,8 +76,9 @@ class Problem:
     def model(self, device: torch.device, release: bool = False) -> ConditionalLogit | NestedLogit:
         """The likelihood object on `device`.
 
-        release: a conditional logit takes the values over: the problem drops them first and
-        the model frees each column once copied, so the data is never held twice.
+        release: a conditional logit takes the values and the row vectors over: the problem
+        drops them first (see `release_values`) and the model frees each column once copied, so
+        the data is never held twice and, once the model is built, only the model holds it.
         """
         self._check_values()
         data = self.data
@@ -84,13 +87,14 @@ class Problem:
         chosen = data.chosen.to(**to) if data.chosen is not None else None
         weights = data.case_weights.to(**to) if data.case_weights is not None else None
         if not self.nested:
-            if release:
-                self.release_values()  # item_blocks now hold the only references
+            case_index, item_index = data.case_index.to(**to), data.item_index.to(**to)
+            if release:  # item_blocks and the vectors here now hold the only references
+                self.release_values()
             return ConditionalLogit(
                 item_blocks,
                 len(self.parameters),
-                data.case_index.to(**to),
-                data.item_index.to(**to),
+                case_index,
+                item_index,
                 data.n_cases,
                 data.n_items,
                 data.user_of_case.to(**to) if data.user_of_case is not None else None,

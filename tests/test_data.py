@@ -1,9 +1,10 @@
 """The data is held once: what `choice fit` reads, copies and lets go (issue 7, item 6).
 
 A sorted table's value columns become tensors without a copy; a fit that is handed the frame
-empties it, keeps no row positions, and drops the problem's values once the model holds its
-own; a Parquet file is read for the columns the model uses only. No timings or RSS here: the
-memory itself is measured by `make bench` (scenario mem_10m).
+empties it, keeps no row positions, and drops the problem's values and its case, alternative
+and choice vectors once the model is built, having read what the fit reports from them; a
+Parquet file is read for the columns the model uses only, each numeric one into one array.
+No timings or RSS here: the memory itself is measured by `make bench` (scenario mem_10m).
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ ROLES = Roles(case="case", item="item", choice="choice")
 FORMULA = "(1|item) + (x|constant) + (z|item)"
 
 
-def long_table(n_cases: int = 500, n_items: int = 6, seed: int = 0) -> pl.DataFrame:
+def long_table(
+    n_cases: int = 500, n_items: int = 6, seed: int = 0, left_out: float = 0.1
+) -> pl.DataFrame:
     """A few thousand rows sorted by (case, item); about one alternative in ten left out."""
     generator = torch.Generator().manual_seed(seed)
-    offered = torch.rand(n_cases, n_items, generator=generator) > 0.1
+    offered = torch.rand(n_cases, n_items, generator=generator) >= left_out
     offered[:, :2] = True  # at least two alternatives per case
     case, item = offered.nonzero().unbind(1)  # row-major: sorted by case, then item
     sizes = torch.bincount(case, minlength=n_cases)  # (N,)
@@ -99,6 +102,56 @@ def test_a_fit_handed_its_frame_gives_the_same_result_and_still_names_constant_c
     assert torch.allclose(consumed.estimate[free], kept.estimate[free], rtol=1e-10, atol=1e-12)
     assert consumed.warnings == kept.warnings
     assert any("constant within each alternative" in w for w in consumed.warnings)
+
+
+@pytest.mark.parametrize("left_out", [0.0, 0.1], ids=["full", "padded"])
+def test_a_handed_over_fit_reports_what_a_kept_one_does(left_out):
+    """Shares, null and market-share log-likelihoods, never-chosen alternatives and case
+    weights are read before the model takes the rows over."""
+    frame = long_table(left_out=left_out).with_columns(
+        (pl.col("case") % 3 + 1).cast(pl.Float64).alias("weight"),
+        _never_chosen("alt5"),
+    )
+    spec = ModelSpec(FORMULA, Roles(case="case", item="item", choice="choice", weights="weight"))
+    kept, _ = fit_model(frame, spec, FitOptions(), where="t")
+    consumed, problem = fit_model(frame.clone(), spec, FitOptions(), where="t", consume=True)
+    assert problem.data.case_index is None and problem.data.chosen is None
+    assert consumed.warnings == kept.warnings
+    assert any("'alt5' is never chosen" in w for w in consumed.warnings)
+    for key, value in kept.fit.items():
+        if key not in ("seconds", "optimiser_seconds"):
+            close = pytest.approx(value, rel=1e-9) if isinstance(value, float | dict) else value
+            assert consumed.fit[key] == close, key
+    assert (consumed.fit["shares_log_likelihood"] is None) == (left_out > 0)
+
+
+def _never_chosen(label: str) -> pl.Expr:
+    """The choice column with `label`'s choices moved to alt0 of the same case."""
+    moved = ((pl.col("item") == label) & (pl.col("choice") == 1)).any().over("case")
+    return (
+        pl.when(pl.col("item") == label)
+        .then(0)
+        .when((pl.col("item") == "alt0") & moved)
+        .then(1)
+        .otherwise(pl.col("choice"))
+        .alias("choice")
+    )
+
+
+def test_the_row_vectors_go_once_a_handed_over_model_is_built():
+    problem = build_problem(long_table(), ModelSpec(FORMULA, ROLES), "t", consume=True)
+    data = problem.data
+    rows = [weakref.ref(v) for v in (data.case_index, data.item_index, data.chosen)]
+    sizes, counts = data.alternatives_per_case().clone(), data.choices_per_alternative().clone()
+    n_rows = data.n_rows
+    model = problem.model(torch.device("cpu"), release=True)
+    gc.collect()
+    assert model.layout == "padded"  # the model keeps no (R,) case or alternative vector
+    assert all(row() is None for row in rows)  # while the model is fitted, only it holds data
+    assert data.case_index is None and data.item_index is None and data.chosen is None
+    assert all(b.x is None and b.code is None for b in problem.item_blocks)
+    assert data.n_rows == n_rows and torch.equal(data.alternatives_per_case(), sizes)
+    assert torch.equal(data.choices_per_alternative(), counts)
 
 
 @pytest.mark.parametrize(
