@@ -7,6 +7,8 @@ Models take the full layout vector `theta` (P,); `estimate` maps free parameters
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from choicecli.design import Block
@@ -35,6 +37,22 @@ def block_utility(blocks: list[Block], theta: torch.Tensor, n_rows: int) -> torc
     return utility
 
 
+@dataclass
+class HandedRows:
+    """A model's row vectors, handed over: the model takes them out (leaving None) once its
+    slots are laid out, so a caller holding only this no longer holds them while the model
+    copies the values."""
+
+    case_index: torch.Tensor | None  # (R,)
+    item_index: torch.Tensor | None  # (R,)
+    chosen: torch.Tensor | None = None  # (R,) 0/1
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        rows = (self.case_index, self.item_index, self.chosen)
+        self.case_index = self.item_index = self.chosen = None
+        return rows
+
+
 class ConditionalLogit:
     """P(i | n) = exp(V[n,i]) / sum_j exp(V[n,j]), V linear in theta; analytic derivatives.
 
@@ -60,10 +78,48 @@ class ConditionalLogit:
     ) -> None:
         """own_blocks: the blocks are handed over; each block's values are dropped once copied,
         so a caller holding no other reference frees them column by column."""
+        rows = HandedRows(case_index, item_index, chosen)
+        del case_index, item_index, chosen
+        self._build(blocks, n_parameters, rows, n_cases, n_items, user_of_case, case_weights,
+                    dense_threshold, own_blocks)  # fmt: skip
+
+    @classmethod
+    def taking_rows(
+        cls,
+        blocks: list[Block],
+        n_parameters: int,
+        rows: HandedRows,
+        n_cases: int,
+        n_items: int,
+        user_of_case: torch.Tensor | None = None,  # (N,)
+        case_weights: torch.Tensor | None = None,  # (N,)
+        dense_threshold: float = 0.5,
+    ) -> ConditionalLogit:
+        """The model of rows and blocks handed over: in a dense layout the row vectors go once
+        the slots are laid out, and each block's values once copied, so a caller holding
+        nothing else holds the data once while the model is built, then not at all."""
+        model = cls.__new__(cls)
+        model._build(blocks, n_parameters, rows, n_cases, n_items, user_of_case, case_weights,
+                     dense_threshold, own_blocks=True)  # fmt: skip
+        return model
+
+    def _build(
+        self,
+        blocks: list[Block],
+        n_parameters: int,
+        rows: HandedRows,
+        n_cases: int,
+        n_items: int,
+        user_of_case: torch.Tensor | None,
+        case_weights: torch.Tensor | None,
+        dense_threshold: float,
+        own_blocks: bool,
+    ) -> None:
         self.n_parameters = n_parameters
         self.n_cases = n_cases
         self.n_items = n_items
         self.user_of_case = user_of_case
+        case_index, item_index, chosen = rows.take()
         device = case_index.device
         self.case_weights = (
             case_weights
@@ -80,26 +136,28 @@ class ConditionalLogit:
             self.layout = "full"
         elif n_rows >= dense_threshold * n_slots:
             self.layout = "padded"
-            self.positions = case_index * n_items + item_index  # (R,)
+            self.positions = case_index * n_items  # (R,)
+            self.positions += item_index  # in place: no second (R,) temporary
             self.mask = torch.zeros(n_slots, dtype=torch.bool, device=device)
             self.mask[self.positions] = True
         else:
             self.layout = "ragged"
         self.n_slots = n_rows if self.layout == "ragged" else n_slots
-        self.blocks = self._arrange(blocks, self.n_slots, device, own_blocks)
-        # slot -> case and alternative: stored for ragged rows, slot // J and slot % J otherwise
-        self._case_index = case_index if self.layout == "ragged" else None  # (R,)
-        self._item_index = item_index if self.layout == "ragged" else None  # (R,)
-        self._ragged_chosen = chosen if self.layout == "ragged" else None  # (R,)
         self.chosen_slot = None  # (N,) the chosen slot of each case
         if chosen is not None:
             chosen_row = chosen.nonzero().flatten()  # (N,) rows are sorted by case
             self.chosen_slot = chosen_row if self.positions is None else self.positions[chosen_row]
-        self._subsamples: dict[int, ConditionalLogit] = {}
         self.case_start = None  # (N+1,) first row of each case, ragged layout only
         if self.layout == "ragged":
             sizes = torch.bincount(case_index, minlength=n_cases)
             self.case_start = torch.cat([sizes.new_zeros(1), torch.cumsum(sizes, 0)]).tolist()
+        # slot -> case and alternative: stored for ragged rows, slot // J and slot % J otherwise
+        self._case_index = case_index if self.layout == "ragged" else None  # (R,)
+        self._item_index = item_index if self.layout == "ragged" else None  # (R,)
+        self._ragged_chosen = chosen if self.layout == "ragged" else None  # (R,)
+        del case_index, item_index, chosen  # dense layouts: laid out, not needed any more
+        self.blocks = self._arrange(blocks, self.n_slots, device, own_blocks)
+        self._subsamples: dict[int, ConditionalLogit] = {}
         # the last point evaluated: (theta, probabilities) and (theta, Hessian), for reuse
         self._last: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
         self._probability_buffer: torch.Tensor | None = None  # (S,) dense value_and_gradient

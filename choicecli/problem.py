@@ -14,7 +14,7 @@ from choicecli.data import ChoiceData, Roles, load_choice_data
 from choicecli.design import Block, Level, Parameter, build_blocks, build_layout, resolve_features
 from choicecli.errors import ChoiceError, FormulaError, UsageError
 from choicecli.formula import Term, parse_formula
-from choicecli.models import ConditionalLogit, NestedLogit
+from choicecli.models import ConditionalLogit, HandedRows, NestedLogit
 from choicecli.nests import nest_codes, parse_nests
 
 
@@ -84,24 +84,25 @@ class Problem:
         data = self.data
         to = {"device": device}
         item_blocks = [_block_to(b, device) for b in self.item_blocks]
-        chosen = data.chosen.to(**to) if data.chosen is not None else None
         weights = data.case_weights.to(**to) if data.case_weights is not None else None
         if not self.nested:
-            case_index, item_index = data.case_index.to(**to), data.item_index.to(**to)
-            if release:  # item_blocks and the vectors here now hold the only references
-                self.release_values()
-            return ConditionalLogit(
-                item_blocks,
+            rows = HandedRows(
+                data.case_index.to(**to),
+                data.item_index.to(**to),
+                data.chosen.to(**to) if data.chosen is not None else None,
+            )
+            if release:  # item_blocks and `rows` now hold the only references: the model
+                self.release_values()  # empties both as it lays them out
+            return ConditionalLogit.taking_rows(
+                item_blocks,  # fresh Block objects: the model drops their values, not ours
                 len(self.parameters),
-                case_index,
-                item_index,
+                rows,
                 data.n_cases,
                 data.n_items,
                 data.user_of_case.to(**to) if data.user_of_case is not None else None,
-                chosen,
                 weights,
-                own_blocks=release,
             )
+        chosen = data.chosen.to(**to) if data.chosen is not None else None
         return NestedLogit(
             item_blocks,
             [_block_to(b, device) for b in self.nest_blocks],
