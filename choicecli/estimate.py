@@ -119,6 +119,8 @@ def maximise(
     started = time.perf_counter()
     if method == "newton":
         start, first_hessian = _warm_start(objective, theta, options, lower, upper)
+        if hasattr(objective.model, "drop_subsamples"):  # the rank check and warm start are
+            objective.model.drop_subsamples()  # done with them: their memory goes
         outcome = _newton(objective, start, options, lower, upper, progress, first_hessian)
         if start is not theta:
             outcome.method = "newton from a 1-in-10 subsample fit"

@@ -341,6 +341,10 @@ class ConditionalLogit:
             )
         return self._subsamples[every]
 
+    def drop_subsamples(self) -> None:
+        """Forget the cached subsamples (their share of the values) once the fit is past them."""
+        self._subsamples.clear()
+
     # -- likelihood -------------------------------------------------------------------------
     def utility(self, theta: torch.Tensor, cases: slice | None = None) -> torch.Tensor:
         """Utility of every slot (S,), or of the slots of a block of cases (dense layouts)."""
@@ -857,6 +861,11 @@ class NestedLogit:
                 self.case_weights[cases] if self.weighted else None,
             )
         return self._subsamples[every]
+
+    def drop_subsamples(self) -> None:
+        """Forget the cached subsamples (their share of the values) once the fit is past them."""
+        if self.grid is not None:
+            self._subsamples.clear()
 
     def _grid_terms(self, theta: torch.Tensor, cases: slice | None = None):
         """Dense layout: scaled utilities (C, J), inclusive values, upper utilities (C, M)
