@@ -190,8 +190,12 @@ def _codes(series: pl.Series) -> tuple[torch.Tensor, pl.Series]:
         if bool((values[1:] >= values[:-1]).all()):  # False at NaN: looked up below
             starts = torch.ones(values.shape[0], dtype=torch.bool)  # (R,) first row of a value
             torch.ne(values[1:], values[:-1], out=starts[1:])
-            return torch.cumsum(starts, 0) - 1, pl.Series(series.name, values[starts].numpy())
+            codes = torch.cumsum(starts, 0)  # (R,) long
+            codes -= 1  # in place: no second (R,) temporary
+            return codes, pl.Series(series.name, values[starts].numpy())
     labels = series.unique().sort()
+    if dtype.is_signed_integer():  # straight into int64 codes: no (R,) intermediate copies
+        return torch.searchsorted(_tensor(labels), _tensor(series)), labels  # (R,)
     found = labels.search_sorted(series).to_numpy()  # (R,) unsigned
     return torch.from_numpy(found.astype("int64")), labels
 
@@ -242,6 +246,9 @@ def load_choice_data(
     table = _handle_missing(table, roles, used_columns, missing, where, notes)
     if roles.choice:
         table = table.with_columns(_chosen_flag(table, roles.choice, where))
+        others = used_columns + [n for n in roles.names() if n != roles.choice]
+        if consume and roles.choice not in others:  # the flag replaces it: it goes now
+            table.drop_in_place(roles.choice)
     if roles.available:
         table = _apply_availability(table, roles, where, notes)
     if table.height == 0:
