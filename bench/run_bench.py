@@ -321,13 +321,14 @@ def repeated(run_once, repeat: int) -> Row:
         present = sorted(v for v in values if v is not None)
         return present[len(present) // 2] if len(present) == len(values) else None
 
+    runs = [
+        {"fit_seconds": r.fit_seconds, "whole_seconds": r.whole_seconds, "rss_mb": r.peak_rss_mb}
+        for r in rows
+    ]  # before `row` (the first run) takes the medians
     row.fit_seconds = median([r.fit_seconds for r in rows])
     row.whole_seconds = median([r.whole_seconds for r in rows])
     row.peak_rss_mb = max(r.peak_rss_mb for r in rows)
-    row.extra["runs"] = [
-        {"fit_seconds": r.fit_seconds, "whole_seconds": r.whole_seconds, "rss_mb": r.peak_rss_mb}
-        for r in rows
-    ]
+    row.extra["runs"] = runs
     row.note = (row.note + "; " if row.note else "") + f"median of {len(rows)} runs"
     return row
 
