@@ -389,3 +389,28 @@ def test_newton_returns_the_hessian_of_its_optimum(n_cases, seed):
     assert float((outcome.hessian - fresh).norm() / fresh.norm()) <= 1e-7
     std_errors = [torch.linalg.inv(-h).diagonal().sqrt() for h in (outcome.hessian, fresh)]
     assert torch.allclose(*std_errors, rtol=1e-6, atol=0)
+
+
+def test_a_model_taking_rows_empties_them_and_equals_one_built_from_copies():
+    """Handed over, the row vectors leave the caller's holder once the slots are laid out."""
+    from choicecli.models import ConditionalLogit, HandedRows
+
+    problem = problem_for(toy_frame(), "(x|constant) + (1|item) + (z|item)")
+    data = problem.data
+    theta = random_theta(len(problem.parameters), seed=19)
+    built = ConditionalLogit(
+        problem.item_blocks, len(problem.parameters), data.case_index, data.item_index,
+        data.n_cases, data.n_items, chosen=data.chosen, dense_threshold=0.0,
+    )  # fmt: skip
+    rows = HandedRows(data.case_index.clone(), data.item_index.clone(), data.chosen.clone())
+    taken = ConditionalLogit.taking_rows(
+        problem.item_blocks, len(problem.parameters), rows, data.n_cases, data.n_items,
+        dense_threshold=0.0,
+    )  # fmt: skip
+    assert rows.case_index is None and rows.item_index is None and rows.chosen is None
+    assert taken.layout == built.layout == "padded"
+    pairs = zip(built.value_and_gradient(theta), taken.value_and_gradient(theta), strict=True)
+    for left, right in pairs:
+        assert torch.equal(left, right)
+    assert torch.equal(built.hessian(theta), taken.hessian(theta))
+    assert all(block.x is None for block in problem.item_blocks)  # handed over: dropped
