@@ -349,26 +349,38 @@ class ConditionalLogit:
     def utility(self, theta: torch.Tensor, cases: slice | None = None) -> torch.Tensor:
         """Utility of every slot (S,), or of the slots of a block of cases (dense layouts)."""
         if self.dense:  # one pass over the values, block by block of cases
-            coefficients = torch.cat([theta, theta.new_zeros(1)])[self.grid_index]  # (J, F)
+            coefficients = self._grid_coefficients(theta)  # (J, F)
             chunks = (
                 [(slice(cases.start * self.n_items, cases.stop * self.n_items), cases)]
                 if cases is not None
-                else self._chunks()
+                else list(self._chunks())
             )
-            first = chunks[0][0].start if cases is not None else 0
+            first = chunks[0][0].start
             size = (cases.stop - cases.start) * self.n_items if cases is not None else self.n_slots
-            utility = torch.empty(size, dtype=theta.dtype, device=theta.device)
+            utility = torch.empty(size, dtype=theta.dtype, device=theta.device)  # (S,) or (C*J,)
             for slots, block_cases in chunks:
-                local = slice(slots.start - first, slots.stop - first)
-                grid = self._grid_utility(theta, coefficients, slots, block_cases)  # (C, J)
-                utility[local] = grid.view(-1)
-            every = slice(first, first + size)
-        else:
-            utility = theta[self.constant_index] @ self.columns[: self.n_constant]  # (S,)
-            every = slice(None)
+                block = self._block_utility(theta, coefficients, slots, block_cases)  # (C, J)
+                utility[slots.start - first : slots.stop - first] = block.view(-1)
+            return utility
+        utility = theta[self.constant_index] @ self.columns[: self.n_constant]  # (S,)
         for block in self.other_blocks:
             coefficients = theta[block.layout_index]  # (G, K)
-            utility = utility + (block.x[every] * coefficients[block.code[every]]).sum(dim=1)
+            utility = utility + (block.x * coefficients[block.code]).sum(dim=1)
+        return utility
+
+    def _grid_coefficients(self, theta: torch.Tensor) -> torch.Tensor:
+        """Dense layouts: the coefficient of every (alternative, value column). (J, F)"""
+        return torch.cat([theta, theta.new_zeros(1)])[self.grid_index]
+
+    def _block_utility(
+        self, theta: torch.Tensor, coefficients: torch.Tensor, slots: slice, cases: slice
+    ) -> torch.Tensor:
+        """Dense layouts: the utility of a block of cases, every term. (C, J)"""
+        utility = self._grid_utility(theta, coefficients, slots, cases)  # (C, J)
+        for block in self.other_blocks:
+            per_group = theta[block.layout_index]  # (G, K)
+            values = (block.x[slots] * per_group[block.code[slots]]).sum(dim=1)  # (s,)
+            utility += values.view(utility.shape)
         return utility
 
     def _grid_utility(
@@ -446,10 +458,11 @@ class ConditionalLogit:
             self._probability_buffer = theta.new_empty(self.n_slots)
         probability = self._probability_buffer  # (S,)
         sums = self._gradient_sums(theta)
+        coefficients = self._grid_coefficients(theta)  # (J, F) once, for every block
         value = theta.new_zeros(())
         for slots, cases in self._chunks():
             n_cases = cases.stop - cases.start
-            utility = self.utility(theta, cases).view(n_cases, n_items)  # (C, J)
+            utility = self._block_utility(theta, coefficients, slots, cases)  # (C, J)
             if self.mask is not None:
                 utility.masked_fill_(~self.mask[slots].view(n_cases, n_items), -torch.inf)
             # log-sum-exp by hand, so the exponentials serve the probabilities too
