@@ -11,7 +11,13 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from choicecli.cli import ALLOCATOR_SETTINGS, ALLOCATOR_VARIABLE, allocator_settings, app
+from choicecli.cli import (
+    ALLOCATOR_SETTINGS,
+    ALLOCATOR_VARIABLE,
+    EXIT_BROKEN_PIPE,
+    allocator_settings,
+    app,
+)
 from choicecli.results import COEFFICIENT_COLUMNS
 from conftest import CHOICE_EXECUTABLE, SAMPLE_DATA, shared_file
 
@@ -217,13 +223,15 @@ def test_entry_points_set_polars_allocator_before_it_loads_and_keep_a_users_sett
         "console-script": "from choicecli.cli import main; main()",
         "python-m": "import runpy; runpy.run_module('choicecli', run_name='__main__')",
     }[entry]
-    code = (
-        "import os, sys\n"
+    code = (  # the entry point ends the process: an atexit handler looks after the command
+        "import atexit, os, sys\n"
         "sys.argv = ['choice', '--help']\n"
-        f"try:\n    {run}\nexcept SystemExit:\n    pass\n"
-        "before = 'polars' in sys.modules\n"
-        "import polars\n"
-        "print(before, os.environ['_RJEM_MALLOC_CONF'])\n"
+        "def report():\n"
+        "    before = 'polars' in sys.modules\n"
+        "    import polars\n"
+        "    print(before, os.environ['_RJEM_MALLOC_CONF'])\n"
+        "atexit.register(report)\n"
+        f"{run}\n"
     )
     env = {k: v for k, v in os.environ.items() if k != ALLOCATOR_VARIABLE}
     if own is not None:
@@ -236,6 +244,43 @@ def test_entry_points_set_polars_allocator_before_it_loads_and_keep_a_users_sett
     # polars puts its defaults first; ours follow and the user's own come last, so they win
     assert setting.endswith(allocator_settings(own))
     assert allocator_settings(own) == ALLOCATOR_SETTINGS + (f",{own}" if own else "")
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "stderr"),
+    [("None", 0, ""), ("0", 0, ""), ("3", 3, ""), ("'boom'", 1, "boom\n")],
+)
+def test_exit_now_ends_as_sys_exit_would_with_handlers_run_and_output_flushed(code, status, stderr):
+    program = (
+        "import atexit\n"
+        "from choicecli.cli import exit_now\n"
+        "atexit.register(print, 'handler ran')\n"
+        "print('buffered', end=' ')\n"
+        f"exit_now({code})\n"
+        "print('never reached')\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                               timeout=120)  # fmt: skip
+    assert (completed.returncode, completed.stdout, completed.stderr) == (
+        status,
+        "buffered handler ran\n",
+        stderr,
+    )
+
+
+def test_a_reader_that_goes_away_stops_the_command_quietly(transport_model):
+    model, _ = transport_model
+    reader, writer = os.pipe()
+    os.close(reader)  # as `choice coef ... | head -0`: nobody reads stdout
+    try:
+        completed = subprocess.run(
+            [str(CHOICE_EXECUTABLE), "coef", "-m", str(model), "--format", "csv"],
+            stdout=writer, stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        os.close(writer)
+    assert completed.returncode == EXIT_BROKEN_PIPE
+    assert completed.stderr == ""
 
 
 def mode_canada_fit(data, model, *extra: str):
