@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -28,6 +28,10 @@ class Model(Protocol):
 WARM_START_CASES = 100_000
 WARM_START_EVERY = 10
 WARM_START_CASES_PER_PARAMETER = 200
+# and stops there at this Newton decrement (in the subsample's standard errors): its optimum
+# lies some sqrt(10) full-data standard errors from the full one, so the last digits of it
+# are not worth the steps (a quadratic step takes the full fit from either point alike)
+WARM_START_TOLERANCE = 0.5
 
 # a last Newton step shorter than this times sqrt(cases) (in standard-error units) keeps its
 # Hessian: a step of d standard errors moves the Hessian, and the standard errors, by about
@@ -165,7 +169,8 @@ def _warm_start(objective, theta, options, lower, upper):
     if smaller is None:
         return theta, None
     share = float(smaller.case_weights.sum() / objective.model.case_weights.sum())
-    outcome = _newton(objective.on(smaller, share), theta, options, lower, upper, None)
+    loose = replace(options, tolerance=max(options.tolerance, WARM_START_TOLERANCE))
+    outcome = _newton(objective.on(smaller, share), theta, loose, lower, upper, None)
     if not (outcome.converged and torch.isfinite(outcome.theta).all()):
         return theta, None
     scaled = None if outcome.hessian is None else outcome.hessian / share

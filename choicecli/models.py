@@ -1084,7 +1084,7 @@ class NestedLogit:
             # rows: per alternative j, sum_c rho y y' over y = (values, -s), then scattered
             own = torch.cat([values, -scaled[:, :, None]], dim=2)  # (C, J, F+1)
             weighted = own * rho[:, :, None]  # (C, J, F+1)
-            sums = torch.stack([weighted[:, j].T @ own[:, j] for j in range(n_items)])
+            sums = torch.bmm(weighted.permute(1, 2, 0), own.transpose(0, 1))  # (J, F+1, F+1)
             index = torch.cat([grid.grid_index, lambda_index[nest][:, None]], dim=1)  # (J, F+1)
             hessian.index_put_((index[:, :, None], index[:, None, :]), sums, accumulate=True)
             # nests: Zbar_m = sum_{j in m} q_j dV_j - A_m dlambda_m, compact per nest
@@ -1097,7 +1097,7 @@ class NestedLogit:
                 member_values = values[:, members]  # (C, J_m, F)
                 compact = torch.cat(
                     [
-                        (q * member_values[:, :, :n_constant]).sum(dim=1),
+                        torch.bmm(q.transpose(1, 2), member_values[:, :, :n_constant])[:, 0],
                         (q * member_values[:, :, n_constant:]).reshape(n_cases, -1),
                         -mean_scaled[:, m : m + 1],
                     ],
