@@ -14,6 +14,8 @@ from typing import Protocol
 
 import torch
 
+from choicecli.arrowhead import factor_arrowhead
+
 
 class Model(Protocol):
     n_parameters: int
@@ -74,18 +76,24 @@ class Objective:
         start: torch.Tensor,  # (P_layout,) values of every parameter; fixed ones stay put
         penalised: torch.Tensor,  # (P,) bool
         l2_penalty: float,
+        user_groups: torch.Tensor | None = None,  # (P_layout,) owning user, -1: none
     ) -> None:
         self.model = model
         self.free = free
         self.start = start
         self.penalised = penalised.to(start.dtype)
         self.l2_penalty = l2_penalty
+        self.user_groups = user_groups
+        # (P,) of the free parameters: their Hessian is block-arrowhead (see arrowhead.py)
+        self.groups = None if user_groups is None else user_groups[free]
 
     def on(self, model: Model, share: float) -> Objective:
         """The same objective on another model holding `share` of the cases."""
         # the penalty shrinks with the likelihood, so it keeps its weight against it
         penalty = self.l2_penalty * share
-        return Objective(model, self.free, self.start, self.penalised.bool(), penalty)
+        return Objective(
+            model, self.free, self.start, self.penalised.bool(), penalty, self.user_groups
+        )
 
     def expand(self, theta: torch.Tensor) -> torch.Tensor:  # (P_layout,)
         return self.start.index_put((self.free,), theta)
@@ -195,9 +203,14 @@ def _held_at_bound(theta, gradient, lower, upper) -> torch.Tensor:
     return held
 
 
-def _newton_direction(gradient: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
-    """Solve (-H) d = g; add a growing ridge where -H is not positive definite."""
+def _newton_direction(
+    gradient: torch.Tensor, hessian: torch.Tensor, groups: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Solve (-H) d = g; by blocks where `groups` gives per-user coefficients, else densely,
+    adding a growing ridge where -H is not positive definite."""
     information = -hessian
+    if groups is not None and (factor := factor_arrowhead(information, groups)) is not None:
+        return factor.solve(gradient)
     scale = float(information.diagonal().abs().max().clamp_min(1e-12))
     ridge = 0.0
     for _ in range(30):
@@ -212,15 +225,17 @@ def _newton_direction(gradient: torch.Tensor, hessian: torch.Tensor) -> torch.Te
     return gradient / scale
 
 
-def _step(theta, gradient, hessian, lower, upper) -> tuple[torch.Tensor, float]:
+def _step(theta, gradient, hessian, lower, upper, groups=None) -> tuple[torch.Tensor, float]:
     """Newton direction (P,) and decrement; a parameter held at a bound by its gradient stays
     there, Newton moves the others."""
     moving = ~_held_at_bound(theta, gradient, lower, upper)  # (P,)
     if bool(moving.all()):  # no parameter at a bound: no copies of the Hessian
-        direction = _newton_direction(gradient, hessian)
+        direction = _newton_direction(gradient, hessian, groups)
         return direction, math.sqrt(max(float(gradient @ direction), 0.0))
     direction = torch.zeros_like(theta)
-    direction[moving] = _newton_direction(gradient[moving], hessian[moving][:, moving])
+    direction[moving] = _newton_direction(
+        gradient[moving], hessian[moving][:, moving], None if groups is None else groups[moving]
+    )
     return direction, math.sqrt(max(float(gradient @ direction), 0.0))
 
 
@@ -237,10 +252,10 @@ def _newton(objective, theta, options, lower, upper, progress, first_hessian=Non
         borrowed = first_hessian is not None
         hessian = first_hessian if borrowed else objective.hessian(theta)
         first_hessian = None
-        direction, decrement = _step(theta, gradient, hessian, lower, upper)
+        direction, decrement = _step(theta, gradient, hessian, lower, upper, objective.groups)
         if borrowed and decrement <= math.sqrt(options.tolerance):  # tests need the real one
             borrowed, hessian = False, objective.hessian(theta)
-            direction, decrement = _step(theta, gradient, hessian, lower, upper)
+            direction, decrement = _step(theta, gradient, hessian, lower, upper, objective.groups)
         if progress:
             progress(iteration, value, decrement)
         if decrement <= options.tolerance:
@@ -318,9 +333,14 @@ def _lbfgs(objective, theta, options, lower, upper, progress) -> Outcome:
     return Outcome(theta, value, gradient_norm, iterations, converged, "lbfgs", message, 0.0)
 
 
-def covariance(hessian: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """Inverse of the observed information -H; (covariance, whether -H was positive definite)."""
+def covariance(
+    hessian: torch.Tensor, groups: torch.Tensor | None = None
+) -> tuple[torch.Tensor, bool]:
+    """Inverse of the observed information -H; (covariance, whether -H was positive definite).
+    By blocks where `groups` (P,) gives per-user coefficients (see arrowhead.py)."""
     information = -hessian
+    if groups is not None and (factor := factor_arrowhead(information, groups)) is not None:
+        return factor.inverse(), True
     factor, info = torch.linalg.cholesky_ex(information)
     if int(info) == 0:
         return torch.cholesky_inverse(factor), True

@@ -97,6 +97,7 @@ def fit_model(
         problem.start.to(device),
         penalised.to(device),
         options.estimate.l2_penalty,
+        _user_groups(problem, device),
     )
     outcome = maximise(
         objective,
@@ -115,7 +116,8 @@ def fit_model(
         hessian = (
             outcome.hessian if outcome.hessian is not None else objective.hessian(outcome.theta)
         )
-        cov, definite = covariance(hessian.cpu())
+        groups = None if objective.groups is None else objective.groups.cpu()
+        cov, definite = covariance(hessian.cpu(), groups)
         if not definite:
             warnings.append(
                 "the Hessian at the optimum is not negative definite: some coefficients are "
@@ -257,6 +259,16 @@ def _spec_document(problem: Problem, options: FitOptions) -> dict:
         ],
         "options": {**asdict(options.estimate), "device": options.device, "strict": options.strict},
     }
+
+
+def _user_groups(problem: Problem, device: torch.device) -> torch.Tensor | None:
+    """Each parameter's user (a number), -1 for those no user owns; None without user terms.
+    A case has one user, so two users' coefficients never meet in the Hessian."""
+    users: dict[str, int] = {}
+    groups = [
+        -1 if p.user is None else users.setdefault(p.user, len(users)) for p in problem.parameters
+    ]
+    return torch.tensor(groups, device=device) if users else None
 
 
 def _data_reasons(problem: Problem) -> dict[int, str]:
