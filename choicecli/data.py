@@ -168,31 +168,35 @@ def _role_codes(
     None, as a list if `listed`) and those labels; the column then leaves the table unless a
     role in `later` reads it."""
     if labels is None:
-        codes, found = _codes(table.get_column(name))
-        labels = found.to_list() if listed else found
-    else:
-        codes = _tensor(encode(table, name, labels, what, where)).long()
+        codes, found = _codes(table, name, drop=name not in later)
+        return codes, found.to_list() if listed else found
+    codes = _tensor(encode(table, name, labels, what, where)).long()
     if name not in later:
         table.drop_in_place(name)  # with a consumed frame, its memory goes now
     return codes, labels
 
 
-def _codes(series: pl.Series) -> tuple[torch.Tensor, pl.Series]:
-    """Each row's code (R,) long and the labels it indexes: the distinct values in order,
-    numeric ids numerically, others as sorted strings.
+def _codes(table: pl.DataFrame, name: str, drop: bool) -> tuple[torch.Tensor, pl.Series]:
+    """Each row's code (R,) long of column `name` and the labels it indexes: the distinct
+    values in order, numeric ids numerically, others as sorted strings. `drop`: the column
+    leaves the table.
 
     A numeric column already in order (cases usually are) is numbered where its value changes,
-    in one pass and without polars; any other is looked up in its sorted distinct values.
+    in one pass and without polars; a dropped one goes (with a consumed frame, its memory)
+    before its codes are made. Any other is looked up in its sorted distinct values.
     """
+    series = table.drop_in_place(name) if drop else table.get_column(name)
     dtype = series.dtype
     if series.len() and (dtype.is_signed_integer() or dtype.is_float()):
         values = _tensor(series)  # (R,) a view
         if bool((values[1:] >= values[:-1]).all()):  # False at NaN: looked up below
             starts = torch.ones(values.shape[0], dtype=torch.bool)  # (R,) first row of a value
             torch.ne(values[1:], values[:-1], out=starts[1:])
+            labels = pl.Series(series.name, values[starts].numpy())
+            del values, series  # the last references to a dropped column
             codes = torch.cumsum(starts, 0)  # (R,) long
             codes -= 1  # in place: no second (R,) temporary
-            return codes, pl.Series(series.name, values[starts].numpy())
+            return codes, labels
     labels = series.unique().sort()
     if dtype.is_signed_integer():  # straight into int64 codes: no (R,) intermediate copies
         return torch.searchsorted(_tensor(labels), _tensor(series)), labels  # (R,)

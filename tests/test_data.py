@@ -160,12 +160,15 @@ def test_the_row_vectors_go_once_a_handed_over_model_is_built():
      [-2.0, 0.5, 0.5, 7.0], [True, False, True]],
     ids=["sorted-int", "int", "text", "nan", "sorted-float", "bool"],
 )  # fmt: skip
-def test_codes_number_values_by_their_sorted_distinct_values(values):
+@pytest.mark.parametrize("drop", [True, False])
+def test_codes_number_values_by_their_sorted_distinct_values(values, drop):
     series = pl.Series("c", values)
-    codes, labels = _codes(series)
+    table = pl.DataFrame([series, pl.Series("other", range(len(values)))])
+    codes, labels = _codes(table, "c", drop)
     assert labels.equals(series.unique().sort(), check_names=False)
     assert codes.dtype == torch.int64
     assert codes.tolist() == (series.rank("dense") - 1).to_list()
+    assert table.columns == (["other"] if drop else ["c", "other"])
 
 
 def test_numeric_parquet_columns_are_read_whole_into_one_array_each(tmp_path):
