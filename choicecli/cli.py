@@ -341,8 +341,8 @@ def exit_now(code: int | str | None) -> NoReturn:
     """End the process as `sys.exit(code)` would, without the interpreter's teardown.
 
     With torch loaded, tearing the interpreter down (freeing every module and tensor, running
-    libraries' destructors) took 0.4 to 0.9 s here, longer than a 100k-case fit; the system
-    frees it all at once anyway. Every output file is closed by now (written to a temporary
+    libraries' destructors) took 0.4 to 0.9 s here, about as long as a 100k-case fit; the
+    system frees it all at once anyway. Every output file is closed by now (written to a temporary
     file, then renamed); atexit handlers run and the standard streams are flushed here.
     """
     if code is None:

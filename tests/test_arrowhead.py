@@ -95,8 +95,7 @@ def test_a_fit_with_user_slopes_is_the_same_by_blocks_and_densely(monkeypatch, t
         formula="(time|constant) + (1|item) + (income|item) + (cost|user) + (1|user)",
         roles=Roles(case="case_id", item="mode", choice="chosen", user="user_id"),
     )
-    monkeypatch.setattr(arrowhead, "MIN_GROUPED_PARAMETERS", 1)
-    calls = []
+    calls = []  # 150 users x 2 coefficients: the block path at the default threshold
     real = estimate.factor_arrowhead
     monkeypatch.setattr(
         estimate, "factor_arrowhead", lambda *a: calls.append(1) or real(*a)
