@@ -17,6 +17,8 @@ from choicecli.errors import DataError
 from choicecli.formula import suggest
 
 ROW = "__row"
+# string and other looked-up role columns are coded this many rows at a time (a few MB each)
+CODE_CHUNK_ROWS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,8 @@ def _codes(table: pl.DataFrame, name: str, drop: bool) -> tuple[torch.Tensor, pl
 
     A numeric column already in order (cases usually are) is numbered where its value changes,
     in one pass and without polars; a dropped one goes (with a consumed frame, its memory)
-    before its codes are made. Any other is looked up in its sorted distinct values.
+    before its codes are made. Any other is looked up in its sorted distinct values, strings
+    by slices straight into the codes.
     """
     series = table.drop_in_place(name) if drop else table.get_column(name)
     dtype = series.dtype
@@ -194,14 +197,18 @@ def _codes(table: pl.DataFrame, name: str, drop: bool) -> tuple[torch.Tensor, pl
             torch.ne(values[1:], values[:-1], out=starts[1:])
             labels = pl.Series(series.name, values[starts].numpy())
             del values, series  # the last references to a dropped column
-            codes = torch.cumsum(starts, 0)  # (R,) long
-            codes -= 1  # in place: no second (R,) temporary
+            codes = starts.long()  # (R,) then summed in place: torch.cumsum of a bool
+            codes.cumsum_(0)  # tensor would make a second (R,) long temporary
+            codes -= 1
             return codes, labels
     labels = series.unique().sort()
     if dtype.is_signed_integer():  # straight into int64 codes: no (R,) intermediate copies
         return torch.searchsorted(_tensor(labels), _tensor(series)), labels  # (R,)
-    found = labels.search_sorted(series).to_numpy()  # (R,) unsigned
-    return torch.from_numpy(found.astype("int64")), labels
+    codes = torch.empty(series.len(), dtype=torch.long)  # (R,)
+    for start in range(0, series.len(), CODE_CHUNK_ROWS):  # by slices: no (R,) intermediates
+        found = labels.search_sorted(series.slice(start, CODE_CHUNK_ROWS)).to_numpy()  # unsigned
+        codes[start : start + found.shape[0]] = torch.from_numpy(found.astype("int64"))
+    return codes, labels
 
 
 def encode(frame: pl.DataFrame, column: str, labels: list, what: str, where: str) -> pl.Series:

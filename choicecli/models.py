@@ -37,6 +37,19 @@ def block_utility(blocks: list[Block], theta: torch.Tensor, n_rows: int) -> torc
     return utility
 
 
+def _rank(block: Block) -> int:
+    """A model's block order: constant terms, then per-user, then per-alternative ones."""
+    variation = block.term.variation
+    return 0 if not (variation.by_user or variation.by_item) else 2 if variation.by_item else 1
+
+
+def _reads_code(block: Block, dense: bool) -> bool:
+    """Whether a model reads the block's group code slot by slot: not for constant terms, nor
+    for per-alternative terms in a dense layout (there the slot's place in the grid says it)."""
+    by_alternative = block.term.variation in (Variation.ITEM, Variation.ITEM_FULL)
+    return not (_rank(block) == 0 or (dense and by_alternative))
+
+
 @dataclass
 class HandedRows:
     """A model's row vectors, handed over: the model takes them out (leaving None) once its
@@ -130,23 +143,26 @@ class ConditionalLogit:
         self.by_user = any(block.term.variation.by_user for block in blocks)
         n_rows = int(case_index.shape[0])
         n_slots = n_cases * n_items
-        self.positions = None  # (R,) slot of each row in the padded layout
-        self.mask = None  # (N*J,) offered slots in the padded layout
         if n_rows == n_slots:
             self.layout = "full"
         elif n_rows >= dense_threshold * n_slots:
             self.layout = "padded"
-            self.positions = case_index * n_items  # (R,)
-            self.positions += item_index  # in place: no second (R,) temporary
-            self.mask = torch.zeros(n_slots, dtype=torch.bool, device=device)
-            self.mask[self.positions] = True
         else:
             self.layout = "ragged"
         self.n_slots = n_rows if self.layout == "ragged" else n_slots
+        if own_blocks:  # codes not read per slot go before anything (R,) is made
+            for block in blocks:
+                if not _reads_code(block, self.dense):
+                    block.code = None
         self.chosen_slot = None  # (N,) the chosen slot of each case
-        if chosen is not None:
-            chosen_row = chosen.nonzero().flatten()  # (N,) rows are sorted by case
-            self.chosen_slot = chosen_row if self.positions is None else self.positions[chosen_row]
+        chosen_row = None if chosen is None else chosen.nonzero().flatten()  # (N,) sorted rows
+        self._ragged_chosen = chosen if self.layout == "ragged" else None  # (R,)
+        del chosen  # dense layouts: found, not needed any more
+        positions = None  # (R,) slot of each row in the padded layout
+        self.mask = None  # (N*J,) offered slots in the padded layout
+        if self.layout == "padded":
+            positions = case_index * n_items  # (R,)
+            positions += item_index  # in place: no second (R,) temporary
         self.case_start = None  # (N+1,) first row of each case, ragged layout only
         if self.layout == "ragged":
             sizes = torch.bincount(case_index, minlength=n_cases)
@@ -154,9 +170,18 @@ class ConditionalLogit:
         # slot -> case and alternative: stored for ragged rows, slot // J and slot % J otherwise
         self._case_index = case_index if self.layout == "ragged" else None  # (R,)
         self._item_index = item_index if self.layout == "ragged" else None  # (R,)
-        self._ragged_chosen = chosen if self.layout == "ragged" else None  # (R,)
-        del case_index, item_index, chosen  # dense layouts: laid out, not needed any more
-        self.blocks = self._arrange(blocks, self.n_slots, device, own_blocks)
+        del case_index, item_index  # dense layouts: laid out, not needed any more
+        if positions is not None:
+            self.mask = torch.zeros(n_slots, dtype=torch.bool, device=device)
+            self.mask[positions] = True
+        if chosen_row is not None:
+            self.chosen_slot = chosen_row if positions is None else positions[chosen_row]
+        self.blocks = self._arrange(blocks, self.n_slots, positions, device, own_blocks)
+        # rows in slot order (sorted by case, then alternative) are the offered slots in order:
+        # the mask gives them back when asked, and the (R,) vector need not be kept
+        in_slot_order = positions is None or bool((positions[1:] > positions[:-1]).all())
+        self._positions = None if in_slot_order else positions  # (R,)
+        del positions
         self._subsamples: dict[int, ConditionalLogit] = {}
         # the last point evaluated: (theta, probabilities) and (theta, Hessian), for reuse
         self._last: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
@@ -166,6 +191,12 @@ class ConditionalLogit:
     @property
     def dense(self) -> bool:
         return self.layout != "ragged"
+
+    @property
+    def positions(self) -> torch.Tensor | None:  # (R,) slot of each row; None: row = slot
+        if self._positions is not None or self.mask is None:
+            return self._positions
+        return self.mask.nonzero().flatten()
 
     @property
     def case_index(self) -> torch.Tensor:  # (S,) the case of each slot
@@ -195,7 +226,12 @@ class ConditionalLogit:
         return torch.arange(start, stop, device=self.columns.device) % self.n_items
 
     def _arrange(
-        self, blocks: list[Block], n_slots: int, device: torch.device, own_blocks: bool
+        self,
+        blocks: list[Block],
+        n_slots: int,
+        positions: torch.Tensor | None,  # (R,) slot of each row; None: row = slot
+        device: torch.device,
+        own_blocks: bool,
     ) -> list[Block]:
         """Order blocks constant, user, alternative-level; keep all values in one (F, S) matrix.
 
@@ -205,13 +241,7 @@ class ConditionalLogit:
         slots, and alternative-level ones broadcast over (N, J) views.
         """
 
-        def rank(block: Block) -> int:
-            variation = block.term.variation
-            return (
-                0 if not (variation.by_user or variation.by_item) else 2 if variation.by_item else 1
-            )
-
-        ordered = sorted(blocks, key=rank)
+        ordered = sorted(blocks, key=_rank)
         self._block_columns: list[tuple[int, int]] = []  # value columns of each arranged block
         n_features = sum(block.n_features for block in ordered)
         self.n_features = n_features
@@ -221,29 +251,28 @@ class ConditionalLogit:
         for block in ordered:  # fill column by column: no (S, F) temporaries
             stop = start + block.n_features
             for k in range(block.n_features):
-                if self.positions is None:
+                if positions is None:
                     self.columns[start + k].copy_(block.x[:, k])
                 else:
-                    self.columns[start + k].zero_().index_copy_(0, self.positions, block.x[:, k])
+                    self.columns[start + k].zero_().index_copy_(0, positions, block.x[:, k])
                 if block.features[k] == "intercept":
                     self.ones_columns.append(start + k)
             code = block.code
-            by_alternative = block.term.variation in (Variation.ITEM, Variation.ITEM_FULL)
-            if rank(block) == 0 or (self.dense and by_alternative):  # not read per slot:
+            if not _reads_code(block, self.dense):
                 code = torch.zeros(1, dtype=torch.long, device=device).expand(n_slots)  # grid
-            elif self.positions is not None:
+            elif positions is not None:
                 code = torch.zeros(n_slots, dtype=torch.long, device=device).index_copy_(
-                    0, self.positions, block.code
+                    0, positions, block.code
                 )  # missing slots: code 0, values 0
-            if own_blocks:
-                block.x = None  # copied: the caller's values go once nothing else holds them
+            if own_blocks:  # copied: the caller's values go once nothing else holds them
+                block.x = block.code = None
             columns = self.columns[start:stop].T  # (S, K) view
             self._block_columns.append((start, stop))
             arranged.append(
                 Block(block.term, block.level, block.features, columns, code, block.layout_index)
             )
             start = stop
-        constant = [b for b in arranged if rank(b) == 0]
+        constant = [b for b in arranged if _rank(b) == 0]
         self.n_constant = sum(b.n_features for b in constant)
         self.constant_index = (
             torch.cat([b.layout_index.reshape(-1) for b in constant])
@@ -256,7 +285,7 @@ class ConditionalLogit:
             if self.dense and b.term.variation in (Variation.ITEM, Variation.ITEM_FULL)
         ]
         self.other_blocks = [
-            b for b in arranged if rank(b) > 0 and all(b is not d for d in self.item_blocks)
+            b for b in arranged if _rank(b) > 0 and all(b is not d for d in self.item_blocks)
         ]
         self._column_variation = [  # (by user, by alternative) of each value column
             (block.term.variation.by_user, block.term.variation.by_item)
@@ -278,7 +307,7 @@ class ConditionalLogit:
             start = 0
             for block in arranged:
                 stop = start + block.n_features
-                if rank(block) == 0:
+                if _rank(block) == 0:
                     grid_index[:, start:stop] = block.layout_index.reshape(1, -1)
                 elif any(block is d for d in self.item_blocks):
                     level = block.level.code_of_item  # (J,) nest of each alternative, or None

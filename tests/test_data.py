@@ -142,6 +142,7 @@ def test_the_row_vectors_go_once_a_handed_over_model_is_built():
     problem = build_problem(long_table(), ModelSpec(FORMULA, ROLES), "t", consume=True)
     data = problem.data
     rows = [weakref.ref(v) for v in (data.case_index, data.item_index, data.chosen)]
+    rows += [weakref.ref(b.code) for b in problem.item_blocks]  # (R,) group codes
     sizes, counts = data.alternatives_per_case().clone(), data.choices_per_alternative().clone()
     n_rows = data.n_rows
     model = problem.model(torch.device("cpu"), release=True)

@@ -177,6 +177,46 @@ def test_padded_and_ragged_layouts_agree(formula):
         assert torch.allclose(left, right, atol=1e-12)
 
 
+def test_padded_rows_in_any_order_give_each_row_its_own_probability():
+    """Rows in (case, alternative) order are the offered slots in order (the model recovers
+    their slots from its mask); rows in any other order keep their own slot vector."""
+    from choicecli.design import Block
+    from choicecli.models import ConditionalLogit
+
+    problem = problem_for(toy_frame(), "(x|constant) + (1|item) + (z|item) + (z|user)")
+    data = problem.data
+    theta = random_theta(len(problem.parameters), seed=23)
+    order = torch.randperm(data.n_rows, generator=torch.Generator().manual_seed(5))  # (R,)
+    shuffled_blocks = [
+        Block(b.term, b.level, b.features, b.x[order], b.code[order], b.layout_index)
+        for b in problem.item_blocks
+    ]
+    models = [
+        ConditionalLogit(
+            blocks,
+            len(problem.parameters),
+            data.case_index[rows],
+            data.item_index[rows],
+            data.n_cases,
+            data.n_items,
+            data.user_of_case,
+            data.chosen[rows],
+            dense_threshold=0.0,
+            own_blocks=True,
+        )  # fmt: skip
+        for blocks, rows in ((list(problem.item_blocks), slice(None)), (shuffled_blocks, order))
+    ]
+    in_order, shuffled = models
+    assert in_order.layout == shuffled.layout == "padded"
+    assert torch.equal(in_order.positions, data.case_index * data.n_items + data.item_index)
+    expected = in_order.row_log_probabilities(theta)[order]  # (R,)
+    assert torch.allclose(shuffled.row_log_probabilities(theta), expected, rtol=0, atol=1e-14)
+    pairs = zip(in_order.value_and_gradient(theta), shuffled.value_and_gradient(theta), strict=True)
+    for left, right in pairs:
+        assert torch.allclose(left, right, rtol=1e-13, atol=0)
+    assert all(b.x is None and b.code is None for b in shuffled_blocks)  # handed over: dropped
+
+
 def test_nested_dense_and_ragged_layouts_agree():
     from choicecli.models import NestedLogit
 
