@@ -1,4 +1,8 @@
-"""cProfile of one `choice` fit, to show where the time goes (no Python loop over rows).
+"""Profiles of one `choice` fit, to show where the time goes (no Python loop over rows).
+
+The fit runs twice on the same table: under cProfile (Python functions, with call counts) and
+under torch.profiler (torch operators, with call counts). A loop over the 1M cases, or the 9M
+rows, would show as a function or an operator called about that many times.
 
 Usage: .venv/bin/python bench/profile_fit.py [SCENARIO_DATA] > bench/results/profile_cl_1m.txt
 (default bench/data/cl_1m.parquet, the cl_1m scenario's file and formula; one thread).
@@ -14,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from choicecli.data import Roles
 from choicecli.fit import FitOptions, fit_model
@@ -31,7 +36,7 @@ def main() -> None:
     profiler = cProfile.Profile()
     started = time.perf_counter()
     profiler.enable()
-    result, problem = fit_model(frame, spec, FitOptions(), where=str(path))
+    result, _ = fit_model(frame.clone(), spec, FitOptions(), where=str(path))
     profiler.disable()
     seconds = time.perf_counter() - started
     fit = result.fit
@@ -40,10 +45,26 @@ def main() -> None:
         f"under cProfile, {fit['iterations']} iterations ({fit['method']}), "
         f"LL {fit['log_likelihood']:.6f}"
     )
+    stats = pstats.Stats(profiler)
+    calls = sum(entry[1] for entry in stats.stats.values())  # type: ignore[attr-defined]
+    most = max(entry[1] for entry in stats.stats.values())  # type: ignore[attr-defined]
+    print(f"Python: {calls:,} calls in all; the most-called function ran {most:,} times.\n")
     for order in ("tottime", "cumulative"):
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(30)
         print(text.getvalue())
+
+    started = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as operators:
+        fit_model(frame, spec, FitOptions(), where=str(path))
+    seconds = time.perf_counter() - started
+    events = operators.key_averages()
+    print(
+        f"torch.profiler, the same fit: {seconds:.2f} s; {sum(e.count for e in events):,} "
+        f"operator calls in all; the most-called operator ran {max(e.count for e in events):,} "
+        "times. Operators by their own CPU time:"
+    )
+    print(events.table(sort_by="self_cpu_time_total", row_limit=30))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import generate
+# the environment the harness was started in, for the tools: importing polars (generate does)
+# writes polars' allocator defaults into os.environ, and tools must not inherit them from us
+CALLER_ENVIRONMENT = dict(os.environ)
+
+import generate  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -188,8 +192,9 @@ class Row:
 
 
 def thread_env(threads: int) -> dict[str, str]:
-    """The environment every tool runs in: pinned threads, no colour, no GPU."""
-    env = dict(os.environ)
+    """The environment every tool runs in: the caller's, with pinned threads, no colour and
+    no GPU."""
+    env = dict(CALLER_ENVIRONMENT)
     for var in (
         "OMP_NUM_THREADS",
         "MKL_NUM_THREADS",

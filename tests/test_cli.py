@@ -15,6 +15,7 @@ from choicecli.cli import (
     ALLOCATOR_SETTINGS,
     ALLOCATOR_VARIABLE,
     EXIT_BROKEN_PIPE,
+    POLARS_ALLOCATOR_DEFAULTS,
     allocator_settings,
     app,
 )
@@ -217,8 +218,18 @@ def test_help_does_not_import_torch():
 
 
 @pytest.mark.parametrize("entry", ["console-script", "python-m"])
-@pytest.mark.parametrize("own", [None, "dirty_decay_ms:0"])
-def test_entry_points_set_polars_allocator_before_it_loads_and_keep_a_users_setting(entry, own):
+@pytest.mark.parametrize(
+    ("inherited", "own"),
+    [
+        (None, None),
+        ("dirty_decay_ms:0", "dirty_decay_ms:0"),
+        (POLARS_ALLOCATOR_DEFAULTS, None),  # left by a parent process that imported polars
+        (f"{POLARS_ALLOCATOR_DEFAULTS},narenas:2", "narenas:2"),
+    ],
+)
+def test_entry_points_set_polars_allocator_before_it_loads_and_keep_a_users_setting(
+    entry, inherited, own
+):
     run = {
         "console-script": "from choicecli.cli import main; main()",
         "python-m": "import runpy; runpy.run_module('choicecli', run_name='__main__')",
@@ -234,16 +245,16 @@ def test_entry_points_set_polars_allocator_before_it_loads_and_keep_a_users_sett
         f"{run}\n"
     )
     env = {k: v for k, v in os.environ.items() if k != ALLOCATOR_VARIABLE}
-    if own is not None:
-        env[ALLOCATOR_VARIABLE] = own
+    if inherited is not None:
+        env[ALLOCATOR_VARIABLE] = inherited
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                env=env, timeout=120)  # fmt: skip
     assert completed.returncode == 0, completed.stderr
     before, setting = completed.stdout.splitlines()[-1].split()  # after the help text
     assert before == "False"  # nothing had read the setting yet
     # polars puts its defaults first; ours follow and the user's own come last, so they win
-    assert setting.endswith(allocator_settings(own))
-    assert allocator_settings(own) == ALLOCATOR_SETTINGS + (f",{own}" if own else "")
+    assert setting.endswith(allocator_settings(inherited))
+    assert allocator_settings(inherited) == ALLOCATOR_SETTINGS + (f",{own}" if own else "")
 
 
 @pytest.mark.parametrize(
