@@ -16,7 +16,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from choicecli.data import ChoiceData, Roles, load_choice_data
@@ -277,6 +277,42 @@ def _check_invariants(frame: pl.DataFrame, data: ChoiceData, roles: Roles, used:
     if roles.user:
         users = frame.get_column(roles.user).gather(source).to_list()
         assert [data.user_labels[u] for u in data.user_of_row.tolist()] == users
+
+
+CELLS = ["1", " 2", "3 ", "+4", "-0", "007", "1.5", "1e3", ".5", "1.", "NA", " NA ", "", "nan",
+         "NaN", "null", "inf", "TRUE", "tRuE", "false", "True", "abc", " x ", '"7"', '"a,b"',
+         "0x10", "9223372036854775808", "1e400"]  # fmt: skip
+
+
+@FILES
+@given(
+    rows=st.lists(st.lists(st.sampled_from(CELLS), min_size=3, max_size=3), min_size=1,
+                  max_size=25),
+    infer_rows=st.sampled_from([1, 3, 10_000]),
+)  # fmt: skip
+@example(rows=[["tRuE", "1", " 2"], ["false", "1.5", "NA"]], infer_rows=10_000)  # booleans
+@example(rows=[["1", "1", "1"], ["abc", " x ", "1.5"]], infer_rows=1)  # a later row: text
+@example(rows=[["1", "2", "3"], ["4", "5"]], infer_rows=10_000)  # too few fields: an error
+def test_csv_reads_as_trimmed_typed_text_whichever_reader_goes_first(rows, infer_rows):
+    """Polars' typed reader (tried first) gives what typing the trimmed text gives; where its
+    types fail on a later row (few rows to infer from) the text is read throughout."""
+    from choicecli import io as choice_io
+
+    raw = ("a,,c\n" + "".join(",".join(row) + "\n" for row in rows)).encode()
+    if any(len(row) != 3 for row in rows):
+        with pytest.raises(ChoiceError, match="has 2 fields but the header has 3"):
+            choice_io._read_csv(raw, "t.csv")
+        return
+    as_text = choice_io._typed_text(choice_io._read_csv_text(raw, "t.csv", None))
+    original = choice_io.CSV_INFER_ROWS
+    choice_io.CSV_INFER_ROWS = infer_rows
+    try:
+        read = choice_io._read_csv(raw, "t.csv")
+    finally:
+        choice_io.CSV_INFER_ROWS = original
+    assert read.columns == ["a", "_row", "c"] == as_text.columns
+    assert read.dtypes == as_text.dtypes
+    assert read.rows() == as_text.rows()
 
 
 # --------------------------------------------------------------------------------------------
