@@ -197,8 +197,9 @@ def _codes(table: pl.DataFrame, name: str, drop: bool) -> tuple[torch.Tensor, pl
             torch.ne(values[1:], values[:-1], out=starts[1:])
             labels = pl.Series(series.name, values[starts].numpy())
             del values, series  # the last references to a dropped column
-            codes = starts.long()  # (R,) then summed in place: torch.cumsum of a bool
-            codes.cumsum_(0)  # tensor would make a second (R,) long temporary
+            # summed in place: torch.cumsum of a bool tensor makes a second (R,) long temporary
+            codes = starts.long()  # (R,)
+            codes.cumsum_(0)
             codes -= 1
             return codes, labels
     labels = series.unique().sort()
@@ -207,7 +208,7 @@ def _codes(table: pl.DataFrame, name: str, drop: bool) -> tuple[torch.Tensor, pl
     codes = torch.empty(series.len(), dtype=torch.long)  # (R,)
     for start in range(0, series.len(), CODE_CHUNK_ROWS):  # by slices: no (R,) intermediates
         found = labels.search_sorted(series.slice(start, CODE_CHUNK_ROWS)).to_numpy()  # unsigned
-        codes[start : start + found.shape[0]] = torch.from_numpy(found.astype("int64"))
+        codes[start : start + found.shape[0]] = torch.from_numpy(found.astype("int64", copy=False))
     return codes, labels
 
 

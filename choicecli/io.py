@@ -197,6 +197,8 @@ def _check_ragged(raw: bytes, where: str) -> None:
     except Exception as exc:
         raise DataError(f"{where}: cannot read CSV: {_first_line(exc)}") from exc
     lines = lines.fill_null("")
+    if bool((lines.str.count_matches('"') % 2 == 1).any()):
+        return  # a quoted cell holds a line break: records are not lines, polars parsed them
     blank = lines.str.strip_chars() == ""
     if bool(blank.all()):
         return
@@ -217,8 +219,8 @@ def _read_csv(raw: bytes, where: str) -> pl.DataFrame:
     Polars' own typed reader goes first (several times faster, and it never holds every cell
     as text): its integer and float columns are what trimming and typing the text would give,
     and its text columns are trimmed and typed here; a column it typed otherwise (booleans,
-    which it reads in any case) is read again as text. Where it fails (a value its first rows'
-    types do not hold, a line with too many fields) the table is read as text throughout.
+    which it reads in any case) is read again as text. Where it fails (a line with too many
+    fields) the table is read as text throughout.
     """
     typed = _read_csv_typed(raw)
     if typed is None:
@@ -228,7 +230,7 @@ def _read_csv(raw: bytes, where: str) -> pl.DataFrame:
         _check_ragged(raw, where)
     dtypes = typed.dtypes
     again = [i for i, dtype in enumerate(dtypes) if dtype not in CSV_KEPT_TYPES + (pl.String,)]
-    text = _read_csv_text(raw, where, again) if again else None
+    text = _read_csv_text(raw, where, again) if again else pl.DataFrame()
     columns = []
     for index, (name, dtype) in enumerate(zip(typed.columns, dtypes, strict=True)):
         series = typed.to_series(index)
@@ -241,12 +243,15 @@ def _read_csv(raw: bytes, where: str) -> pl.DataFrame:
 
 
 def _read_csv_typed(raw: bytes) -> pl.DataFrame | None:
-    """Polars' typed read (nulls: CSV_NULLS), or None where it fails."""
-    try:
-        return pl.read_csv(io.BytesIO(raw), infer_schema_length=CSV_INFER_ROWS,
-                           null_values=list(CSV_NULLS))  # fmt: skip
-    except Exception:  # polars raises several types; the text read reports what is wrong
-        return None
+    """Polars' typed read (nulls: CSV_NULLS) with types from the first rows, else (a later value
+    they do not hold) from all rows; None where both fail."""
+    for infer_rows in (CSV_INFER_ROWS, None):
+        try:
+            return pl.read_csv(io.BytesIO(raw), infer_schema_length=infer_rows,
+                               null_values=list(CSV_NULLS))  # fmt: skip
+        except Exception:  # polars raises several types; the text read reports what is wrong
+            continue
+    return None
 
 
 def _read_csv_text(raw: bytes, where: str, columns: list[int] | None) -> pl.DataFrame:

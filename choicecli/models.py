@@ -89,8 +89,9 @@ class ConditionalLogit:
         dense_threshold: float = 0.5,
         own_blocks: bool = False,
     ) -> None:
-        """own_blocks: the blocks are handed over; each block's values are dropped once copied,
-        so a caller holding no other reference frees them column by column."""
+        """own_blocks: the blocks are handed over; the group codes the model does not read slot
+        by slot are dropped first, and each block's values (and codes) once copied, so a caller
+        holding no other reference frees them column by column."""
         rows = HandedRows(case_index, item_index, chosen)
         del case_index, item_index, chosen
         self._build(blocks, n_parameters, rows, n_cases, n_items, user_of_case, case_weights,
@@ -109,8 +110,9 @@ class ConditionalLogit:
         dense_threshold: float = 0.5,
     ) -> ConditionalLogit:
         """The model of rows and blocks handed over: in a dense layout the row vectors go once
-        the slots are laid out, and each block's values once copied, so a caller holding
-        nothing else holds the data once while the model is built, then not at all."""
+        the slots are laid out, and each block's values once copied (codes it does not read
+        slot by slot before that), so a caller holding nothing else holds the data once while
+        the model is built, then not at all."""
         model = cls.__new__(cls)
         model._build(blocks, n_parameters, rows, n_cases, n_items, user_of_case, case_weights,
                      dense_threshold, own_blocks=True)  # fmt: skip
@@ -155,7 +157,7 @@ class ConditionalLogit:
                 if not _reads_code(block, self.dense):
                     block.code = None
         self.chosen_slot = None  # (N,) the chosen slot of each case
-        chosen_row = None if chosen is None else chosen.nonzero().flatten()  # (N,) sorted rows
+        chosen_row = None if chosen is None else chosen.nonzero().flatten()  # (N,) by case
         self._ragged_chosen = chosen if self.layout == "ragged" else None  # (R,)
         del chosen  # dense layouts: found, not needed any more
         positions = None  # (R,) slot of each row in the padded layout
@@ -456,8 +458,9 @@ class ConditionalLogit:
         return utility - self._log_normaliser(utility)[self.case_index]
 
     def row_log_probabilities(self, theta: torch.Tensor) -> torch.Tensor:  # (R,) input rows
-        log_p = self.log_probabilities(theta)
-        return log_p if self.positions is None else log_p[self.positions]
+        log_p = self.log_probabilities(theta)  # (S,)
+        positions = self.positions  # (R,) made from the mask when rows are in slot order
+        return log_p if positions is None else log_p[positions]
 
     def log_likelihood(self, theta: torch.Tensor) -> torch.Tensor:
         utility = self._masked_utility(theta)
@@ -948,7 +951,8 @@ class NestedLogit:
             nest = self.nest_of_item
             log_p = scaled - inclusive[:, nest] + upper[:, nest] - normaliser[:, None]  # (N, J)
             log_p = log_p.reshape(-1)
-            return log_p if self.grid.positions is None else log_p[self.grid.positions]
+            positions = self.grid.positions  # (R,)
+            return log_p if positions is None else log_p[positions]
         lambdas = theta[self.lambda_index]  # (M,)
         scaled = block_utility(self.item_blocks, theta, self.n_rows) / lambdas[self.nest_of_row]
         inclusive = segment_logsumexp(scaled, self.pair_of_row, self.n_pairs)  # (Q,)

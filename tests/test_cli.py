@@ -225,16 +225,50 @@ def test_help_does_not_import_torch():
         ("dirty_decay_ms:0", "dirty_decay_ms:0"),
         (POLARS_ALLOCATOR_DEFAULTS, None),  # left by a parent process that imported polars
         (f"{POLARS_ALLOCATOR_DEFAULTS},narenas:2", "narenas:2"),
+        (f"{POLARS_ALLOCATOR_DEFAULTS},{POLARS_ALLOCATOR_DEFAULTS},narenas:2", "narenas:2"),
     ],
 )
 def test_entry_points_set_polars_allocator_before_it_loads_and_keep_a_users_setting(
     entry, inherited, own
 ):
+    env = {k: v for k, v in os.environ.items() if k != ALLOCATOR_VARIABLE}
+    if inherited is not None:
+        env[ALLOCATOR_VARIABLE] = inherited
+    completed = subprocess.run([sys.executable, "-c", _allocator_report(entry)],
+                               capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    before, setting = completed.stdout.splitlines()[-1].split()  # after the help text
+    assert before == "False"  # nothing had read the setting yet
+    # polars puts its defaults first; ours follow and the user's own come last, so they win
+    assert setting.endswith(allocator_settings(inherited))
+    assert allocator_settings(inherited) == ALLOCATOR_SETTINGS + (f",{own}" if own else "")
+
+
+def test_polars_defaults_left_by_parents_that_imported_polars_do_not_override_ours():
+    """Two Python processes that imported polars, one inside the other, then `choice`: polars
+    wrote its defaults into the environment in each, and the command still ends with ours."""
+    child = _allocator_report("console-script")
+    parent = f"import polars, subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}])"
+    grandparent = (
+        f"import polars, subprocess, sys; subprocess.run([sys.executable, '-c', {parent!r}])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != ALLOCATOR_VARIABLE}
+    completed = subprocess.run([sys.executable, "-c", grandparent], capture_output=True,
+                               text=True, env=env, timeout=180)  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    before, setting = completed.stdout.splitlines()[-1].split()
+    assert before == "False"
+    assert setting == f"{POLARS_ALLOCATOR_DEFAULTS},{ALLOCATOR_SETTINGS}"  # polars' own, then ours
+
+
+def _allocator_report(entry: str) -> str:
+    """Python code that runs `choice --help` through an entry point, then prints whether
+    polars was loaded before and the allocator setting polars read."""
     run = {
         "console-script": "from choicecli.cli import main; main()",
         "python-m": "import runpy; runpy.run_module('choicecli', run_name='__main__')",
     }[entry]
-    code = (  # the entry point ends the process: an atexit handler looks after the command
+    return (  # the entry point ends the process: an atexit handler looks after the command
         "import atexit, os, sys\n"
         "sys.argv = ['choice', '--help']\n"
         "def report():\n"
@@ -244,17 +278,6 @@ def test_entry_points_set_polars_allocator_before_it_loads_and_keep_a_users_sett
         "atexit.register(report)\n"
         f"{run}\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != ALLOCATOR_VARIABLE}
-    if inherited is not None:
-        env[ALLOCATOR_VARIABLE] = inherited
-    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                               env=env, timeout=120)  # fmt: skip
-    assert completed.returncode == 0, completed.stderr
-    before, setting = completed.stdout.splitlines()[-1].split()  # after the help text
-    assert before == "False"  # nothing had read the setting yet
-    # polars puts its defaults first; ours follow and the user's own come last, so they win
-    assert setting.endswith(allocator_settings(inherited))
-    assert allocator_settings(inherited) == ALLOCATOR_SETTINGS + (f",{own}" if own else "")
 
 
 @pytest.mark.parametrize(

@@ -162,7 +162,9 @@ def test_the_row_vectors_go_once_a_handed_over_model_is_built():
     ids=["sorted-int", "int", "text", "nan", "sorted-float", "bool"],
 )  # fmt: skip
 @pytest.mark.parametrize("drop", [True, False])
-def test_codes_number_values_by_their_sorted_distinct_values(values, drop):
+@pytest.mark.parametrize("chunk_rows", [3, 1 << 20], ids=["slices", "whole"])
+def test_codes_number_values_by_their_sorted_distinct_values(values, drop, chunk_rows, monkeypatch):
+    monkeypatch.setattr("choicecli.data.CODE_CHUNK_ROWS", chunk_rows)  # text: looked up by slices
     series = pl.Series("c", values)
     table = pl.DataFrame([series, pl.Series("other", range(len(values)))])
     codes, labels = _codes(table, "c", drop)

@@ -179,14 +179,15 @@ def test_padded_and_ragged_layouts_agree(formula):
 
 def test_padded_rows_in_any_order_give_each_row_its_own_probability():
     """Rows in (case, alternative) order are the offered slots in order (the model recovers
-    their slots from its mask); rows in any other order keep their own slot vector."""
+    their slots from its mask); rows of a case in another order keep their own slot vector."""
     from choicecli.design import Block
     from choicecli.models import ConditionalLogit
 
     problem = problem_for(toy_frame(), "(x|constant) + (1|item) + (z|item) + (z|user)")
     data = problem.data
     theta = random_theta(len(problem.parameters), seed=23)
-    order = torch.randperm(data.n_rows, generator=torch.Generator().manual_seed(5))  # (R,)
+    noise = torch.rand(data.n_rows, generator=torch.Generator().manual_seed(5))  # (R,)
+    order = torch.argsort(data.case_index + noise)  # (R,) by case, shuffled within each
     shuffled_blocks = [
         Block(b.term, b.level, b.features, b.x[order], b.code[order], b.layout_index)
         for b in problem.item_blocks
@@ -209,6 +210,8 @@ def test_padded_rows_in_any_order_give_each_row_its_own_probability():
     in_order, shuffled = models
     assert in_order.layout == shuffled.layout == "padded"
     assert torch.equal(in_order.positions, data.case_index * data.n_items + data.item_index)
+    assert torch.equal(shuffled.positions, in_order.positions[order])
+    assert not torch.equal(order, torch.arange(data.n_rows))
     expected = in_order.row_log_probabilities(theta)[order]  # (R,)
     assert torch.allclose(shuffled.row_log_probabilities(theta), expected, rtol=0, atol=1e-14)
     pairs = zip(in_order.value_and_gradient(theta), shuffled.value_and_gradient(theta), strict=True)
