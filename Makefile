@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format bench bytecode clean
+.PHONY: demo test lint format bench bench-gpu bytecode clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ format: $(STAMP)
 
 bench: $(STAMP) bytecode
 	bash bench/run.sh
+
+# With an NVIDIA GPU and a CUDA build of torch in .venv: choice alone on the GPU, one timed run
+# per scenario after its warm-up, the 90M-row scenario added (see bench/README.md)
+bench-gpu: $(STAMP) bytecode
+	bash bench/run.sh --device cuda --tools choice --no-reference --repeat 1 --output gpu-latest
 
 # An editable install leaves choicecli/ uncompiled, and where PYTHONDONTWRITEBYTECODE is set
 # every run compiled it again (0.1-0.3 s of each command here); a stale file is ignored.

@@ -43,6 +43,7 @@ DATASETS: dict[str, DataSpec] = {
         DataSpec("cl_100k", 100_000, 10),
         DataSpec("cl_1m", 1_000_000, 10, csv=True),
         DataSpec("cl_10m", 1_111_111, 10),  # 10M rows: the memory scenario
+        DataSpec("cl_10m_cases", 10_000_000, 10),  # 90M rows: choice on a GPU
         DataSpec("cl_100alts", 100_000, 100),
         DataSpec("users_1k", 100_000, 10, users=1000, user_slopes=True),
         DataSpec("nested_3", 100_000, 10, nests=3),

@@ -86,6 +86,7 @@ class Scenario:
 
 
 NO_NESTED_USERS = "no nested logit or user-specific coefficients"
+TOO_LARGE_FOR_PEERS = "90M rows: run for choice on a GPU alone"
 CHOICE_ONLY = "memory scenario: choice alone, its peak RSS against one copy of the data"
 SCENARIOS = {
     s.name: s
@@ -152,6 +153,12 @@ SCENARIOS = {
             memory=True,
         ),
         Scenario(
+            "cl_10m_cases",
+            "cl_10m_cases",
+            "10M cases x 10 alternatives (10% missing, 90M rows), 22 parameters; with a GPU",
+            projected={tool: TOO_LARGE_FOR_PEERS for tool in FIT_TOOLS if tool != "choice"},
+        ),
+        Scenario(
             "load_10k",
             "cl_10k",
             "loading alone: 10k cases (90k rows), Parquet and CSV",
@@ -173,6 +180,7 @@ DEFAULT = [
     "load_1m",
 ]
 QUICK = ["cl_10k", "load_10k"]
+GPU_EXTRA = ["cl_10m_cases"]  # default scenarios added with --device cuda
 
 
 @dataclass
@@ -180,7 +188,7 @@ class Row:
     """One tool on one scenario."""
 
     tool: str
-    status: str  # ok, not-converged, error, timeout, projected, unsupported
+    status: str  # ok, not-converged, error, timeout, projected, unsupported, skipped
     fit_seconds: float | None = None
     whole_seconds: float | None = None
     peak_rss_mb: float | None = None
@@ -191,9 +199,9 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
-def thread_env(threads: int) -> dict[str, str]:
-    """The environment every tool runs in: the caller's, with pinned threads, no colour and
-    no GPU."""
+def thread_env(threads: int, device: str = "cpu") -> dict[str, str]:
+    """The environment every tool runs in: the caller's, with pinned threads, no colour, and
+    no GPU unless `device` names one."""
     env = dict(CALLER_ENVIRONMENT)
     for var in (
         "OMP_NUM_THREADS",
@@ -204,7 +212,9 @@ def thread_env(threads: int) -> dict[str, str]:
         "RAYON_NUM_THREADS",
     ):
         env[var] = str(threads)
-    env |= {"NO_COLOR": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
+    env |= {"NO_COLOR": "1", "PYTHONWARNINGS": "ignore"}
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
     return env
 
 
@@ -287,7 +297,9 @@ def peer_command(tool: str, scenario: Scenario, data: Path) -> list[str]:
     ] + extra
 
 
-def choice_command(scenario: Scenario, data: Path, model_dir: Path) -> list[str]:
+def choice_command(
+    scenario: Scenario, data: Path, model_dir: Path, device: str = "cpu"
+) -> list[str]:
     cmd = [
         str(CHOICE),
         "fit",
@@ -305,7 +317,7 @@ def choice_command(scenario: Scenario, data: Path, model_dir: Path) -> list[str]
         cmd += ["--user", "user"]
     if scenario.nest:
         cmd += ["--nests", f"col:{scenario.nest}", "--nest-formula", ""]
-    return cmd + ["--model", str(model_dir), "--quiet"]
+    return cmd + ["--device", device, "--model", str(model_dir), "--quiet"]
 
 
 def repeated(run_once, repeat: int) -> Row:
@@ -355,7 +367,7 @@ def run_tool_once(tool: str, scenario: Scenario, data: Path, args, env: dict) ->
     with tempfile.TemporaryDirectory(prefix=f"bench-{tool}-") as scratch:
         model_dir = Path(scratch) / "model"
         cmd = (
-            choice_command(scenario, data, model_dir)
+            choice_command(scenario, data, model_dir, args.device)
             if tool == "choice"
             else peer_command(tool, scenario, data)
         )
@@ -424,7 +436,7 @@ def baseline_rss_mb(scenario: Scenario, data: Path, args, env: dict) -> float | 
     with tempfile.TemporaryDirectory(prefix="bench-baseline-") as scratch:
         tiny = Path(scratch) / "head.parquet"
         head.write_parquet(tiny)
-        cmd = choice_command(scenario, tiny, Path(scratch) / "model")
+        cmd = choice_command(scenario, tiny, Path(scratch) / "model", args.device)
         result = run_process(cmd, args.timeout, env, Path(scratch))
     return result["rss_mb"] if result["code"] in (0, 3) else None
 
@@ -480,7 +492,9 @@ def run_scenario(scenario: Scenario, args, env: dict) -> dict:
         keep = set(args.tools) | ({"newton"} if scenario.kind == "fit" else set())
         tools = [t for t in tools if t in keep]
     for tool in tools:
-        if tool in scenario.unsupported:
+        if tool == "newton" and args.no_reference:
+            rows.append(Row(tool, "skipped", note="--no-reference"))
+        elif tool in scenario.unsupported:
             rows.append(Row(tool, "unsupported", note=scenario.unsupported[tool]))
         elif tool in scenario.projected and not args.all:
             rows.append(Row(tool, "projected", note=scenario.projected[tool]))
@@ -658,11 +672,13 @@ def plain_table(head: list[str], rows: list[list[str]]) -> str:
 
 def markdown(report: dict) -> str:
     m = report["machine"]
+    device = m.get("device", "cpu")
+    gpu = f"; choice on {device} ({m.get('gpu') or 'GPU unnamed'})" if device != "cpu" else ""
     lines = [
         "# choice benchmark",
         "",
         f"{report['date']} on {m['cpu']} ({m['cores']} cores, {m['memory_gb']} GiB), "
-        f"{m['threads']} thread(s) per tool. Versions: "
+        f"{m['threads']} thread(s) per tool{gpu}. Versions: "
         + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
         + ".",
         "",
@@ -730,7 +746,7 @@ def versions() -> dict[str, str]:
     return out
 
 
-def machine(threads: int) -> dict:
+def machine(threads: int, device: str) -> dict:
     cpu = platform.processor() or "unknown CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -745,9 +761,23 @@ def machine(threads: int) -> dict:
         "cores": os.cpu_count(),
         "memory_gb": round(mem_kb / 2**20, 1),
         "threads": threads,
+        "device": device,
+        "gpu": gpu_name() if device != "cpu" else None,
         "platform": platform.platform(),
         "versions": versions(),
     }
+
+
+def gpu_name() -> str | None:
+    """The GPU's name and memory, from nvidia-smi (None where it cannot say)."""
+    try:
+        listed = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return listed.stdout.strip().replace("\n", "; ") or None
 
 
 def main() -> None:
@@ -760,7 +790,7 @@ def main() -> None:
         "--tools",
         help="comma-separated subset of: "
         + ",".join(FIT_TOOLS + LOAD_TOOLS)
-        + " (newton always runs)",
+        + " (newton always runs, unless --no-reference)",
     )
     parser.add_argument(
         "--all",
@@ -769,6 +799,17 @@ def main() -> None:
     )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per tool run")
     parser.add_argument("--threads", type=int, default=1, help="threads per tool (default 1)")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="choice's --device: cpu (default) or cuda[:N]; with a GPU the default scenarios "
+        "add " + ",".join(GPU_EXTRA) + " (peers stay on the CPU)",
+    )
+    parser.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="skip the numpy Newton reference (no LL gaps; for short GPU runs)",
+    )
     parser.add_argument("--output", default="latest", help="name of the results files")
     parser.add_argument(
         "--repeat",
@@ -778,7 +819,7 @@ def main() -> None:
         f"{REPEAT_UNDER_SECONDS:.0f} s; the table gives medians (default 3)",
     )
     args = parser.parse_args()
-    names = QUICK if args.quick else DEFAULT
+    names = QUICK if args.quick else DEFAULT + (GPU_EXTRA if args.device != "cpu" else [])
     if args.scenarios:
         names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
     unknown = [n for n in names if n not in SCENARIOS]
@@ -787,11 +828,11 @@ def main() -> None:
     args.tools = [t.strip() for t in args.tools.split(",")] if args.tools else None
 
     args.repeat = max(1, args.repeat)
-    env = thread_env(args.threads)
+    env = thread_env(args.threads, args.device)
     started = time.perf_counter()
     report = {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": machine(args.threads),
+        "machine": machine(args.threads, args.device),
         "timeout_s": args.timeout,
         "repeat": args.repeat,
         "all": args.all,
