@@ -219,7 +219,8 @@ def thread_env(threads: int, device: str = "cpu") -> dict[str, str]:
 
 
 SETTLE_SECONDS = 3.0
-# a tool whose first run takes under this many seconds runs --repeat times; rows give medians
+# a tool whose first run takes under this many seconds takes it as a warm-up and runs --repeat
+# more times; rows give medians
 REPEAT_UNDER_SECONDS = 60.0
 
 
@@ -321,13 +322,13 @@ def choice_command(
 
 
 def repeated(run_once, repeat: int) -> Row:
-    """Run a tool once; when that run takes under REPEAT_UNDER_SECONDS and `repeat` > 1, it
+    """Run a tool once; when that run takes under REPEAT_UNDER_SECONDS and `repeat` >= 1, it
     was a warm-up (the tool's interpreter and libraries come into the page cache, as the data
     file does before every run) and `repeat` timed runs follow: the row holds each figure's
     median over them and the largest peak RSS of all, every run (the warm-up too) in extra."""
     first = run_once()
     if (
-        repeat <= 1
+        repeat < 1
         or first.status not in ("ok", "not-converged")
         or (first.whole_seconds or math.inf) >= REPEAT_UNDER_SECONDS
     ):
@@ -674,6 +675,14 @@ def markdown(report: dict) -> str:
     m = report["machine"]
     device = m.get("device", "cpu")
     gpu = f"; choice on {device} ({m.get('gpu') or 'GPU unnamed'})" if device != "cpu" else ""
+    repeat = report.get("repeat", 1)
+    repeats = (
+        f"a tool whose first run takes under {REPEAT_UNDER_SECONDS:.0f} s takes that run as a "
+        f"warm-up and runs {repeat} more times: its row gives the median fit and whole seconds "
+        "of those and the largest peak RSS of all (every run in the JSON); "
+        if repeat
+        else "each tool runs once; "
+    )
     lines = [
         "# choice benchmark",
         "",
@@ -683,10 +692,7 @@ def markdown(report: dict) -> str:
         + ".",
         "",
         "fit s: the tool's own fit time; whole s: the whole process (start-up, reading, "
-        "fit, output) timed by the harness; a tool whose first run takes under "
-        f"{REPEAT_UNDER_SECONDS:.0f} s takes that run as a warm-up and runs "
-        f"{report.get('repeat', 1)} more times: its row gives the median fit and whole seconds "
-        "of those and the largest peak RSS of all (every run in the JSON); "
+        f"fit, output) timed by the harness; {repeats}"
         "rel LL gap: |LL - LL_newton| / |LL_newton| "
         "against the float64 Newton reference; ratios: peer / choice (higher is slower).",
         "",
@@ -816,7 +822,8 @@ def main() -> None:
         type=int,
         default=3,
         help=f"timed runs per tool, after a warm-up run, when one takes under "
-        f"{REPEAT_UNDER_SECONDS:.0f} s; the table gives medians (default 3)",
+        f"{REPEAT_UNDER_SECONDS:.0f} s; the table gives medians (default 3; 0: one run, no "
+        "warm-up)",
     )
     args = parser.parse_args()
     names = QUICK if args.quick else DEFAULT + (GPU_EXTRA if args.device != "cpu" else [])
@@ -827,7 +834,7 @@ def main() -> None:
         parser.error(f"unknown scenario(s) {unknown}; choose from {list(SCENARIOS)}")
     args.tools = [t.strip() for t in args.tools.split(",")] if args.tools else None
 
-    args.repeat = max(1, args.repeat)
+    args.repeat = max(0, args.repeat)
     env = thread_env(args.threads, args.device)
     started = time.perf_counter()
     report = {
