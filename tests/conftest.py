@@ -1,4 +1,4 @@
-"""Shared fixtures: reference data locations, small tables, and a problem builder."""
+"""Shared fixtures: the reference data in tests/data, small tables, and a problem builder."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ torch.set_num_threads(1)  # in-process fits: no oversubscription on a shared 2-c
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
-SHARED_DATA = REPO.parent / "shared" / "data"
+REFERENCE_DATA = TESTS / "data"  # provenance, licences, published estimates: its README.md
 SAMPLE_DATA = REPO / "sample_data"
 CHOICE_EXECUTABLE = Path(sys.executable).parent / "choice"
 
@@ -36,17 +36,20 @@ HC_FORMULA = (
 )
 
 
-def shared_file(name: str) -> Path:
-    path = SHARED_DATA / name
-    if not path.exists():
-        pytest.skip(f"reference data {path} is not available")
+def reference_file(name: str) -> Path:
+    """A reference data set that ships with the tests; a missing one fails the test."""
+    path = REFERENCE_DATA / name
+    if not path.is_file():
+        pytest.fail(
+            f"reference data {path} is missing: tests/data/README.md lists what belongs there"
+        )
     return path
 
 
 @pytest.fixture(scope="session")
 def mode_canada_parquet(tmp_path_factory) -> Path:
     """ModeCanada rows with noalt == 4, as Parquet."""
-    frame = pl.read_csv(shared_file("ModeCanada.csv")).filter(pl.col("noalt") == 4)
+    frame = pl.read_csv(reference_file("ModeCanada.csv.gz")).filter(pl.col("noalt") == 4)
     path = tmp_path_factory.mktemp("mc") / "mc.parquet"
     frame.write_parquet(path)
     return path

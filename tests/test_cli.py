@@ -20,7 +20,7 @@ from choicecli.cli import (
     app,
 )
 from choicecli.results import COEFFICIENT_COLUMNS
-from conftest import CHOICE_EXECUTABLE, SAMPLE_DATA, shared_file
+from conftest import CHOICE_EXECUTABLE, SAMPLE_DATA, reference_file
 
 TRANSPORT = [
     "--formula", "(time|constant) + (1|item) + (income|item) + (cost|user)",
@@ -121,7 +121,7 @@ def test_coef_without_a_model_is_a_clear_error(tmp_path):
 
 
 def test_car_choice_nulls_are_an_error_naming_column_count_and_case(tmp_path):
-    data = str(shared_file("car_choice.csv"))
+    data = str(reference_file("car_choice.csv"))
     formula = "(price|constant) + (1|item) + (income|item)"
     result = invoke("fit", data, "--formula", formula, *CAR, "-m", str(tmp_path / "m"))
     assert result.exit_code == 1
@@ -138,7 +138,7 @@ def test_car_choice_nulls_are_an_error_naming_column_count_and_case(tmp_path):
 
 
 def test_car_choice_speed_is_collinear_with_the_intercepts(tmp_path):
-    data = str(shared_file("car_choice.csv"))
+    data = str(reference_file("car_choice.csv"))
     result = invoke("fit", data, "--formula", "(speed|constant) + (1|item)", *CAR,
                     "-m", str(tmp_path / "m"))  # fmt: skip
     assert result.exit_code == 0
@@ -155,7 +155,7 @@ def test_car_choice_speed_is_collinear_with_the_intercepts(tmp_path):
 
 
 def test_car_choice_user_terms_are_not_identified_with_one_case_per_consumer(tmp_path):
-    data = str(shared_file("car_choice.csv"))
+    data = str(reference_file("car_choice.csv"))
     result = invoke("fit", data, "--formula", "(price|constant) + (1|item) + (price|user)", *CAR,
                     "--user", "consumer_id", "-m", str(tmp_path / "m"))  # fmt: skip
     assert result.exit_code == 0

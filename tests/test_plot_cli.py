@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from choicecli.cli import app
-from conftest import HC_FORMULA, SAMPLE_DATA, shared_file
+from conftest import HC_FORMULA, SAMPLE_DATA, reference_file
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -36,7 +36,7 @@ def models(tmp_path_factory):
     assert fitted.exit_code == 0, fitted.stderr
     nested = root / "nested"
     fitted = invoke(
-        "fit", str(shared_file("HC.csv")), "--formula", HC_FORMULA, "--case", "idx.id1",
+        "fit", str(reference_file("HC.csv")), "--formula", HC_FORMULA, "--case", "idx.id1",
         "--item", "idx.id2", "--choice", "depvar", "--nests",
         "cooling=gcc,ecc,erc,hpc;other=gc,ec,er", "-m", str(nested),
     )  # fmt: skip

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from choicecli.cli import app
-from conftest import HC_FORMULA, MODE_CANADA_FORMULA, SAMPLE_DATA, shared_file
+from conftest import HC_FORMULA, MODE_CANADA_FORMULA, SAMPLE_DATA, reference_file
 
 MC_ROLES = ["--case", "case", "--item", "alt", "--choice", "choice"]
 
@@ -60,7 +60,7 @@ def test_training_data_probabilities_reproduce_the_fit(mode_canada_model, mode_c
 
 
 def test_nested_training_data_probabilities_reproduce_the_fit(tmp_path):
-    data = str(shared_file("HC.csv"))
+    data = str(reference_file("HC.csv"))
     model = tmp_path / "m"
     fitted = invoke("fit", data, "--formula", HC_FORMULA, "--case", "idx.id1", "--item",
                     "idx.id2", "--choice", "depvar", "--nests",

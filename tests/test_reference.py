@@ -8,9 +8,9 @@ import subprocess
 import polars as pl
 import pytest
 
-from conftest import CHOICE_EXECUTABLE, HC_FORMULA, MODE_CANADA_FORMULA, shared_file
+from conftest import CHOICE_EXECUTABLE, HC_FORMULA, MODE_CANADA_FORMULA, reference_file
 
-# coefficient, alternative -> (estimate, std. error), R mlogit (shared/data/README.md)
+# coefficient, alternative -> (estimate, std. error), R mlogit (tests/data/README.md)
 MODE_CANADA = {
     ("cost[constant]", None): (-0.0333389, 0.0070955),
     ("freq[constant]", None): (0.0925297, 0.0050976),
@@ -120,7 +120,7 @@ def test_mode_canada_all_rows_with_varying_choice_sets(tmp_path):
     from choicecli.fit import FitOptions, fit_model
     from choicecli.problem import ModelSpec
 
-    frame = pl.read_csv(shared_file("ModeCanada.csv"))
+    frame = pl.read_csv(reference_file("ModeCanada.csv.gz"))
     spec = ModelSpec(MODE_CANADA_FORMULA, Roles(case="case", item="alt", choice="choice"))
     result, problem = fit_model(frame, spec, FitOptions(), where="ModeCanada.csv")
     assert result.fit["converged"]
@@ -138,7 +138,7 @@ def test_hc_nested_logit_matches_mlogit(nests):
     from choicecli.problem import ModelSpec
 
     frame = __import__("choicecli.io", fromlist=["read_table"]).read_table(
-        str(shared_file("HC.csv"))
+        str(reference_file("HC.csv"))
     )[0]
     spec = ModelSpec(
         HC_FORMULA,
@@ -159,7 +159,7 @@ def test_hc_nested_logit_matches_mlogit(nests):
 
 
 def test_hc_standard_errors_and_per_nest_lambdas_via_cli(tmp_path):
-    data = str(shared_file("HC.csv"))
+    data = str(reference_file("HC.csv"))
     nests = "cooling=gcc,ecc,erc,hpc;other=gc,ec,er"
     common = ["--formula", HC_FORMULA, "--case", "idx.id1", "--item", "idx.id2",
               "--choice", "depvar", "--nests", nests]  # fmt: skip
@@ -188,7 +188,7 @@ def test_hc_lambda_bounded_at_one_converges_on_the_bound(tmp_path):
     nests = "central=ec,ecc,gc,gcc,hpc;room=er,erc"
     common = ["--formula", HC_FORMULA, "--case", "idx.id1", "--item", "idx.id2", "--choice",
               "depvar", "--nests", nests, "--shared-lambda"]  # fmt: skip
-    data = str(shared_file("HC.csv"))
+    data = str(reference_file("HC.csv"))
     bounded = run_choice(
         "fit", data, *common, "--lambda-bounds", "0.01,1", "-m", str(tmp_path / "b")
     )
