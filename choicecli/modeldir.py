@@ -316,24 +316,28 @@ def replacing_model(model: Path) -> Iterator[Path]:
 
 
 def _swap(temp: Path, target: Path) -> None:
-    """Move the old model aside, the new one in, then remove the old (under the lock)."""
+    """Move the old model aside, the new one in, then remove the old (under the lock).
+
+    A signal that comes during the renames is acted on once both are done and the old model
+    is removed; the old model is never removed while the new one is not in place.
+    """
     aside = None
-    if os.path.lexists(target):
-        aside = Path(tempfile.mkdtemp(prefix=temporary_prefix(target), suffix=".old",
-                                      dir=target.parent))  # fmt: skip
-    with process.deferred_signals():
-        if aside is not None:
-            os.replace(target, aside / "previous")
-        process.reached("swap")
-        try:
-            os.replace(temp, target)
-        except OSError:
-            if aside is not None:  # put the old model back before saying so
-                os.replace(aside / "previous", target)
-                aside.rmdir()
-            raise
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
+    try:
+        with process.deferred_signals():
+            if os.path.lexists(target):
+                aside = Path(tempfile.mkdtemp(prefix=temporary_prefix(target), suffix=".old",
+                                              dir=target.parent))  # fmt: skip
+                os.replace(target, aside / "previous")
+            process.reached("swap")
+            try:
+                os.replace(temp, target)
+            except OSError:
+                if aside is not None:  # put the old model back before saying so
+                    os.replace(aside / "previous", target)
+                raise
+    finally:
+        if aside is not None and (os.path.lexists(target) or not (aside / "previous").exists()):
+            shutil.rmtree(aside, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -596,6 +596,35 @@ def test_a_reader_during_a_swap_moves_nothing_and_reads_the_previous_model(tmp_p
     assert snapshot(model) != before
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_between_the_renames_waits_for_the_swap_to_finish(
+    tmp_path, model, data, monkeypatch, sig
+):
+    """The signal lands between the two renames; it is acted on once the new model is in
+    place and the old one removed: never a missing directory, never a leftover."""
+    import choicecli.process
+
+    def signal_here(stage: str) -> None:
+        if stage == "swap":
+            assert not model.exists()  # the old model is aside, the new one not yet in
+            os.kill(os.getpid(), sig)
+
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda number, frame: caught.append(number))
+    monkeypatch.setattr(choicecli.process, "reached", signal_here)
+    try:
+        result = fit(data, model, formula="(price|constant)")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if sig == signal.SIGINT:
+        assert result.exit_code == 130, result.stderr
+    else:
+        assert result.exit_code == 0 and caught == [signal.SIGTERM], result.stderr
+    assert listing(model) == FILES and leftovers(model) == []
+    assert model_document(model)["spec"]["formula"] == "(price|constant)"
+    assert load_result(model).fit_id == model_document(model)["fit_id"]
+
+
 def test_a_fit_removes_the_temporaries_of_dead_runs_only(tmp_path, data):
     """Another live run's temporary survives a fit's clean-up; a dead run's goes."""
     model = tmp_path / "m"
