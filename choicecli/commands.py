@@ -204,7 +204,7 @@ class PredictRequest:
 def run_predict(request: PredictRequest, console: Console) -> None:
     from choicecli.io import read_table, scan_table
     from choicecli.loader import load_result
-    from choicecli.output import check_destination, output_format, write_bytes, write_table
+    from choicecli.output import check_destination, output_format, write_table, write_text
     from choicecli.predict import predict_frame, share_table
 
     if request.unseen not in ("error", "zero"):
@@ -248,7 +248,7 @@ def run_predict(request: PredictRequest, console: Console) -> None:
 
         document = {"report": report, "rows": table.to_dicts()}
         text = json.dumps(document, indent=2, default=str) + "\n"
-        write_bytes(request.output, text.encode())
+        write_text(request.output, text)
         return
     write_table(table, request.output, fmt, metadata)
 

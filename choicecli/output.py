@@ -119,14 +119,25 @@ def write_stdout(payload: bytes | str) -> None:
         stream.write(payload)
         stream.flush()
         return
+    binary = getattr(stream, "buffer", None)
+    if binary is None:
+        raise OutputError("standard output takes only text here; use -o FILE")
     stream.flush()
-    stream.buffer.write(payload)
-    stream.buffer.flush()
+    binary.write(payload)
+    binary.flush()
 
 
 def write_bytes(destination: str | Path, payload: bytes) -> None:
     with output_stream(destination) as handle:
         handle.write(payload)
+
+
+def write_text(destination: str | Path, text: str) -> None:
+    """Text to an -o destination: as text to stdout ('-'), as UTF-8 bytes elsewhere."""
+    if str(destination) == "-":
+        write_stdout(text)
+    else:
+        write_bytes(destination, text.encode())
 
 
 def write_table(
@@ -137,11 +148,7 @@ def write_table(
         with output_stream(destination) as handle:
             write_parquet(frame, handle, metadata or {})
         return
-    text = render_table_text(frame, fmt)
-    if str(destination) == "-":
-        write_stdout(text)
-        return
-    write_bytes(destination, text.encode())
+    write_text(destination, render_table_text(frame, fmt))
 
 
 def render_table_text(frame: pl.DataFrame, fmt: str) -> str:
