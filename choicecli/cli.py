@@ -298,7 +298,7 @@ def plot(
     term: Annotated[
         str | None, typer.Argument(help="Term to draw; all coefficients if omitted.")
     ] = (None),
-    output: Annotated[Path, typer.Option("--output", "-o", help="PNG file to write.")] = Path(
+    output: Annotated[Path, typer.Option("--output", "-o", help=".png, .svg or .pdf file.")] = Path(
         "coefficients.png"
     ),
     level: Annotated[Level, typer.Option(help="item or nest.")] = Level.item,

@@ -75,7 +75,8 @@ def run_fit(request: FitRequest, console: Console) -> int:
     from choicecli.data import Roles
     from choicecli.estimate import EstimateOptions
     from choicecli.fit import FitOptions, fit_model
-    from choicecli.io import clean_stale_temporaries, read_table
+    from choicecli.io import read_table
+    from choicecli.modeldir import prepare_fit
     from choicecli.problem import ModelSpec, table_columns
     from choicecli.report import fit_summary
 
@@ -83,7 +84,7 @@ def run_fit(request: FitRequest, console: Console) -> int:
         raise UsageError("--max-iter must be >= 1, --tol > 0 and --l2 >= 0")
     if request.lambda_init <= 0:
         raise UsageError(f"--lambda-init must be positive, not {request.lambda_init}")
-    clean_stale_temporaries(request.model)
+    prepare_fit(request.model, inputs=[request.data])  # the model directory is ours to replace
     spec = ModelSpec(
         formula=request.formula,
         roles=Roles(**request.roles),
@@ -168,42 +169,22 @@ def select_terms(table: pl.DataFrame, term: str | None, level: str) -> pl.DataFr
 
 
 def run_coef(term: str | None, level: str, model: Path, fmt: str | None, output: str) -> None:
-    from choicecli.io import output_format, write_table
+    from choicecli.loader import load_result
+    from choicecli.output import check_destination, output_format, write_table
     from choicecli.report import coefficient_renderable
-    from choicecli.results import COEFFICIENTS_FILE, load_result
 
-    result = load_result(model)
-    table = select_terms(_read_coefficients(model / COEFFICIENTS_FILE, result), term, level)
     if fmt is None and output == "-":
-        fmt = "table" if sys.stdout.isatty() else "csv"
+        fmt = "table" if sys.stdout is not None and sys.stdout.isatty() else "csv"
     fmt = output_format(output, fmt, "csv")
+    if fmt == "table" and output != "-":
+        raise UsageError("--format table prints to the terminal; use csv, json or parquet")
+    check_destination(output)
+    result = load_result(model)
+    table = select_terms(result.coefficient_table(), term, level)
     if fmt == "table":
-        if output != "-":
-            raise UsageError("--format table prints to the terminal; use csv, json or parquet")
         Console().print(coefficient_renderable(table))
         return
-    if fmt == "parquet" and output == "-":
-        import io
-
-        buffer = io.BytesIO()
-        table.write_parquet(buffer)
-        sys.stdout.buffer.write(buffer.getvalue())
-        sys.stdout.flush()
-        return
     write_table(table, output, fmt, {"choice.formula": result.spec["formula"]})
-
-
-def _read_coefficients(path: Path, result) -> pl.DataFrame:
-    """coefficients.parquet, checked against the model's parameter list."""
-    from choicecli.errors import ArtifactError
-
-    try:
-        table = pl.read_parquet(path)
-    except Exception as exc:
-        raise ArtifactError(f"{path}: missing or damaged ({exc}); refit the model") from exc
-    if table.height != len(result.parameters):
-        raise ArtifactError(f"{path}: does not match model.json; refit the model")
-    return table
 
 
 @dataclass(frozen=True)
@@ -221,14 +202,21 @@ class PredictRequest:
 
 
 def run_predict(request: PredictRequest, console: Console) -> None:
-    from choicecli.io import output_format, read_table, scan_table, write_table
+    from choicecli.io import read_table, scan_table
+    from choicecli.loader import load_result
+    from choicecli.output import check_destination, output_format, write_table, write_text
     from choicecli.predict import predict_frame, share_table
-    from choicecli.results import load_result
 
     if request.unseen not in ("error", "zero"):
         raise UsageError(f"--unseen must be error or zero, not {request.unseen!r}")
     if request.batch_cases < 1:
         raise UsageError("--batch-cases must be at least 1")
+    fmt = output_format(
+        request.output, request.format, "csv" if request.output == "-" else "parquet"
+    )
+    if fmt == "parquet" and request.output == "-":
+        raise UsageError("parquet cannot go to stdout here; use -o FILE.parquet or --format csv")
+    check_destination(request.output)
     result = load_result(request.model)
     frame, digest = scan_table(request.data, request.input_format)  # Parquet: read in batches
     if frame is None:
@@ -240,6 +228,7 @@ def run_predict(request: PredictRequest, console: Console) -> None:
         batch_cases=request.batch_cases,
         extra_columns=(request.by,) if request.by else (),
     )  # fmt: skip
+    _check_scores(scored, request.model)
     if report:
         console.print(
             f"log-likelihood {report['log_likelihood']:.4f} over {report['n_cases']} cases "
@@ -248,9 +237,6 @@ def run_predict(request: PredictRequest, console: Console) -> None:
             highlight=False,
         )
     table = share_table(scored, result, request.by) if request.shares else scored
-    fmt = output_format(
-        request.output, request.format, "csv" if request.output == "-" else "parquet"
-    )
     metadata = {
         "choice.model": str(request.model),
         "choice.formula": result.spec["formula"],
@@ -262,17 +248,21 @@ def run_predict(request: PredictRequest, console: Console) -> None:
 
         document = {"report": report, "rows": table.to_dicts()}
         text = json.dumps(document, indent=2, default=str) + "\n"
-        if request.output == "-":
-            sys.stdout.write(text)
-        else:
-            from choicecli.io import atomic_file
-
-            with atomic_file(Path(request.output)) as temp:
-                temp.write_text(text)
+        write_text(request.output, text)
         return
-    if fmt == "parquet" and request.output == "-":
-        raise UsageError("parquet cannot go to stdout here; use -o FILE.parquet or --format csv")
     write_table(table, request.output, fmt, metadata)
+
+
+def _check_scores(scored: pl.DataFrame, model: Path) -> None:
+    """Every probability a number: a model whose estimates overflow on this data says so."""
+    from choicecli.errors import DataError
+
+    bad = scored.get_column("probability").is_nan() | scored.get_column("utility").is_infinite()
+    if bool(bad.any()):
+        raise DataError(
+            f"the model in {model} gives no finite utility for {int(bad.sum())} rows of this "
+            "data (its estimates times these values overflow); check the data's scale"
+        )
 
 
 def run_plot(
@@ -286,16 +276,19 @@ def run_plot(
 ) -> None:
     from choicecli import plot
     from choicecli.io import read_table
-    from choicecli.results import COEFFICIENTS_FILE, load_result
+    from choicecli.loader import load_result
+    from choicecli.output import chart_format, check_destination
 
     if dpi < 10 or dpi > 1200:
         raise UsageError(f"--dpi must be between 10 and 1200, not {dpi}")
+    chart_format(output)  # png, svg or pdf by the suffix; anything else is a usage error
+    check_destination(output)
     if shares is not None:
         frame, _ = read_table(str(shares))
         plot.draw_shares(frame, output, title=title or f"Shares: {shares.name}", dpi=dpi)
         return
     result = load_result(model)
-    table = _read_coefficients(model / COEFFICIENTS_FILE, result)
     plot.draw_coefficients(
-        table, term, level, output, title=title or result.spec["formula"], dpi=dpi
-    )
+        result.coefficient_table(), term, level, output, title=title or result.spec["formula"],
+        dpi=dpi,
+    )  # fmt: skip

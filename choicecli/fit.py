@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import polars as pl
 import torch
@@ -24,6 +24,7 @@ from choicecli.identify import dependent_parameters
 from choicecli.models import ConditionalLogit
 from choicecli.problem import ModelSpec, Problem, build_problem
 from choicecli.results import FitResult
+from choicecli.spec import spec_document
 
 MAX_RANK_CHECK_PARAMETERS = 6000
 RANK_CHECK_SUBSAMPLE_CASES = 100_000  # from here the rank check looks at every 10th case first
@@ -235,30 +236,24 @@ def _shares(data: ChoiceData) -> dict[str, float]:
 
 
 def _spec_document(problem: Problem, options: FitOptions) -> dict:
-    spec: ModelSpec = problem.spec
-    return {
-        "formula": spec.formula,
-        "nest_formula": spec.nest_formula if problem.nested else None,
-        "nests": problem.nests,
-        "shared_lambda": spec.shared_lambda,
-        "lambda_init": spec.lambda_init,
-        "lambda_fixed": spec.lambda_fixed,
-        "lambda_bounds": list(spec.lambda_bounds) if spec.lambda_bounds else None,
-        "roles": asdict(spec.roles),
-        "base": str(problem.data.item_labels[problem.item_blocks[0].level.base])
+    base = (
+        str(problem.data.item_labels[problem.item_blocks[0].level.base])
         if problem.item_blocks
-        else spec.base,
-        "missing": spec.missing,
-        "terms": [
-            {"level": level, "term": term.name, "features": names}
-            for level, terms, features in (
-                ("item", problem.terms, problem.features),
-                ("nest", problem.nest_terms, problem.nest_features),
-            )
-            for term, names in zip(terms, features, strict=True)
-        ],
-        "options": {**asdict(options.estimate), "device": options.device, "strict": options.strict},
-    }
+        else problem.spec.base
+    )
+    terms = [
+        {"level": level, "term": term.name, "features": names}
+        for level, terms, features in (
+            ("item", problem.terms, problem.features),
+            ("nest", problem.nest_terms, problem.nest_features),
+        )
+        for term, names in zip(terms, features, strict=True)
+    ]
+    return spec_document(
+        replace(problem.spec, nests=problem.nests, base=base),
+        terms=terms,
+        options={**asdict(options.estimate), "device": options.device, "strict": options.strict},
+    )
 
 
 def _user_groups(problem: Problem, device: torch.device) -> torch.Tensor | None:

@@ -1,22 +1,17 @@
-"""Reading tables (Parquet, CSV, stdin) and writing every output atomically."""
+"""Reading tables (Parquet, CSV, stdin); writing outputs is `choicecli.output`."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
-import json
 import os
-import re
-import shutil
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
 
-from choicecli.errors import DataError, OutputError, UsageError
+from choicecli.errors import DataError, UsageError
 
 PARQUET_MAGIC = b"PAR1"
 CSV_NULLS = ("", "NA", "NaN", "nan", "null", "NULL")
@@ -301,140 +296,3 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
-                                             dir=path.parent)  # fmt: skip
-        os.close(handle)
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    temp = Path(temp_name)
-    temp.chmod(0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
-    try:
-        yield temp
-        os.replace(temp, path)
-    except OSError as exc:
-        temp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_directory(path: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `path`; swap it in only if the block succeeds.
-
-    An existing directory is moved aside, the new one renamed into place, then the old one removed,
-    so an interrupted write leaves either the old or the new directory, never a mix.
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"{path}: exists and is not a directory; choose another --model")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    temp.chmod(0o777 & ~_umask())
-    try:
-        yield temp
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / "previous")
-        os.replace(temp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except OSError as exc:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
-
-
-def _temporaries(path: Path, suffix: str) -> list[Path]:
-    """This path's own temporaries: `.NAME.<8 random characters>.<suffix>`, nothing else."""
-    pattern = re.compile(rf"^\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.{suffix}$")
-    return [p for p in path.parent.iterdir() if pattern.match(p.name)]
-
-
-def restore_interrupted(path: Path) -> None:
-    """If a write was killed between its two renames, put the previous directory back."""
-    path = Path(path)
-    if path.exists() or not path.parent.is_dir():
-        return
-    for leftover in _temporaries(path, "old"):
-        previous = leftover / "previous"
-        if previous.is_dir():
-            os.replace(previous, path)
-            shutil.rmtree(leftover, ignore_errors=True)
-            return
-
-
-def clean_stale_temporaries(path: Path) -> None:
-    """Remove temporaries a killed run left beside `path`; restore a directory moved aside."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        return
-    restore_interrupted(path)
-    for leftover in _temporaries(path, "old") + _temporaries(path, "tmp"):
-        if leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            leftover.unlink(missing_ok=True)
-
-
-def write_table(
-    frame: pl.DataFrame, destination: str | Path, fmt: str, metadata: dict[str, str] | None = None
-) -> None:
-    """Write a frame as parquet, csv or json to a path (atomically) or to stdout ('-')."""
-    if str(destination) == "-":
-        sys.stdout.write(render_table_text(frame, fmt))
-        sys.stdout.flush()
-        return
-    target = Path(destination)
-    with atomic_file(target) as temp:
-        if fmt == "parquet":
-            write_parquet(frame, temp, metadata or {})
-        else:
-            temp.write_text(render_table_text(frame, fmt))
-
-
-def render_table_text(frame: pl.DataFrame, fmt: str) -> str:
-    if fmt == "csv":
-        return frame.write_csv()
-    if fmt == "json":
-        return json.dumps(frame.to_dicts(), indent=2, default=str) + "\n"
-    raise UsageError(f"cannot write format {fmt!r} as text; use csv or json")
-
-
-def write_parquet(frame: pl.DataFrame, path: Path, metadata: dict[str, str]) -> None:
-    """Write Parquet with key-value metadata (not atomic: use inside atomic_file/directory)."""
-    import pyarrow.parquet as pq
-
-    table = frame.to_arrow()
-    existing = table.schema.metadata or {}
-    merged = {**existing, **{key.encode(): value.encode() for key, value in metadata.items()}}
-    pq.write_table(table.replace_schema_metadata(merged), path)
-
-
-def output_format(destination: str, declared: str | None, default: str) -> str:
-    """Pick an output format from --format, the destination suffix, or a default."""
-    if declared:
-        return declared
-    suffix = Path(destination).suffix.lower().lstrip(".")
-    return suffix if suffix in ("parquet", "csv", "json") else default

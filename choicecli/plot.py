@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from choicecli.errors import DataError, FormulaError, UsageError
-from choicecli.io import atomic_file
+from choicecli.output import chart_format, output_stream
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -39,6 +39,12 @@ COEFFICIENT_COLUMNS = (
     "identified",
 )
 TITLE_LIMIT = 80
+# no timestamps (nor the software version in PNG): the same input gives the same bytes
+TIMELESS_METADATA = {
+    "png": {"Software": None},
+    "svg": {"Date": None},
+    "pdf": {"CreationDate": None},
+}
 ROW_INCHES = 0.22  # vertical room per row in interval, forest and bar charts
 MAX_HEIGHT = 40.0  # inches; beyond this rows squeeze and labels thin out
 MIN_FONT = 4.0
@@ -316,12 +322,14 @@ def _row_font(fig: Figure, count: int) -> tuple[float, int]:
 def _save(
     output: Path, size: tuple[float, float], dpi: int, build: Callable[[Figure], None]
 ) -> Path:
-    """Build a figure under a fixed style and write it atomically as a timestamp-free PNG."""
+    """Build a figure under a fixed style and write it as a timestamp-free PNG, SVG or PDF (by
+    the suffix of `output`; see `choicecli.output` for where and how it is written)."""
     import matplotlib
     import matplotlib.style
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    fmt = chart_format(output)
     width, height = float(size[0]), float(size[1])
     if round(width * dpi) < 1 or round(height * dpi) < 1:
         raise UsageError(f"the figure size and dpi must be positive, not {size} at {dpi} dpi")
@@ -333,8 +341,8 @@ def _save(
         fig = Figure(figsize=figsize, dpi=dpi, layout="constrained")
         FigureCanvasAgg(fig)
         build(fig)
-        with atomic_file(output) as temp:
-            fig.savefig(temp, format="png", dpi=dpi, metadata={"Software": None})
+        with matplotlib.rc_context({"svg.hashsalt": "choice"}), output_stream(output) as handle:
+            fig.savefig(handle, format=fmt, dpi=dpi, metadata=TIMELESS_METADATA[fmt])
     return output
 
 

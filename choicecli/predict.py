@@ -10,29 +10,20 @@ from dataclasses import replace
 import polars as pl
 import torch
 
-from choicecli.data import Roles, check_columns
+from choicecli.data import check_columns
 from choicecli.errors import ArtifactError, DataError
 from choicecli.models import block_utility
 from choicecli.problem import ModelSpec, build_problem
 from choicecli.results import FitResult
+from choicecli.spec import spec_from_document
 
 INPUT_ROW = "__input_row"
 
 
 def spec_from_result(result: FitResult, overrides: dict[str, str]) -> ModelSpec:
-    spec = result.spec
-    roles = Roles(**{**spec["roles"], **overrides})
-    return ModelSpec(
-        formula=spec["formula"],
-        roles=roles,
-        nest_formula=spec.get("nest_formula") or "",
-        nests=spec.get("nests"),
-        shared_lambda=spec.get("shared_lambda", False),
-        lambda_init=spec.get("lambda_init", 1.0),
-        lambda_fixed=spec.get("lambda_fixed", False),
-        base=spec.get("base"),
-        missing="error",
-    )
+    """The fitted spec (see `choicecli.spec`) with these role columns, refusing missing rows."""
+    spec = spec_from_document(result.spec)
+    return replace(spec, roles=replace(spec.roles, **overrides), missing="error")
 
 
 def _parameter_key(parameter) -> tuple:

@@ -1,14 +1,16 @@
-"""The fit result, its coefficient table, and the model directory (save and load).
+"""The fit result, its coefficient table, and writing the model directory.
 
 A model directory holds model.json (spec, labels, statistics, provenance),
 params.safetensors (estimates and covariance; loading it executes nothing) and
-coefficients.parquet (one row per parameter).
+coefficients.parquet (one row per parameter, for other tools: choice itself derives the table
+from the first two). `choicecli.loader` reads it back.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,13 +19,11 @@ import polars as pl
 import torch
 
 from choicecli.design import Parameter
-from choicecli.errors import ArtifactError
-from choicecli.io import atomic_directory, restore_interrupted, write_parquet
+from choicecli.modeldir import COEFFICIENTS_FILE, MODEL_FILE, PARAMS_FILE, replacing_model
+from choicecli.output import write_parquet
 
 SCHEMA_VERSION = 1
-MODEL_FILE = "model.json"
-PARAMS_FILE = "params.safetensors"
-COEFFICIENTS_FILE = "coefficients.parquet"
+FIT_ID_KEY = "choice.fit_id"  # in the safetensors and Parquet metadata; "fit_id" in model.json
 Z_95 = 1.959963984540054
 COEFFICIENT_COLUMNS = {
     "level": pl.String,
@@ -59,6 +59,7 @@ class FitResult:
     fit: dict[str, Any]  # statistics
     warnings: list[str] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
+    fit_id: str = ""  # one random id per fit, in each of its files; set when first saved
 
     def coefficient_table(self) -> pl.DataFrame:
         """One row per parameter; z and p test 0, except for lambda, where they test 1."""
@@ -92,6 +93,7 @@ class FitResult:
     def model_document(self) -> dict[str, Any]:
         return {
             "schema_version": SCHEMA_VERSION,
+            "fit_id": self.fit_id,
             "kind": "nested_logit" if self.spec.get("nests") else "conditional_logit",
             "spec": self.spec,
             "labels": {key: _jsonable(values) for key, values in self.labels.items()},
@@ -102,138 +104,42 @@ class FitResult:
         }
 
     def save(self, directory: Path) -> None:
-        """Write the model directory atomically: all three files appear together or none."""
-        from safetensors.torch import save_file
+        """Write the model directory atomically: all three files appear together or none.
 
+        The three files carry one fit id (model.json, the safetensors and Parquet metadata),
+        so the loader can tell files of different fits apart. Every file is written here with
+        plain `open` (mode 0666 less the umask, and a full disk is an OSError).
+        """
+        from safetensors.torch import save
+
+        if not self.fit_id:
+            self.fit_id = uuid.uuid4().hex
         document = self.model_document()
         metadata = {
             "choice.spec": json.dumps(self.spec),
             "choice.provenance": json.dumps(self.provenance),
+            FIT_ID_KEY: self.fit_id,
         }
-        with atomic_directory(Path(directory)) as temp:
-            (temp / MODEL_FILE).write_text(json.dumps(document, indent=2, default=str) + "\n")
-            tensors = {
-                "estimate": self.estimate.double().cpu().contiguous(),
-                "std_error": self.std_error.double().cpu().contiguous(),
-                "identified": self.identified.to(torch.uint8).cpu().contiguous(),
-                "covariance": self.covariance.double().cpu().contiguous(),
-                "estimated_index": self.estimated_index.long().cpu().contiguous(),
-            }
-            save_file(tensors, str(temp / PARAMS_FILE), metadata={"schema_version": "1"})
-            write_parquet(self.coefficient_table(), temp / COEFFICIENTS_FILE, metadata)
+        tensors = {
+            "estimate": self.estimate.double().cpu().contiguous(),
+            "std_error": self.std_error.double().cpu().contiguous(),
+            "identified": self.identified.to(torch.uint8).cpu().contiguous(),
+            "covariance": self.covariance.double().cpu().contiguous(),
+            "estimated_index": self.estimated_index.long().cpu().contiguous(),
+        }
+        with replacing_model(Path(directory)) as temp:
+            text = json.dumps(document, indent=2, default=str) + "\n"
+            _write_file(temp / MODEL_FILE, text.encode())
+            payload = save(tensors, metadata={"schema_version": "1", FIT_ID_KEY: self.fit_id})
+            _write_file(temp / PARAMS_FILE, payload)
+            del payload
+            with open(temp / COEFFICIENTS_FILE, "wb") as handle:
+                write_parquet(self.coefficient_table(), handle, metadata)
 
 
-def load_result(directory: Path) -> FitResult:
-    """Read a model directory, refusing anything damaged, foreign or newer."""
-    directory = Path(directory)
-    restore_interrupted(directory)
-    model_path = directory / MODEL_FILE
-    if not model_path.is_file():
-        raise ArtifactError(
-            f"{directory}: no model here ({MODEL_FILE} missing); run 'choice fit' first "
-            "or point --model / CHOICE_MODEL at a model directory"
-        )
-    try:
-        document = json.loads(model_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{model_path}: damaged ({exc}); refit the model") from exc
-    if not isinstance(document, dict) or "schema_version" not in document:
-        raise ArtifactError(f"{model_path}: not a choice model file (no schema_version)")
-    version = document["schema_version"]
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise ArtifactError(f"{model_path}: schema_version must be a positive integer; refit")
-    if version > SCHEMA_VERSION:
-        raise ArtifactError(
-            f"{model_path}: written by a newer choice (schema {version}, this one reads "
-            f"{SCHEMA_VERSION}); upgrade choice"
-        )
-    _validate_document(document, model_path)
-    try:
-        parameters = [Parameter(**p) for p in document["parameters"]]
-        tensors = _load_tensors(directory / PARAMS_FILE)
-        result = FitResult(
-            spec=document["spec"],
-            labels=document["labels"],
-            parameters=parameters,
-            estimate=tensors["estimate"],
-            std_error=tensors["std_error"],
-            identified=tensors["identified"].bool(),
-            covariance=tensors["covariance"],
-            estimated_index=tensors["estimated_index"],
-            fit=document["fit"],
-            warnings=document.get("warnings", []),
-            provenance=document.get("provenance", {}),
-        )
-    except (KeyError, TypeError) as exc:
-        raise ArtifactError(f"{model_path}: incomplete or edited ({exc}); refit the model") from exc
-    count = len(parameters)
-    if any(result.__dict__[n].shape != (count,) for n in ("estimate", "std_error", "identified")):
-        raise ArtifactError(
-            f"{directory / PARAMS_FILE}: holds {result.estimate.shape[0]} parameters but "
-            f"{MODEL_FILE} lists {count}; the files do not belong together, refit the model"
-        )
-    index = result.estimated_index
-    size = int(index.numel())
-    if index.dim() != 1 or (size and (int(index.min()) < 0 or int(index.max()) >= count)):
-        raise ArtifactError(f"{directory / PARAMS_FILE}: estimated_index out of range; refit")
-    if result.covariance.numel() and tuple(result.covariance.shape) != (size, size):
-        raise ArtifactError(
-            f"{directory / PARAMS_FILE}: covariance is {tuple(result.covariance.shape)}, "
-            f"expected ({size}, {size}); refit the model"
-        )
-    return result
-
-
-def _validate_document(document: dict, model_path: Path) -> None:
-    """The structure load and predict rely on; anything else is an edited or foreign file."""
-
-    def fail(what: str) -> ArtifactError:
-        return ArtifactError(f"{model_path}: {what}; the file was edited or damaged, refit")
-
-    spec, labels = document.get("spec"), document.get("labels")
-    if not isinstance(spec, dict) or not isinstance(spec.get("formula"), str):
-        raise fail("'spec' must hold the formula")
-    roles = spec.get("roles")
-    allowed = {"case", "item", "choice", "user", "session", "available", "weights"}
-    if (
-        not isinstance(roles, dict)
-        or not set(roles) <= allowed
-        or not all(isinstance(roles.get(k), str) for k in ("case", "item"))
-    ):
-        raise fail("'spec.roles' must name the case and item columns")
-    nests = spec.get("nests")
-    if nests is not None and not (
-        isinstance(nests, dict) and all(isinstance(v, list) for v in nests.values())
-    ):
-        raise fail("'spec.nests' must map nests to lists of alternatives")
-    if not isinstance(labels, dict) or not isinstance(labels.get("items"), list):
-        raise fail("'labels.items' must list the alternatives")
-    for key in ("users", "nests"):
-        if labels.get(key) is not None and not isinstance(labels[key], list):
-            raise fail(f"'labels.{key}' must be a list")
-    parameters = document.get("parameters")
-    fields = set(Parameter.__dataclass_fields__)
-    if not isinstance(parameters, list) or not all(
-        isinstance(p, dict) and set(p) == fields for p in parameters
-    ):
-        raise fail("'parameters' must list every parameter with its fields")
-    if not isinstance(document.get("fit"), dict):
-        raise fail("'fit' must hold the fit statistics")
-
-
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise ArtifactError(f"{path}: missing; refit the model")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ArtifactError(
-            f"{path}: not a valid safetensors file ({exc}); parameter files are never "
-            "unpickled, refit the model"
-        ) from exc
+def _write_file(path: Path, payload: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(payload)
 
 
 def _jsonable(values: list | None) -> list | None:

@@ -10,6 +10,7 @@ file as it was and no temporary behind.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import pathlib
@@ -35,7 +36,8 @@ from reliability_helpers import (
 from safetensors.torch import load_file, save_file
 
 from choicecli.errors import ArtifactError
-from choicecli.results import SCHEMA_VERSION, load_result
+from choicecli.loader import load_result
+from choicecli.results import SCHEMA_VERSION
 
 READERS = ["coef", "predict", "plot"]
 
@@ -334,31 +336,45 @@ def test_model_path_that_is_a_file_is_refused_and_left_alone(tmp_path, data):
 # --------------------------------------------------------------------------------------------
 
 
+def _half_then_interrupt(where, payload: bytes) -> None:
+    """Write `payload` (half a file) to a path or an open stream, then act as Ctrl-C."""
+    if hasattr(where, "write"):
+        where.write(payload)
+    else:
+        Path(where).write_bytes(payload)
+    raise KeyboardInterrupt
+
+
 def _interrupt_parquet(monkeypatch) -> None:
     import pyarrow.parquet as pq
 
     def half_then_interrupt(table, where, *args, **kwargs):
-        Path(where).write_bytes(b"PAR1 half a file")
-        raise KeyboardInterrupt
+        _half_then_interrupt(where, b"PAR1 half a file")
 
     monkeypatch.setattr(pq, "write_table", half_then_interrupt)
 
 
 def _interrupt_text(monkeypatch) -> None:
-    def half_then_interrupt(self, text, *args, **kwargs):
-        with open(self, "w") as handle:
-            handle.write(text[: len(text) // 2])
-        raise KeyboardInterrupt
+    """Ctrl-C once the whole text is in the temporary, before it is renamed into place."""
+    import choicecli.output
 
-    monkeypatch.setattr(pathlib.Path, "write_text", half_then_interrupt)
+    real = choicecli.output.atomic_file
+
+    @contextlib.contextmanager
+    def half_then_interrupt(path):
+        with real(path) as temp:
+            yield temp
+            temp.write_bytes(temp.read_bytes()[: temp.stat().st_size // 2])
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(choicecli.output, "atomic_file", half_then_interrupt)
 
 
 def _interrupt_png(monkeypatch) -> None:
     import matplotlib.figure
 
     def half_then_interrupt(self, where, *args, **kwargs):
-        Path(where).write_bytes(b"\x89PNG\r\n\x1a\n half")
-        raise KeyboardInterrupt
+        _half_then_interrupt(where, b"\x89PNG\r\n\x1a\n half")
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_then_interrupt)
 
@@ -419,12 +435,18 @@ def test_failed_command_creates_no_output_file(model, tmp_path, args, needle):
 
 
 def _disk_full(monkeypatch) -> None:
-    import safetensors.torch
+    """The parameter file's write finds the disk full (model.json is already written)."""
+    import choicecli.results
 
-    def no_space(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    real = choicecli.results._write_file
 
-    monkeypatch.setattr(safetensors.torch, "save_file", no_space)
+    def no_space(path, payload):
+        if Path(path).name == "params.safetensors":
+            Path(path).write_bytes(payload[: len(payload) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, payload)
+
+    monkeypatch.setattr(choicecli.results, "_write_file", no_space)
 
 
 def test_disk_full_while_saving_keeps_the_previous_model(model, data, monkeypatch):

@@ -494,14 +494,13 @@ def test_ctrl_c_while_saving_exits_130_and_keeps_the_previous_model(previous_mod
     data, model, before = previous_model
     import safetensors.torch
 
-    real_save = safetensors.torch.save_file
+    real_save = safetensors.torch.save
 
-    def save_then_interrupt(tensors, filename, metadata=None):
-        real_save(tensors, filename, metadata=metadata)
-        Path(filename).write_bytes(Path(filename).read_bytes()[:20])  # a half-written file
+    def save_then_interrupt(tensors, metadata=None):
+        real_save(tensors, metadata=metadata)  # model.json is written, the parameters next
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.torch, "save_file", save_then_interrupt)
+    monkeypatch.setattr(safetensors.torch, "save", save_then_interrupt)
     result = fit(data, model, formula="(price|constant)")
     assert result.exit_code == 130, result.stderr
     assert snapshot(model) == before
@@ -562,11 +561,11 @@ BIG_FORMULA = "(price|constant) + (1|item) + (x|item)"
 _DIE_WHILE_SAVING = """
 import os, signal, sys
 import safetensors.torch
-real_save = safetensors.torch.save_file
+real_save = safetensors.torch.save
 def save_then_die(*args, **kwargs):
     real_save(*args, **kwargs)
     os.kill(os.getpid(), signal.SIGKILL)
-safetensors.torch.save_file = save_then_die
+safetensors.torch.save = save_then_die
 from choicecli.cli import main
 sys.argv = ["choice", *sys.argv[1:]]
 main()
@@ -733,12 +732,15 @@ def assert_next_fit_replaces_the_model(run) -> None:
     assert model_document(run.model)["spec"]["formula"] == "(price|constant)"
 
 
+DEAD_PID = 4_194_305  # above Linux's largest pid (2**22): temporaries of a process that is gone
+
+
 def _crash_between_renames(model: Path) -> None:
     """The state a SIGKILL between atomic_directory's two renames leaves (see the test above)."""
-    aside = model.parent / f".{model.name}.k1ll3d00.old"
+    aside = model.parent / f".{model.name}.{DEAD_PID}.k1ll3d00.old"
     aside.mkdir()
     os.replace(model, aside / "previous")
-    fresh = model.parent / f".{model.name}.n3wn3w00.tmp"
+    fresh = model.parent / f".{model.name}.{DEAD_PID}.n3wn3w00.tmp"
     shutil.copytree(aside / "previous", fresh)
 
 
@@ -756,7 +758,7 @@ def test_cleaning_one_model_leaves_a_sibling_models_temporaries_alone(previous_m
     shutil.copytree(model, sibling)
     _crash_between_renames(sibling)  # m.v2 crashed mid-swap: its model waits in .m.v2.*.old
     assert fit(data, model, formula="(price|constant)").exit_code == 0
-    moved_aside = model.parent / f".{sibling.name}.k1ll3d00.old" / "previous"
+    moved_aside = model.parent / f".{sibling.name}.{DEAD_PID}.k1ll3d00.old" / "previous"
     assert snapshot(moved_aside) == before
 
 
