@@ -14,7 +14,7 @@ from choicecli.data import ChoiceData, Roles, load_choice_data
 from choicecli.design import Block, Level, Parameter, build_blocks, build_layout, resolve_features
 from choicecli.errors import ChoiceError, FormulaError, UsageError
 from choicecli.formula import Term, parse_formula
-from choicecli.models import ConditionalLogit, HandedRows, NestedLogit
+from choicecli.models import ConditionalLogit, HandedRows, NestedLogit, nested_logit
 from choicecli.nests import nest_codes, parse_nests
 
 
@@ -93,7 +93,7 @@ class Problem:
             )
             if release:  # item_blocks and `rows` now hold the only references: the model
                 self.release_values()  # empties both as it lays them out
-            return ConditionalLogit.taking_rows(
+            return ConditionalLogit(
                 item_blocks,  # fresh Block objects: the model drops their values, not ours
                 len(self.parameters),
                 rows,
@@ -101,9 +101,10 @@ class Problem:
                 data.n_items,
                 data.user_of_case.to(**to) if data.user_of_case is not None else None,
                 weights,
+                own_blocks=True,
             )
         chosen = data.chosen.to(**to) if data.chosen is not None else None
-        return NestedLogit(
+        return nested_logit(
             item_blocks,
             [_block_to(b, device) for b in self.nest_blocks],
             self.lambda_index.to(**to),
@@ -123,12 +124,10 @@ class Problem:
         return ConditionalLogit(
             self.item_blocks + self.nest_blocks,
             len(self.parameters),
-            data.case_index,
-            data.item_index,
+            HandedRows(data.case_index, data.item_index, data.chosen),
             data.n_cases,
             data.n_items,
             data.user_of_case,
-            data.chosen,
             data.case_weights,
         )
 

@@ -1,0 +1,109 @@
+"""Nested logit on sparse choice sets: segment sums over rows, derivatives by autograd.
+
+Notation and formulas: see nested.py. Q (case, nest) pairs present in the data.
+The Hessian by automatic differentiation costs about P gradients; `estimate` knows it from
+`analytic_hessian_limit = 0` and takes Newton steps only while that is cheap.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from choicecli.design import Block
+from choicecli.models.segments import block_utility, segment_logsumexp
+from choicecli.models.slots import ones_unless_given
+
+# vmap over P directions wins for few parameters, P backward passes for many
+VECTORIZED_HESSIAN_PARAMETERS = 64
+VECTORIZED_HESSIAN_VALUES = 20_000_000  # rows x parameters
+
+
+def vectorized_hessian(n_rows: int, n_parameters: int) -> bool:
+    """Whether autograd's Hessian should vmap over the P directions (else P backward passes)."""
+    return (
+        n_parameters <= VECTORIZED_HESSIAN_PARAMETERS
+        and n_rows * n_parameters <= VECTORIZED_HESSIAN_VALUES
+    )
+
+
+class RaggedNestedLogit:
+    """Two-level nested logit over the rows of sparse choice sets."""
+
+    analytic_hessian_limit = 0  # the Hessian is always autograd's
+    can_subsample = False
+
+    def __init__(
+        self,
+        item_blocks: list[Block],
+        nest_blocks: list[Block],
+        lambda_index: torch.Tensor,  # (M,) parameter number of each nest's lambda
+        nest_of_item: torch.Tensor,  # (J,)
+        n_parameters: int,
+        case_index: torch.Tensor,  # (R,)
+        item_index: torch.Tensor,  # (R,)
+        n_cases: int,
+        chosen: torch.Tensor | None = None,  # (R,)
+        case_weights: torch.Tensor | None = None,  # (N,)
+    ) -> None:
+        self.item_blocks = item_blocks
+        self.nest_blocks = nest_blocks
+        self.lambda_index = lambda_index
+        self.n_parameters = n_parameters
+        self.case_index = case_index
+        self.n_cases = n_cases
+        self.n_rows = int(case_index.shape[0])
+        self.chosen = chosen
+        self.case_weights = ones_unless_given(case_weights, n_cases, case_index.device)
+        self.by_user = any(b.term.variation.by_user for b in item_blocks + nest_blocks)
+        n_nests = int(lambda_index.shape[0])
+        self.n_nests = n_nests
+        self.nest_of_item = nest_of_item
+        self.n_items = int(nest_of_item.shape[0])
+        self.nest_of_row = nest_of_item[item_index]  # (R,)
+        pair_key = case_index * n_nests + self.nest_of_row  # (R,) one per (case, nest) pair
+        unique_keys, self.pair_of_row = torch.unique(pair_key, return_inverse=True)  # (Q,), (R,)
+        self.n_pairs = int(unique_keys.shape[0])
+        self.case_of_pair = unique_keys // n_nests  # (Q,)
+        self.nest_of_pair = unique_keys % n_nests  # (Q,)
+        first_row = torch.full((self.n_pairs,), self.n_rows, dtype=torch.long,
+                               device=case_index.device)  # fmt: skip
+        rows = torch.arange(self.n_rows, device=case_index.device)
+        self.first_row_of_pair = first_row.scatter_reduce(0, self.pair_of_row, rows, "amin")
+
+    def subsample(self, every: int) -> None:
+        """Not available on sparse choice sets (`can_subsample` is False)."""
+        return None
+
+    def drop_subsamples(self) -> None:
+        """Nothing to drop: no subsamples are made."""
+
+    def log_probabilities(self, theta: torch.Tensor) -> torch.Tensor:  # (R,)
+        lambdas = theta[self.lambda_index]  # (M,)
+        scaled = block_utility(self.item_blocks, theta, self.n_rows) / lambdas[self.nest_of_row]
+        inclusive = segment_logsumexp(scaled, self.pair_of_row, self.n_pairs)  # (Q,)
+        nest_utility = block_utility(self.nest_blocks, theta, self.n_rows)  # (R,)
+        upper = nest_utility[self.first_row_of_pair] + lambdas[self.nest_of_pair] * inclusive
+        normaliser = segment_logsumexp(upper, self.case_of_pair, self.n_cases)  # (N,)
+        pair = self.pair_of_row
+        return scaled - inclusive[pair] + upper[pair] - normaliser[self.case_index]
+
+    def row_log_probabilities(self, theta: torch.Tensor) -> torch.Tensor:  # (R,)
+        return self.log_probabilities(theta)
+
+    def log_likelihood(self, theta: torch.Tensor) -> torch.Tensor:
+        row_weight = self.case_weights[self.case_index]  # (R,)
+        return (row_weight * self.chosen * self.log_probabilities(theta)).sum()
+
+    def value_and_gradient(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.enable_grad():
+            point = theta.detach().requires_grad_(True)
+            value = self.log_likelihood(point)
+            (gradient,) = torch.autograd.grad(value, point)
+        return value.detach(), gradient
+
+    def hessian(self, theta: torch.Tensor) -> torch.Tensor:  # (P, P)
+        vectorize = vectorized_hessian(self.n_rows, self.n_parameters)
+        with torch.enable_grad():
+            return torch.autograd.functional.hessian(
+                self.log_likelihood, theta.detach(), vectorize=vectorize
+            )
