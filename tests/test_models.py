@@ -157,18 +157,17 @@ def test_extreme_utilities_stay_finite():
 
 @pytest.mark.parametrize("formula", [ALL_VARIATIONS, "(x|constant) + (1|item)"])
 def test_padded_and_ragged_layouts_agree(formula):
-    from choicecli.models import ConditionalLogit, HandedRows
+    from choicecli.models import ColumnStore, ConditionalLogit, HandedRows
 
     problem = problem_for(toy_frame(), formula)
     data = problem.data
     theta = random_theta(len(problem.parameters), seed=13)
     results = {}
     for threshold in (0.0, 2.0):  # 0: padded N x J slots; 2: ragged rows
-        model = ConditionalLogit(
-            problem.item_blocks, len(problem.parameters),
-            HandedRows(data.case_index, data.item_index, data.chosen), data.n_cases,
-            data.n_items, data.user_of_case, dense_threshold=threshold,
-        )  # fmt: skip
+        rows = HandedRows(data.case_index, data.item_index, data.chosen)
+        store = ColumnStore(problem.item_blocks, len(problem.parameters), rows, data.n_cases,
+                            data.n_items, dense_threshold=threshold)  # fmt: skip
+        model = ConditionalLogit(store, data.user_of_case)
         value, gradient = model.value_and_gradient(theta)
         results[model.layout] = (value, gradient, model.hessian(theta),
                                  model.row_log_probabilities(theta),
@@ -182,7 +181,7 @@ def test_padded_rows_in_any_order_give_each_row_its_own_probability():
     """Rows in (case, alternative) order are the offered slots in order (the model recovers
     their slots from its mask); rows of a case in another order keep their own slot vector."""
     from choicecli.design import Block
-    from choicecli.models import ConditionalLogit, HandedRows
+    from choicecli.models import ColumnStore, ConditionalLogit, HandedRows
 
     problem = problem_for(toy_frame(), "(x|constant) + (1|item) + (z|item) + (z|user)")
     data = problem.data
@@ -195,15 +194,17 @@ def test_padded_rows_in_any_order_give_each_row_its_own_probability():
     ]
     models = [
         ConditionalLogit(
-            blocks,
-            len(problem.parameters),
-            HandedRows(data.case_index[rows], data.item_index[rows], data.chosen[rows]),
-            data.n_cases,
-            data.n_items,
+            ColumnStore(
+                blocks,
+                len(problem.parameters),
+                HandedRows(data.case_index[rows], data.item_index[rows], data.chosen[rows]),
+                data.n_cases,
+                data.n_items,
+                dense_threshold=0.0,
+                own_blocks=True,
+            ),
             data.user_of_case,
-            dense_threshold=0.0,
-            own_blocks=True,
-        )  # fmt: skip
+        )
         for blocks, rows in ((list(problem.item_blocks), slice(None)), (shuffled_blocks, order))
     ]
     in_order, shuffled = models
@@ -221,7 +222,7 @@ def test_padded_rows_in_any_order_give_each_row_its_own_probability():
 
 
 def test_nested_dense_and_ragged_layouts_agree():
-    from choicecli.models import DenseNestedLogit, nested_logit
+    from choicecli.models import DenseNestedLogit, NestedRows, nested_logit
 
     problem = problem_for(
         toy_frame(), "(x|constant) + (1|item) + (z|user)", nests="n1=a,b;n2=c",
@@ -232,11 +233,11 @@ def test_nested_dense_and_ragged_layouts_agree():
     theta[problem.lambda_index] = torch.tensor([0.6, 0.8], dtype=torch.float64)
     results = []
     for threshold in (0.0, 2.0):
-        model = nested_logit(
+        rows = NestedRows(
             problem.item_blocks, problem.nest_blocks, problem.lambda_index, problem.nest_of_item,
             len(problem.parameters), data.case_index, data.item_index, data.n_cases, data.chosen,
-            dense_threshold=threshold,
         )  # fmt: skip
+        model = nested_logit(rows, dense_threshold=threshold)
         assert isinstance(model, DenseNestedLogit) == (threshold == 0.0)
         value, gradient = model.value_and_gradient(theta)
         results.append((value, gradient, model.hessian(theta), model.row_log_probabilities(theta)))
@@ -437,21 +438,21 @@ def test_newton_returns_the_hessian_of_its_optimum(n_cases, seed):
 def test_a_model_handed_rows_and_blocks_empties_them_and_equals_one_built_from_copies():
     """Handed over, the row vectors leave the caller's holder once the slots are laid out,
     and owned blocks their values once copied."""
-    from choicecli.models import ConditionalLogit, HandedRows
+    from choicecli.models import ColumnStore, ConditionalLogit, HandedRows
 
     problem = problem_for(toy_frame(), "(x|constant) + (1|item) + (z|item)")
     data = problem.data
     theta = random_theta(len(problem.parameters), seed=19)
+    shape = (len(problem.parameters),)
+    copies = HandedRows(data.case_index, data.item_index, data.chosen)
+    size = (data.n_cases, data.n_items)
     built = ConditionalLogit(
-        problem.item_blocks, len(problem.parameters),
-        HandedRows(data.case_index, data.item_index, data.chosen), data.n_cases, data.n_items,
-        dense_threshold=0.0,
-    )  # fmt: skip
+        ColumnStore(problem.item_blocks, *shape, copies, *size, dense_threshold=0.0)
+    )
     rows = HandedRows(data.case_index.clone(), data.item_index.clone(), data.chosen.clone())
     taken = ConditionalLogit(
-        problem.item_blocks, len(problem.parameters), rows, data.n_cases, data.n_items,
-        dense_threshold=0.0, own_blocks=True,
-    )  # fmt: skip
+        ColumnStore(problem.item_blocks, *shape, rows, *size, dense_threshold=0.0, own_blocks=True)
+    )
     assert rows.case_index is None and rows.item_index is None and rows.chosen is None
     assert taken.layout == built.layout == "padded"
     pairs = zip(built.value_and_gradient(theta), taken.value_and_gradient(theta), strict=True)

@@ -7,7 +7,7 @@ conditional logit), nested (the nested logit's factory) with nested_dense and ne
 """
 
 from choicecli.models.conditional import ConditionalLogit
-from choicecli.models.nested import NestedLogit, nested_logit
+from choicecli.models.nested import NestedLogit, NestedRows, nested_logit
 from choicecli.models.nested_dense import ANALYTIC_NESTED_LIMIT, DenseNestedLogit
 from choicecli.models.nested_ragged import RaggedNestedLogit
 from choicecli.models.protocol import Model
@@ -22,6 +22,7 @@ __all__ = [
     "HandedRows",
     "Model",
     "NestedLogit",
+    "NestedRows",
     "RaggedNestedLogit",
     "block_utility",
     "nested_logit",

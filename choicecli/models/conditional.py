@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from choicecli.design import Block
 from choicecli.models.conditional_hessian import conditional_hessian
 from choicecli.models.segments import segment_logsumexp
-from choicecli.models.slots import ColumnStore, HandedRows, ones_unless_given
+from choicecli.models.slots import ColumnStore, ones_unless_given
 
 
 class ConditionalLogit:
@@ -27,31 +26,20 @@ class ConditionalLogit:
 
     def __init__(
         self,
-        blocks: list[Block],
-        n_parameters: int,
-        rows: HandedRows,
-        n_cases: int,
-        n_items: int,
+        store: ColumnStore,
         user_of_case: torch.Tensor | None = None,  # (N,)
         case_weights: torch.Tensor | None = None,  # (N,)
-        dense_threshold: float = 0.5,
-        own_blocks: bool = False,
     ) -> None:
-        """rows: taken over (in a dense layout the row vectors go once the slots are laid out).
-        own_blocks: the blocks are handed over too, each block's values go once copied (see
-        ColumnStore), so a caller holding nothing else holds the data once while the model is
-        built, then not at all."""
-        self.store = ColumnStore(
-            blocks, n_parameters, rows, n_cases, n_items, dense_threshold, own_blocks
-        )
-        self.n_parameters = n_parameters
-        self.n_cases = n_cases
-        self.n_items = n_items
-        self.n_rows = self.store.n_rows
+        """The likelihood of the rows laid out in `store` (built with the chosen rows)."""
+        self.store = store
+        self.n_parameters = store.n_parameters
+        self.n_cases = store.n_cases
+        self.n_items = store.n_items
+        self.n_rows = store.n_rows
         self.user_of_case = user_of_case
         self.weighted = case_weights is not None
-        self.case_weights = ones_unless_given(case_weights, n_cases, self.store.columns.device)
-        self.by_user = any(block.term.variation.by_user for block in self.store.blocks)
+        self.case_weights = ones_unless_given(case_weights, store.n_cases, store.columns.device)
+        self.by_user = any(block.term.variation.by_user for block in store.blocks)
         self._subsamples: dict[int, ConditionalLogit] = {}
         # the last point evaluated: (theta, probabilities) and (theta, Hessian), for reuse
         self._last: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
@@ -67,15 +55,11 @@ class ConditionalLogit:
         for a cheap starting point of the full fit and rank check; built once."""
         if every not in self._subsamples:
             sample = self.store.sample(every)
+            store = self.store.subsample(sample)
             self._subsamples[every] = ConditionalLogit(
-                self.store.blocks_at(sample),
-                self.n_parameters,
-                self.store.rows_at(sample),
-                sample.n_cases,
-                self.n_items,
+                store,
                 sample.of_cases(self.user_of_case),
                 sample.of_cases(self.case_weights if self.weighted else None),
-                own_blocks=True,
             )
         return self._subsamples[every]
 

@@ -10,49 +10,35 @@ from dataclasses import dataclass
 
 import torch
 
-from choicecli.design import Block
-from choicecli.models.nested_ragged import RaggedNestedLogit, vectorized_hessian
-from choicecli.models.slots import ColumnStore, HandedRows, ones_unless_given
+from choicecli.models.nested import NestedLogit, NestedRows, nested_logit
+from choicecli.models.nested_ragged import vectorized_hessian
+from choicecli.models.slots import ColumnStore, HandedRows
 
 # the analytic Hessian forms (cases x alternatives x P) blocks: up to this P; past it, the
 # Hessian is autograd's (about P gradients)
 ANALYTIC_NESTED_LIMIT = 512
 
 
-class DenseNestedLogit:
+class DenseNestedLogit(NestedLogit):
     """Two-level nested logit over N x J slots (missing alternatives masked)."""
 
     analytic_hessian_limit = ANALYTIC_NESTED_LIMIT
     can_subsample = True
 
-    def __init__(
-        self,
-        item_blocks: list[Block],
-        nest_blocks: list[Block],
-        lambda_index: torch.Tensor,  # (M,) parameter number of each nest's lambda
-        nest_of_item: torch.Tensor,  # (J,)
-        n_parameters: int,
-        case_index: torch.Tensor,  # (R,)
-        item_index: torch.Tensor,  # (R,)
-        n_cases: int,
-        chosen: torch.Tensor | None = None,  # (R,)
-        case_weights: torch.Tensor | None = None,  # (N,)
-    ) -> None:
-        self.lambda_index = lambda_index
-        self.n_parameters = n_parameters
-        self.n_cases = n_cases
-        self.n_rows = int(case_index.shape[0])
-        self.weighted = case_weights is not None
-        self.case_weights = ones_unless_given(case_weights, n_cases, case_index.device)
-        n_nests = int(lambda_index.shape[0])
-        self.n_nests = n_nests
-        self.nest_of_item = nest_of_item
-        self.n_items = int(nest_of_item.shape[0])
-        shape = (n_parameters, HandedRows(case_index, item_index, chosen), n_cases, self.n_items)
-        self.item_store = ColumnStore(item_blocks, *shape, dense_threshold=0)
-        nest_shape = (n_parameters, HandedRows(case_index, item_index), n_cases, self.n_items)
-        self.nest_store = ColumnStore(nest_blocks, *nest_shape, dense_threshold=0)
-        self.by_user = any(b.term.variation.by_user for b in item_blocks + nest_blocks)
+    def __init__(self, rows: NestedRows) -> None:
+        super().__init__(rows)
+        nest_of_item, lambda_index, n_nests = self.nest_of_item, self.lambda_index, self.n_nests
+        # both levels' values in the same N x J slots, whatever the share of them offered
+        item_rows = HandedRows(rows.case_index, rows.item_index, rows.chosen)
+        sizes = (self.n_cases, self.n_items)
+        grid = {"dense_threshold": 0.0}
+        self.item_store = ColumnStore(
+            rows.item_blocks, self.n_parameters, item_rows, *sizes, **grid
+        )
+        nest_rows = HandedRows(rows.case_index, rows.item_index)
+        self.nest_store = ColumnStore(
+            rows.nest_blocks, self.n_parameters, nest_rows, *sizes, **grid
+        )
         members = [(nest_of_item == k).nonzero().flatten() for k in range(n_nests)]
         # a nest whose alternatives are consecutive codes is a slice: a view, not a copy
         self.members = [
@@ -61,9 +47,9 @@ class DenseNestedLogit:
             else m
             for m in members
         ]
-        chosen_slot = self.item_store.chosen_slot if chosen is not None else None
+        chosen_slot = self.item_store.chosen_slot if rows.chosen is not None else None
         self.chosen_item = None if chosen_slot is None else chosen_slot % self.n_items  # (N,)
-        self._subsamples: dict[int, DenseNestedLogit | RaggedNestedLogit] = {}
+        self._subsamples: dict[int, NestedLogit] = {}
         self._last_state: tuple[torch.Tensor | None, dict | None] = (None, None)
         # the structured Hessian: per nest, the parameter of each compact column of Zbar
         # (constant columns, each member's alternative-level columns, the nest's lambda)
@@ -81,24 +67,24 @@ class DenseNestedLogit:
                 for k, members in enumerate(self.members)
             ]
 
-    def subsample(self, every: int) -> DenseNestedLogit | RaggedNestedLogit:
+    def subsample(self, every: int) -> NestedLogit:
         """The same model on every `every`-th case, as a starting point; built once."""
-        from choicecli.models.nested import nested_logit  # the factory names this class
-
         if every not in self._subsamples:
             sample = self.item_store.sample(every)
             rows = self.item_store.rows_at(sample)
             self._subsamples[every] = nested_logit(
-                self.item_store.blocks_at(sample),
-                self.nest_store.blocks_at(sample),
-                self.lambda_index,
-                self.nest_of_item,
-                self.n_parameters,
-                rows.case_index,
-                rows.item_index,
-                sample.n_cases,
-                rows.chosen,
-                sample.of_cases(self.case_weights if self.weighted else None),
+                NestedRows(
+                    self.item_store.blocks_at(sample),
+                    self.nest_store.blocks_at(sample),
+                    self.lambda_index,
+                    self.nest_of_item,
+                    self.n_parameters,
+                    rows.case_index,
+                    rows.item_index,
+                    sample.n_cases,
+                    rows.chosen,
+                    sample.of_cases(self.case_weights if self.weighted else None),
+                )
             )
         return self._subsamples[every]
 
@@ -146,9 +132,6 @@ class DenseNestedLogit:
         log_p = log_p.reshape(-1)
         positions = self.item_store.positions  # (R,)
         return log_p if positions is None else log_p[positions]
-
-    def row_log_probabilities(self, theta: torch.Tensor) -> torch.Tensor:  # (R,)
-        return self.log_probabilities(theta)
 
     def log_likelihood(self, theta: torch.Tensor) -> torch.Tensor:
         return self._log_likelihood(theta)

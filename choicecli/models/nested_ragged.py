@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from choicecli.design import Block
+from choicecli.models.nested import NestedLogit, NestedRows
 from choicecli.models.segments import block_utility, segment_logsumexp
-from choicecli.models.slots import ones_unless_given
 
 # vmap over P directions wins for few parameters, P backward passes for many
 VECTORIZED_HESSIAN_PARAMETERS = 64
@@ -26,40 +25,20 @@ def vectorized_hessian(n_rows: int, n_parameters: int) -> bool:
     )
 
 
-class RaggedNestedLogit:
+class RaggedNestedLogit(NestedLogit):
     """Two-level nested logit over the rows of sparse choice sets."""
 
     analytic_hessian_limit = 0  # the Hessian is always autograd's
     can_subsample = False
 
-    def __init__(
-        self,
-        item_blocks: list[Block],
-        nest_blocks: list[Block],
-        lambda_index: torch.Tensor,  # (M,) parameter number of each nest's lambda
-        nest_of_item: torch.Tensor,  # (J,)
-        n_parameters: int,
-        case_index: torch.Tensor,  # (R,)
-        item_index: torch.Tensor,  # (R,)
-        n_cases: int,
-        chosen: torch.Tensor | None = None,  # (R,)
-        case_weights: torch.Tensor | None = None,  # (N,)
-    ) -> None:
-        self.item_blocks = item_blocks
-        self.nest_blocks = nest_blocks
-        self.lambda_index = lambda_index
-        self.n_parameters = n_parameters
-        self.case_index = case_index
-        self.n_cases = n_cases
-        self.n_rows = int(case_index.shape[0])
-        self.chosen = chosen
-        self.case_weights = ones_unless_given(case_weights, n_cases, case_index.device)
-        self.by_user = any(b.term.variation.by_user for b in item_blocks + nest_blocks)
-        n_nests = int(lambda_index.shape[0])
-        self.n_nests = n_nests
-        self.nest_of_item = nest_of_item
-        self.n_items = int(nest_of_item.shape[0])
-        self.nest_of_row = nest_of_item[item_index]  # (R,)
+    def __init__(self, rows: NestedRows) -> None:
+        super().__init__(rows)
+        self.item_blocks = rows.item_blocks
+        self.nest_blocks = rows.nest_blocks
+        self.case_index = case_index = rows.case_index
+        self.chosen = rows.chosen
+        n_nests = self.n_nests
+        self.nest_of_row = self.nest_of_item[rows.item_index]  # (R,)
         pair_key = case_index * n_nests + self.nest_of_row  # (R,) one per (case, nest) pair
         unique_keys, self.pair_of_row = torch.unique(pair_key, return_inverse=True)  # (Q,), (R,)
         self.n_pairs = int(unique_keys.shape[0])
@@ -67,8 +46,8 @@ class RaggedNestedLogit:
         self.nest_of_pair = unique_keys % n_nests  # (Q,)
         first_row = torch.full((self.n_pairs,), self.n_rows, dtype=torch.long,
                                device=case_index.device)  # fmt: skip
-        rows = torch.arange(self.n_rows, device=case_index.device)
-        self.first_row_of_pair = first_row.scatter_reduce(0, self.pair_of_row, rows, "amin")
+        numbers = torch.arange(self.n_rows, device=case_index.device)
+        self.first_row_of_pair = first_row.scatter_reduce(0, self.pair_of_row, numbers, "amin")
 
     def subsample(self, every: int) -> None:
         """Not available on sparse choice sets (`can_subsample` is False)."""
@@ -86,9 +65,6 @@ class RaggedNestedLogit:
         normaliser = segment_logsumexp(upper, self.case_of_pair, self.n_cases)  # (N,)
         pair = self.pair_of_row
         return scaled - inclusive[pair] + upper[pair] - normaliser[self.case_index]
-
-    def row_log_probabilities(self, theta: torch.Tensor) -> torch.Tensor:  # (R,)
-        return self.log_probabilities(theta)
 
     def log_likelihood(self, theta: torch.Tensor) -> torch.Tensor:
         row_weight = self.case_weights[self.case_index]  # (R,)

@@ -307,6 +307,17 @@ class ColumnStore:
             chosen = marked.index_fill_(0, self.chosen_slot, True)[sample.slots].double()
         return HandedRows(sample.case_index, sample.item_index, chosen)
 
+    def subsample(self, sample: Sample) -> ColumnStore:
+        """The store of a sample's rows: a copy of their values, handed over."""
+        return ColumnStore(
+            self.blocks_at(sample),
+            self.n_parameters,
+            self.rows_at(sample),
+            sample.n_cases,
+            self.n_items,
+            own_blocks=True,
+        )
+
     def chunks(self):
         """(slot slice, case slice) for consecutive blocks of about 512k values."""
         width = max(1, self.n_features) * self.n_items
