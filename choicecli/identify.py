@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from choicecli.design import Block
+from choicecli.design import Block, Parameter
 from choicecli.errors import ModelError
 from choicecli.models import ConditionalLogit
 from choicecli.problem import Problem
@@ -134,6 +134,7 @@ def unidentified_parameters(
     newton_starts_at_zero: the fit's Newton takes its first step at theta = 0 on `model`, so
     the Hessian there is computed on all cases anyway (and kept for that step).
     """
+    _check_some_case_counts(problem)
     reasons = dict(reasons)
     candidates = (~problem.fixed).nonzero().flatten()
     candidates = candidates[~torch.isin(candidates, torch.tensor(sorted(reasons) or [-1]))]
@@ -183,6 +184,17 @@ def _check_something_is_estimable(
         return
     why = "; ".join(f"{term}: {list(dict.fromkeys(found))[0]}" for term, found in by_term.items())
     raise ModelError(f"nothing is estimable: every coefficient is unidentified ({why})")
+
+
+def _check_some_case_counts(problem: Problem) -> None:
+    """Case weights that are all zero leave no likelihood to maximise at all."""
+    weights = problem.data.case_weights
+    if weights is not None and weights.numel() and not bool((weights > 0).any()):
+        name = problem.spec.roles.weights
+        raise ModelError(
+            f"nothing is estimable: every case has weight zero (--weights {name!r}); "
+            "give the cases to fit a positive weight"
+        )
 
 
 def _rank_check(model, candidates: torch.Tensor, n_parameters: int, subsample: bool) -> list:
@@ -258,9 +270,12 @@ def _never_chosen(problem: Problem, reasons: dict[int, str]) -> None:
                 reasons[index] = f"alternative {label!r} is never chosen (estimate would be -inf)"
 
 
+SEPARATING_SHOWN = 4  # coefficients named in the perfect-prediction warning
+
+
 def separating_terms(problem: Problem, free: torch.Tensor, hessian: torch.Tensor | None) -> str:
-    """The coefficients along the flattest direction of the likelihood: where estimates run
-    away under perfect prediction, named with their columns."""
+    """The coefficients along the flattest direction of the likelihood, where estimates run
+    away under perfect prediction, each with its column (and alternative, user)."""
     if hessian is None or hessian.shape[0] > 2000:
         return "some coefficients"
     information = -hessian.cpu()
@@ -268,5 +283,22 @@ def separating_terms(problem: Problem, free: torch.Tensor, hessian: torch.Tensor
     _, vectors = torch.linalg.eigh(information / scale[:, None] / scale[None, :])
     weakest = vectors[:, 0].abs()  # (P,) eigenvector of the smallest eigenvalue
     chosen = free[(weakest > 0.3 * weakest.max()).cpu()].tolist()
-    names = list(dict.fromkeys(problem.parameters[i].term for i in chosen))
-    return ", ".join(names) or "some coefficients"
+    names = list(dict.fromkeys(_coefficient_name(problem.parameters[i]) for i in chosen))
+    shown = ", ".join(names[:SEPARATING_SHOWN])
+    if len(names) > SEPARATING_SHOWN:
+        shown += f" and {len(names) - SEPARATING_SHOWN} more"
+    return shown or "some coefficients"
+
+
+def _coefficient_name(parameter: Parameter) -> str:
+    """A coefficient's term with the column it multiplies, e.g. "price[constant] (column
+    'price')" or "intercept[item] (alternative 'bus')"."""
+    where = []
+    if parameter.feature not in (None, "intercept"):
+        where.append(f"column {parameter.feature!r}")
+    if parameter.item is not None:
+        kind = "nest" if parameter.level == "nest" else "alternative"
+        where.append(f"{kind} {parameter.item!r}")
+    if parameter.user is not None:
+        where.append(f"user {parameter.user!r}")
+    return parameter.term + (f" ({', '.join(where)})" if where else "")
