@@ -460,3 +460,40 @@ def test_a_model_handed_rows_and_blocks_empties_them_and_equals_one_built_from_c
         assert torch.equal(left, right)
     assert torch.equal(built.hessian(theta), taken.hessian(theta))
     assert all(block.x is None for block in problem.item_blocks)  # handed over: dropped
+
+
+def test_every_model_provides_what_the_protocol_declares():
+    """estimate reads models only through models.protocol.Model: every member is there, with
+    the declared facts' values."""
+    from choicecli.models import (
+        ConditionalLogit,
+        DenseNestedLogit,
+        Model,
+        NestedRows,
+        RaggedNestedLogit,
+        nested_logit,
+    )
+
+    members = [*Model.__annotations__, "value_and_gradient", "hessian", "subsample"]
+    members.append("drop_subsamples")
+    problem = problem_for(
+        toy_frame(), "(x|constant) + (1|item)", nests="n1=a,b;n2=c", nest_formula="(1|user)"
+    )
+    data = problem.data
+    rows = NestedRows(
+        problem.item_blocks, problem.nest_blocks, problem.lambda_index, problem.nest_of_item,
+        len(problem.parameters), data.case_index, data.item_index, data.n_cases, data.chosen,
+    )  # fmt: skip
+    models = [
+        problem.identification_model(),
+        nested_logit(rows, dense_threshold=0.0),
+        nested_logit(rows, dense_threshold=2.0),
+    ]
+    assert [type(m) for m in models] == [ConditionalLogit, DenseNestedLogit, RaggedNestedLogit]
+    for model in models:
+        assert [name for name in members if not hasattr(model, name)] == []
+        assert model.n_parameters == len(problem.parameters) and model.n_cases == 3
+        assert model.n_rows == data.n_rows and model.by_user  # (1|user) in the nest formula
+    assert [m.analytic_hessian_limit for m in models] == [None, 512, 0]
+    assert [m.can_subsample for m in models] == [True, True, False]
+    assert models[2].subsample(10) is None
