@@ -85,31 +85,55 @@ def greedy_factor(matrix: torch.Tensor, tolerance: float) -> tuple[torch.Tensor,
     """Cholesky factor of a symmetric (C, C) matrix that skips every column whose pivot (its
     variance left after the kept columns before it) is at most `tolerance`.
 
-    Right-looking by panels of FACTOR_BLOCK columns: each panel's columns one by one (a
-    matrix-vector product each), then one update of the trailing matrix; as much work as one
-    Cholesky factorisation. Returns the lower-triangular factor, zero in skipped columns,
-    and which columns were kept. ((C, C), (C,) bool)
+    Left-looking by panels of FACTOR_BLOCK columns: each panel takes the finished columns'
+    share in one product, then a panel whose pivots all pass is factored by LAPACK at once,
+    else column by column (a matrix-vector product each): as much work as one Cholesky
+    factorisation. A matrix whose pivots all pass is LAPACK's factor at once. Returns the
+    lower-triangular factor, zero in skipped columns, and which columns were kept.
+    ((C, C), (C,) bool)
     """
     size = matrix.shape[0]
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if int(info) == 0 and bool((factor.diagonal() ** 2 > tolerance).all()):
+        return factor, torch.ones(size, dtype=torch.bool, device=matrix.device)
     work = matrix.clone()
     kept = torch.zeros(size, dtype=torch.bool, device=matrix.device)
     for start in range(0, size, FACTOR_BLOCK):
         stop = min(start + FACTOR_BLOCK, size)
         panel = work[start:, start:stop]  # (C - start, b) view
-        for local in range(stop - start):
-            column = panel[local:, local]  # (C - j,) view: rows j.. of column j
-            if local:  # the panel's earlier columns; earlier panels are already applied
-                column -= panel[local:, :local] @ panel[local, :local]
-            pivot = float(column[0])
-            if pivot > tolerance:
-                kept[start + local] = True
-                column /= math.sqrt(pivot)
-            else:
-                column.zero_()
-        if stop < size:
-            below = work[stop:, start:stop]  # (C - stop, b)
-            work[stop:, stop:] -= below @ below.T
+        if start:  # left-looking: the finished columns' share, rows start.. only
+            panel.addmm_(work[start:, :start], work[start:stop, :start].T, alpha=-1.0)
+        if not _factor_whole_panel(panel, tolerance):
+            _factor_panel_by_columns(panel, tolerance)
+        kept[start:stop] = panel.diagonal() != 0
     return work.tril(), kept
+
+
+def _factor_whole_panel(panel: torch.Tensor, tolerance: float) -> bool:
+    """Factor a panel (rows j.., its b columns) in place when every pivot is above the
+    tolerance: LAPACK's Cholesky of its top block, then a triangular solve below it."""
+    width = panel.shape[1]
+    factor, info = torch.linalg.cholesky_ex(panel[:width])
+    if int(info) != 0 or not bool((factor.diagonal() ** 2 > tolerance).all()):
+        return False
+    below = panel[width:]  # (rest, b)
+    below.copy_(torch.linalg.solve_triangular(factor, below.T, upper=False).T)
+    panel[:width] = factor
+    return True
+
+
+def _factor_panel_by_columns(panel: torch.Tensor, tolerance: float) -> None:
+    """Factor a panel in place column by column, zeroing each column whose pivot is at most
+    the tolerance (the earlier panels' share is already taken off)."""
+    for local in range(panel.shape[1]):
+        column = panel[local:, local]  # rows j.. of column j, a view
+        if local:
+            column -= panel[local:, :local] @ panel[local, :local]
+        pivot = float(column[0])
+        if pivot > tolerance:
+            column /= math.sqrt(pivot)
+        else:
+            column.zero_()
 
 
 def data_reasons(problem: Problem) -> dict[int, str]:
