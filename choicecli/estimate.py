@@ -10,20 +10,17 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Protocol
 
 import torch
 
 from choicecli.arrowhead import factor_arrowhead
+from choicecli.models.protocol import Model
 
-
-class Model(Protocol):
-    n_parameters: int
-
-    def value_and_gradient(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    def hessian(self, theta: torch.Tensor) -> torch.Tensor: ...
-
+# Newton needs a Hessian per step. Where the model computes it by automatic differentiation
+# (about P gradients, see Model.analytic_hessian_limit), Newton only while that is cheap;
+# otherwise L-BFGS first, then a Newton polish
+AUTOGRAD_NEWTON_PARAMETERS = 40
+AUTOGRAD_NEWTON_VALUES = 5_000_000  # rows x parameters
 
 # Newton starts from a fit on every 10th case when there are this many cases, and at least
 # this many cases per parameter in that tenth
@@ -121,18 +118,21 @@ def maximise(
     lower: torch.Tensor | None = None,
     upper: torch.Tensor | None = None,
     progress: Callable[[int, float, float], None] | None = None,
+    warm_start: bool = False,
 ) -> Outcome:
-    """Maximise the objective from theta; Newton where the parameter count allows."""
+    """Maximise the objective from theta; Newton where the parameter count allows.
+
+    warm_start: Newton starts from a fit on every 10th case (decided by `warm_start_applies`).
+    """
     method = options.method
     if method == "auto":
-        model_limit = getattr(objective.model, "newton_limit", options.max_newton_parameters)
-        limit = min(options.max_newton_parameters, model_limit)
-        method = "newton" if theta.numel() <= limit else "lbfgs"
+        method = "newton" if theta.numel() <= newton_limit(objective.model, options) else "lbfgs"
     started = time.perf_counter()
     if method == "newton":
-        start, first_hessian = _warm_start(objective, theta, options, lower, upper)
-        if hasattr(objective.model, "drop_subsamples"):  # the rank check and warm start are
-            objective.model.drop_subsamples()  # done with them: their memory goes
+        start, first_hessian = theta, None
+        if warm_start:
+            start, first_hessian = _warm_start(objective, theta, options, lower, upper)
+        objective.model.drop_subsamples()  # the rank check and warm start are done with them
         outcome = _newton(objective, start, options, lower, upper, progress, first_hessian)
         if start is not theta:
             outcome.method = "newton from a 1-in-10 subsample fit"
@@ -149,13 +149,24 @@ def maximise(
     return outcome
 
 
-def warm_start_applies(model, n_parameters: int) -> bool:
-    """Whether Newton starts from a fit on every 10th case (see _warm_start)."""
-    n_cases = getattr(model, "n_cases", 0)
-    by_user = getattr(getattr(model, "grid", model), "by_user", True)
+def newton_limit(model: Model, options: EstimateOptions) -> int:
+    """The most free parameters `method auto` fits by Newton on this model."""
+    analytic = model.analytic_hessian_limit
+    if analytic == 0:  # every Hessian by autograd: Newton only while that is cheap
+        cheap = model.n_rows * model.n_parameters <= AUTOGRAD_NEWTON_VALUES
+        return min(options.max_newton_parameters, AUTOGRAD_NEWTON_PARAMETERS if cheap else 0)
+    if analytic is None:
+        return options.max_newton_parameters
+    return min(options.max_newton_parameters, analytic)
+
+
+def warm_start_applies(model: Model, n_parameters: int) -> bool:
+    """Whether Newton should start from a fit on every 10th case (see _warm_start): decided
+    once, before the rank check, which then knows whether Newton starts at theta = 0."""
+    n_cases = model.n_cases
     return (
-        getattr(model, "subsample", None) is not None
-        and not by_user
+        model.can_subsample
+        and not model.by_user
         and n_cases >= WARM_START_CASES
         and n_cases >= WARM_START_EVERY * WARM_START_CASES_PER_PARAMETER * n_parameters
     )
@@ -171,8 +182,6 @@ def _warm_start(objective, theta, options, lower, upper):
     first full step (its direction, never a convergence test or standard errors). Models with
     user-specific terms are left alone: a tenth of each user's cases may not identify them.
     """
-    if not warm_start_applies(objective.model, theta.numel()):
-        return theta, None
     smaller = objective.model.subsample(WARM_START_EVERY)
     if smaller is None:
         return theta, None
@@ -287,7 +296,7 @@ def _newton(objective, theta, options, lower, upper, progress, first_hessian=Non
             converged, message = True, "relative change of the log-likelihood below tolerance"
             # a tiny last step leaves the Hessian as it was to far below any reported digit:
             # keep it for the standard errors rather than recompute it
-            n_cases = getattr(objective.model, "n_cases", 1)
+            n_cases = objective.model.n_cases
             if decrement > STALE_HESSIAN_DECREMENT * math.sqrt(n_cases):
                 hessian = objective.hessian(theta)
             break

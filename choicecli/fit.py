@@ -11,23 +11,20 @@ import polars as pl
 import torch
 
 from choicecli.data import ChoiceData
-from choicecli.design import Block
 from choicecli.errors import ModelError, UsageError
 from choicecli.estimate import (
     EstimateOptions,
     Objective,
+    Outcome,
     covariance,
     maximise,
     warm_start_applies,
 )
-from choicecli.identify import dependent_parameters
-from choicecli.models import ConditionalLogit
+from choicecli.identify import data_reasons, separating_terms, unidentified_parameters
+from choicecli.models import Model
 from choicecli.problem import ModelSpec, Problem, build_problem
 from choicecli.results import FitResult
 from choicecli.spec import spec_document
-
-MAX_RANK_CHECK_PARAMETERS = 6000
-RANK_CHECK_SUBSAMPLE_CASES = 100_000  # from here the rank check looks at every 10th case first
 
 
 @dataclass(frozen=True)
@@ -74,32 +71,24 @@ def fit_model(
     started = time.perf_counter()
     device = resolve_device(options.device)
     problem = build_problem(frame, spec, where, consume=consume)
-    reasons = _data_reasons(problem)  # read from the rows before a model may take them over
+    reasons = data_reasons(problem)  # read from the rows before a model may take them over
     # the rank check runs on the CPU; the conditional logit there is the fit's own model
     reusable = not problem.nested and device.type == "cpu"
     # handed over, the values move into the model column by column: held once throughout
     model = problem.model(device, release=consume and reusable)
+    # decided once: whether Newton starts from a subsample fit, or at theta = 0, where the
+    # rank check's Hessian then serves its first step
+    warm_start = warm_start_applies(model, int((~problem.fixed).sum()) - len(reasons))
     warnings = list(problem.warnings)
-    unidentified = _unidentified(problem, warnings, reasons, model if reusable else None)
+    unidentified = unidentified_parameters(
+        problem, warnings, reasons, model if reusable else None, not warm_start
+    )
     if consume:
         problem.release_values()  # a GPU or nested fit's rank check read the problem's copy
     if warnings and options.strict:
         raise ModelError(f"--strict: {warnings[0]}")
     warnings = list(problem.notes) + warnings
-    free_mask = ~problem.fixed
-    free_mask[unidentified] = False
-    free = free_mask.nonzero().flatten()
-    penalised = torch.ones(free.numel(), dtype=torch.bool)
-    if problem.lambda_index is not None:
-        penalised = ~torch.isin(free, problem.lambda_index)
-    objective = Objective(
-        model,
-        free.to(device),
-        problem.start.to(device),
-        penalised.to(device),
-        options.estimate.l2_penalty,
-        _user_groups(problem, device),
-    )
+    objective, free = _objective(problem, model, unidentified, options.estimate.l2_penalty, device)
     outcome = maximise(
         objective,
         problem.start[free].to(device),
@@ -107,46 +96,18 @@ def fit_model(
         problem.lower[free].to(device),
         problem.upper[free].to(device),
         progress,
+        warm_start=warm_start,
     )
     estimate = problem.start.clone()
     estimate[free] = outcome.theta.cpu()
     estimate[unidentified] = math.nan
-    std_error = torch.full_like(estimate, math.nan)
-    cov = torch.zeros(0, 0, dtype=torch.float64)
-    if options.standard_errors and free.numel() <= options.estimate.max_newton_parameters:
-        hessian = (
-            outcome.hessian if outcome.hessian is not None else objective.hessian(outcome.theta)
-        )
-        groups = None if objective.groups is None else objective.groups.cpu()
-        cov, definite = covariance(hessian.cpu(), groups)
-        if not definite:
-            warnings.append(
-                "the Hessian at the optimum is not negative definite: some coefficients are "
-                "weakly identified; their standard errors are unreliable"
-            )
-        std_error[free] = cov.diagonal().clamp_min(0).sqrt()
-    elif options.standard_errors:
-        warnings.append(
-            f"standard errors skipped: {free.numel()} parameters are too many for a dense "
-            f"Hessian (limit {options.estimate.max_newton_parameters})"
-        )
+    std_error, cov = _standard_errors(objective, outcome, free, options, warnings)
+    warnings.extend(_outcome_warnings(problem, outcome, free, estimate, options.strict))
     identified = torch.ones(len(problem.parameters), dtype=torch.bool)
     identified[unidentified] = False
     statistics = _statistics(problem, outcome, free.numel())
     statistics["seconds"] = round(time.perf_counter() - started, 4)
     statistics["device"] = str(device)
-    if outcome.log_likelihood > -1e-6 * problem.data.n_cases:
-        terms = _separating_terms(problem, free, outcome.hessian)
-        message = (
-            "perfect prediction: the model predicts every choice with certainty, so the "
-            f"estimates of {terms} run off to infinity; drop or merge the separating terms"
-        )
-        if options.strict:
-            raise ModelError(f"--strict: {message}")
-        warnings.append(message)
-    if not outcome.converged:
-        warnings.append(f"the fit did not converge: {outcome.message}")
-    warnings.extend(_lambda_warnings(problem, estimate))
     result = FitResult(
         spec=_spec_document(problem, options),
         labels={
@@ -166,17 +127,82 @@ def fit_model(
     return result, problem
 
 
-def _separating_terms(problem: Problem, free: torch.Tensor, hessian: torch.Tensor | None) -> str:
-    """The terms along the flattest direction of the likelihood: where estimates run away."""
-    if hessian is None or hessian.shape[0] > 2000:
-        return "some coefficients"
-    information = -hessian.cpu()
-    scale = information.diagonal().abs().clamp_min(1e-300).sqrt()
-    _, vectors = torch.linalg.eigh(information / scale[:, None] / scale[None, :])
-    weakest = vectors[:, 0].abs()  # (P,) eigenvector of the smallest eigenvalue
-    chosen = free[(weakest > 0.3 * weakest.max()).cpu()].tolist()
-    names = list(dict.fromkeys(problem.parameters[i].term for i in chosen))
-    return ", ".join(names) or "some coefficients"
+def _objective(
+    problem: Problem,
+    model: Model,
+    unidentified: list[int],
+    l2_penalty: float,
+    device: torch.device,
+) -> tuple[Objective, torch.Tensor]:
+    """The objective over the free parameters (neither fixed nor unidentified), and their
+    positions in the layout. (P,)"""
+    free_mask = ~problem.fixed
+    free_mask[unidentified] = False
+    free = free_mask.nonzero().flatten()
+    penalised = torch.ones(free.numel(), dtype=torch.bool)
+    if problem.lambda_index is not None:
+        penalised = ~torch.isin(free, problem.lambda_index)
+    objective = Objective(
+        model,
+        free.to(device),
+        problem.start.to(device),
+        penalised.to(device),
+        l2_penalty,
+        _user_groups(problem, device),
+    )
+    return objective, free
+
+
+def _standard_errors(
+    objective: Objective,
+    outcome: Outcome,
+    free: torch.Tensor,
+    options: FitOptions,
+    warnings: list[str],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standard errors of the layout (NaN where not estimated) and the free parameters'
+    covariance, from the Hessian at the optimum. ((P_layout,), (P, P))"""
+    n_layout = objective.start.shape[0]
+    std_error = torch.full((n_layout,), math.nan, dtype=torch.float64)
+    cov = torch.zeros(0, 0, dtype=torch.float64)
+    limit = options.estimate.max_newton_parameters
+    if not options.standard_errors:
+        return std_error, cov
+    if free.numel() > limit:
+        warnings.append(
+            f"standard errors skipped: {free.numel()} parameters are too many for a dense "
+            f"Hessian (limit {limit})"
+        )
+        return std_error, cov
+    hessian = outcome.hessian if outcome.hessian is not None else objective.hessian(outcome.theta)
+    groups = None if objective.groups is None else objective.groups.cpu()
+    cov, definite = covariance(hessian.cpu(), groups)
+    if not definite:
+        warnings.append(
+            "the Hessian at the optimum is not negative definite: some coefficients are "
+            "weakly identified; their standard errors are unreliable"
+        )
+    std_error[free] = cov.diagonal().clamp_min(0).sqrt()
+    return std_error, cov
+
+
+def _outcome_warnings(
+    problem: Problem, outcome: Outcome, free: torch.Tensor, estimate: torch.Tensor, strict: bool
+) -> list[str]:
+    """Perfect prediction (an error under --strict), no convergence, lambdas out of range."""
+    found = []
+    if outcome.log_likelihood > -1e-6 * problem.data.n_cases:
+        terms = separating_terms(problem, free, outcome.hessian)
+        message = (
+            "perfect prediction: the model predicts every choice with certainty, so the "
+            f"estimates of {terms} run off to infinity; drop or merge the separating terms"
+        )
+        if strict:
+            raise ModelError(f"--strict: {message}")
+        found.append(message)
+    if not outcome.converged:
+        found.append(f"the fit did not converge: {outcome.message}")
+    return found + _lambda_warnings(problem, estimate)
 
 
 def _statistics(problem: Problem, outcome, n_estimated: int) -> dict:
@@ -264,132 +290,6 @@ def _user_groups(problem: Problem, device: torch.device) -> torch.Tensor | None:
         -1 if p.user is None else users.setdefault(p.user, len(users)) for p in problem.parameters
     ]
     return torch.tensor(groups, device=device) if users else None
-
-
-def _data_reasons(problem: Problem) -> dict[int, str]:
-    """Parameters the rows show to be inestimable (read before a model takes them over)."""
-    reasons: dict[int, str] = {}
-    _single_case_users(problem, reasons)
-    _never_chosen(problem, reasons)
-    return reasons
-
-
-def _unidentified(
-    problem: Problem,
-    warnings: list[str],
-    reasons: dict[int, str],
-    model: ConditionalLogit | None = None,
-) -> list[int]:
-    """Positions of parameters the data cannot estimate (`reasons` and the rank check's), with
-    one warning per term."""
-    reasons = dict(reasons)
-    candidates = (~problem.fixed).nonzero().flatten()
-    candidates = candidates[~torch.isin(candidates, torch.tensor(sorted(reasons) or [-1]))]
-    if problem.lambda_index is not None:
-        candidates = candidates[~torch.isin(candidates, problem.lambda_index)]
-    if candidates.numel() > MAX_RANK_CHECK_PARAMETERS:
-        warnings.append(
-            f"rank check skipped: {candidates.numel()} parameters exceed "
-            f"{MAX_RANK_CHECK_PARAMETERS}; unidentified terms may not converge"
-        )
-    elif candidates.numel():
-        # Intercepts first (as R's lm puts the intercept first), then formula order: a column
-        # constant within alternative beside (1|item) is the one left out.
-        is_intercept = torch.tensor(
-            [problem.parameters[i].feature == "intercept" for i in candidates.tolist()]
-        )
-        candidates = torch.cat([candidates[is_intercept], candidates[~is_intercept]])
-        # the fit's own model at theta = 0 gives Newton's first Hessian too, unless Newton
-        # starts elsewhere (a warm start) or the check needs a model of its own
-        reused = model is not None and not warm_start_applies(model, candidates.numel())
-        model = model or problem.identification_model()
-        for found in _rank_check(model, candidates, len(problem.parameters), not reused):
-            reasons[found.index] = _dependence_reason(problem, found)
-    by_term: dict[str, list[str]] = {}
-    for index, reason in sorted(reasons.items()):
-        parameter = problem.parameters[index]
-        by_term.setdefault(f"{parameter.term} ({parameter.level} level)", []).append(reason)
-    for term, term_reasons in by_term.items():
-        distinct = list(dict.fromkeys(term_reasons))
-        count = len(term_reasons)
-        shown = "; ".join(distinct[:2]) + (" ..." if len(distinct) > 2 else "")
-        warnings.append(f"{term}: {count} coefficient(s) not estimated: {shown}")
-    return sorted(reasons)
-
-
-def _rank_check(model, candidates: torch.Tensor, n_parameters: int, subsample: bool) -> list:
-    """Dependent parameters at theta = 0, on every 10th case first when there are many.
-
-    The information of a tenth of the cases is a sum of positive semi-definite terms over
-    fewer cases, so it is at most the full information: when every parameter passes there,
-    all pass on the full data and its Hessian is not needed.
-    """
-    zero = torch.zeros(n_parameters, dtype=torch.float64)
-    if subsample and model.n_cases >= RANK_CHECK_SUBSAMPLE_CASES:
-        smaller = model.subsample(10)
-        if smaller is not None and not dependent_parameters(
-            -smaller.hessian(zero), candidates, smaller.second_moments()
-        ):
-            return []
-    return dependent_parameters(-model.hessian(zero), candidates, model.second_moments())
-
-
-def _dependence_reason(problem: Problem, found) -> str:
-    parameter = problem.parameters[found.index]
-    if found.cancels:
-        name = "the intercept" if parameter.feature == "intercept" else f"{parameter.feature!r}"
-        return f"{name} does not vary across the alternatives of any case, so it cancels out"
-    partners = list(dict.fromkeys(problem.parameters[p].term for p in found.partners))
-    hint = ""
-    if parameter.feature != "intercept" and _constant_within_item(problem, parameter.feature):
-        hint = (
-            f"{parameter.feature!r} is constant within each alternative "
-            f"({problem.spec.roles.item!r}), so it is "
-        )
-    return f"{hint}collinear with {', '.join(partners[:3]) or 'earlier terms'}"
-
-
-def _constant_within_item(problem: Problem, feature: str | None) -> bool:
-    return feature is not None and problem.data.constant_within_item(feature)
-
-
-def _user_blocks(problem: Problem) -> list[Block]:
-    return [b for b in problem.item_blocks + problem.nest_blocks if b.term.variation.by_user]
-
-
-def _single_case_users(problem: Problem, reasons: dict[int, str]) -> None:
-    """User-specific coefficients of users with one case would run off to infinity."""
-    data = problem.data
-    if data.user_of_case is None:
-        return
-    cases_per_user = torch.bincount(data.user_of_case, minlength=data.n_users)  # (U,)
-    single = (cases_per_user <= 1).nonzero().flatten()
-    if single.numel() == 0:
-        return
-    for block in _user_blocks(problem):
-        groups_per_user = block.layout_index.shape[0] // data.n_users
-        rows = block.layout_index.view(data.n_users, groups_per_user, -1)[single]  # (S, g, K)
-        for index in rows.flatten().tolist():
-            if not problem.parameters[index].fixed:
-                reasons[index] = "its user has a single case (the estimate would be infinite)"
-
-
-def _never_chosen(problem: Problem, reasons: dict[int, str]) -> None:
-    """An alternative intercept for an alternative nobody chose would run off to -infinity."""
-    data = problem.data
-    if data.chosen is None:
-        return
-    for block in problem.item_blocks:
-        if not (block.term.is_intercept and block.term.variation.by_item):
-            continue
-        groups = block.layout_index.shape[0]
-        chosen = torch.zeros(groups, dtype=torch.float64).index_add_(0, block.code, data.chosen)
-        offered = torch.bincount(block.code, minlength=groups)
-        for group in ((chosen == 0) & (offered > 0)).nonzero().flatten().tolist():
-            index = int(block.layout_index[group, 0])
-            if not problem.parameters[index].fixed:
-                label = problem.parameters[index].item
-                reasons[index] = f"alternative {label!r} is never chosen (estimate would be -inf)"
 
 
 def _lambda_warnings(problem: Problem, estimate: torch.Tensor) -> list[str]:

@@ -14,7 +14,14 @@ from choicecli.data import ChoiceData, Roles, load_choice_data
 from choicecli.design import Block, Level, Parameter, build_blocks, build_layout, resolve_features
 from choicecli.errors import ChoiceError, FormulaError, UsageError
 from choicecli.formula import Term, parse_formula
-from choicecli.models import ConditionalLogit, HandedRows, NestedLogit
+from choicecli.models import (
+    ColumnStore,
+    ConditionalLogit,
+    HandedRows,
+    NestedLogit,
+    NestedRows,
+    nested_logit,
+)
 from choicecli.nests import nest_codes, parse_nests
 
 
@@ -93,17 +100,14 @@ class Problem:
             )
             if release:  # item_blocks and `rows` now hold the only references: the model
                 self.release_values()  # empties both as it lays them out
-            return ConditionalLogit.taking_rows(
-                item_blocks,  # fresh Block objects: the model drops their values, not ours
-                len(self.parameters),
-                rows,
-                data.n_cases,
-                data.n_items,
-                data.user_of_case.to(**to) if data.user_of_case is not None else None,
-                weights,
-            )
+            store = ColumnStore(  # fresh Block objects: the store drops their values, not ours
+                item_blocks, len(self.parameters), rows, data.n_cases, data.n_items,
+                own_blocks=True,
+            )  # fmt: skip
+            user_of_case = data.user_of_case.to(**to) if data.user_of_case is not None else None
+            return ConditionalLogit(store, user_of_case, weights)
         chosen = data.chosen.to(**to) if data.chosen is not None else None
-        return NestedLogit(
+        rows = NestedRows(
             item_blocks,
             [_block_to(b, device) for b in self.nest_blocks],
             self.lambda_index.to(**to),
@@ -115,22 +119,16 @@ class Problem:
             chosen,
             weights,
         )
+        return nested_logit(rows)
 
     def identification_model(self) -> ConditionalLogit:
         """The conditional logit with both levels' terms: the nested model at lambda = 1."""
         self._check_values()
         data = self.data
-        return ConditionalLogit(
-            self.item_blocks + self.nest_blocks,
-            len(self.parameters),
-            data.case_index,
-            data.item_index,
-            data.n_cases,
-            data.n_items,
-            data.user_of_case,
-            data.chosen,
-            data.case_weights,
-        )
+        rows = HandedRows(data.case_index, data.item_index, data.chosen)
+        blocks = self.item_blocks + self.nest_blocks
+        store = ColumnStore(blocks, len(self.parameters), rows, data.n_cases, data.n_items)
+        return ConditionalLogit(store, data.user_of_case, data.case_weights)
 
 
 def _block_to(block: Block, device: torch.device) -> Block:
@@ -161,28 +159,11 @@ def build_problem(
 
     consume: the caller hands the frame over; it is left empty (see `load_choice_data`).
     """
-    terms = parse_formula(spec.formula)
-    role_names = spec.roles.names()
-    features = [resolve_features(t, frame.columns, role_names, where) for t in terms]
-    nests = None
-    nest_terms: list[Term] = []
-    nest_features: list[list[str]] = []
-    if spec.nests is not None:
-        nests = (
-            spec.nests
-            if isinstance(spec.nests, dict)
-            else parse_nests(spec.nests, frame, spec.roles.item)
-        )
-        nest_terms = parse_formula(spec.nest_formula, allow_empty=True, label="nest formula")
-        nest_features = [resolve_features(t, frame.columns, role_names, where) for t in nest_terms]
-    elif spec.nest_formula.strip():
-        raise UsageError("--nest-formula needs --nests to say which alternatives form each nest")
-    used = [name for names in features + nest_features for name in names if name != "intercept"]
-    used = list(dict.fromkeys(used))
+    formulas = _Formulas.parse(spec, frame, where)
     data = load_choice_data(
         frame,
         spec.roles,
-        used,
+        formulas.used_columns(),
         where=where,
         missing=spec.missing,
         item_labels=item_labels,
@@ -193,20 +174,99 @@ def build_problem(
     base = _base_index(spec.base, data.item_labels)
     item_level = Level("item", data.item_labels, None, base)
     parameters: list[Parameter] = []
+    terms, features = formulas.terms, formulas.features
     item_layout = build_layout(terms, features, item_level, data.user_labels, parameters)
     item_blocks = build_blocks(terms, features, item_layout, item_level, data)
-    problem_nests = dict(nests) if nests is not None else None
+    nests = formulas.nests
     nest_blocks: list[Block] = []
     nest_of_item = lambda_index = None
     if nests is not None:
         nest_of_item = nest_codes(nests, data.item_labels)
-        nest_level = Level("nest", list(nests), nest_of_item, 0)
-        nest_layout = build_layout(
-            nest_terms, nest_features, nest_level, data.user_labels, parameters
-        )
-        nest_blocks = build_blocks(nest_terms, nest_features, nest_layout, nest_level, data)
-        _check_constant_within_nest(nest_blocks, data, nest_of_item, where)
+        nest_blocks = _nest_blocks(formulas, data, nest_of_item, parameters, where)
         lambda_index = _lambda_layout(nests, spec, parameters)
+    start, fixed, lower, upper = _starting_values(parameters, lambda_index, spec)
+    return Problem(
+        spec=spec,
+        data=data,
+        terms=terms,
+        nest_terms=formulas.nest_terms,
+        features=features,
+        nest_features=formulas.nest_features,
+        parameters=parameters,
+        item_blocks=item_blocks,
+        nest_blocks=nest_blocks,
+        start=start,
+        fixed=fixed,
+        lower=lower,
+        upper=upper,
+        nests=dict(nests) if nests is not None else None,
+        nest_of_item=nest_of_item,
+        lambda_index=lambda_index,
+        notes=list(data.notes),
+        warnings=list(data.warnings),
+    )
+
+
+@dataclass
+class _Formulas:
+    """Both formulas parsed, their columns resolved against the table, and the nests."""
+
+    terms: list[Term]
+    features: list[list[str]]
+    nests: dict[str, list[str]] | None = None
+    nest_terms: list[Term] = field(default_factory=list)
+    nest_features: list[list[str]] = field(default_factory=list)
+
+    @classmethod
+    def parse(cls, spec: ModelSpec, frame: pl.DataFrame, where: str) -> _Formulas:
+        role_names = spec.roles.names()
+        terms = parse_formula(spec.formula)
+        formulas = cls(
+            terms, [resolve_features(t, frame.columns, role_names, where) for t in terms]
+        )
+        if spec.nests is not None:
+            formulas.nests = (
+                spec.nests
+                if isinstance(spec.nests, dict)
+                else parse_nests(spec.nests, frame, spec.roles.item)
+            )
+            nest_terms = parse_formula(spec.nest_formula, allow_empty=True, label="nest formula")
+            formulas.nest_terms = nest_terms
+            formulas.nest_features = [
+                resolve_features(t, frame.columns, role_names, where) for t in nest_terms
+            ]
+        elif spec.nest_formula.strip():
+            raise UsageError(
+                "--nest-formula needs --nests to say which alternatives form each nest"
+            )
+        return formulas
+
+    def used_columns(self) -> list[str]:
+        """Every column a term reads, once, in formula order."""
+        names = self.features + self.nest_features
+        return list(dict.fromkeys(n for group in names for n in group if n != "intercept"))
+
+
+def _nest_blocks(
+    formulas: _Formulas,
+    data: ChoiceData,
+    nest_of_item: torch.Tensor,  # (J,)
+    parameters: list[Parameter],
+    where: str,
+) -> list[Block]:
+    """The nest formula's blocks (their parameters appended), checked constant in a nest."""
+    nest_level = Level("nest", list(formulas.nests), nest_of_item, 0)
+    terms, features = formulas.nest_terms, formulas.nest_features
+    nest_layout = build_layout(terms, features, nest_level, data.user_labels, parameters)
+    nest_blocks = build_blocks(terms, features, nest_layout, nest_level, data)
+    _check_constant_within_nest(nest_blocks, data, nest_of_item, where)
+    return nest_blocks
+
+
+def _starting_values(
+    parameters: list[Parameter], lambda_index: torch.Tensor | None, spec: ModelSpec
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Start, fixed, lower and upper bounds of every parameter. (P,) x 4"""
     n_parameters = len(parameters)
     fixed = torch.tensor([p.fixed for p in parameters], dtype=torch.bool)
     start = torch.zeros(n_parameters, dtype=torch.float64)
@@ -219,26 +279,7 @@ def build_problem(
         lower[lambda_index] = spec.lambda_bounds[0] if spec.lambda_bounds else 1e-3
         if spec.lambda_bounds:
             upper[lambda_index] = spec.lambda_bounds[1]
-    return Problem(
-        spec=spec,
-        data=data,
-        terms=terms,
-        nest_terms=nest_terms,
-        features=features,
-        nest_features=nest_features,
-        parameters=parameters,
-        item_blocks=item_blocks,
-        nest_blocks=nest_blocks,
-        start=start,
-        fixed=fixed,
-        lower=lower,
-        upper=upper,
-        nests=problem_nests,
-        nest_of_item=nest_of_item,
-        lambda_index=lambda_index,
-        notes=list(data.notes),
-        warnings=list(data.warnings),
-    )
+    return start, fixed, lower, upper
 
 
 def table_columns(spec: ModelSpec, columns: list[str]) -> list[str]:

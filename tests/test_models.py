@@ -157,17 +157,17 @@ def test_extreme_utilities_stay_finite():
 
 @pytest.mark.parametrize("formula", [ALL_VARIATIONS, "(x|constant) + (1|item)"])
 def test_padded_and_ragged_layouts_agree(formula):
-    from choicecli.models import ConditionalLogit
+    from choicecli.models import ColumnStore, ConditionalLogit, HandedRows
 
     problem = problem_for(toy_frame(), formula)
     data = problem.data
     theta = random_theta(len(problem.parameters), seed=13)
     results = {}
     for threshold in (0.0, 2.0):  # 0: padded N x J slots; 2: ragged rows
-        model = ConditionalLogit(
-            problem.item_blocks, len(problem.parameters), data.case_index, data.item_index,
-            data.n_cases, data.n_items, data.user_of_case, data.chosen, dense_threshold=threshold,
-        )  # fmt: skip
+        rows = HandedRows(data.case_index, data.item_index, data.chosen)
+        store = ColumnStore(problem.item_blocks, len(problem.parameters), rows, data.n_cases,
+                            data.n_items, dense_threshold=threshold)  # fmt: skip
+        model = ConditionalLogit(store, data.user_of_case)
         value, gradient = model.value_and_gradient(theta)
         results[model.layout] = (value, gradient, model.hessian(theta),
                                  model.row_log_probabilities(theta),
@@ -181,7 +181,7 @@ def test_padded_rows_in_any_order_give_each_row_its_own_probability():
     """Rows in (case, alternative) order are the offered slots in order (the model recovers
     their slots from its mask); rows of a case in another order keep their own slot vector."""
     from choicecli.design import Block
-    from choicecli.models import ConditionalLogit
+    from choicecli.models import ColumnStore, ConditionalLogit, HandedRows
 
     problem = problem_for(toy_frame(), "(x|constant) + (1|item) + (z|item) + (z|user)")
     data = problem.data
@@ -194,23 +194,24 @@ def test_padded_rows_in_any_order_give_each_row_its_own_probability():
     ]
     models = [
         ConditionalLogit(
-            blocks,
-            len(problem.parameters),
-            data.case_index[rows],
-            data.item_index[rows],
-            data.n_cases,
-            data.n_items,
+            ColumnStore(
+                blocks,
+                len(problem.parameters),
+                HandedRows(data.case_index[rows], data.item_index[rows], data.chosen[rows]),
+                data.n_cases,
+                data.n_items,
+                dense_threshold=0.0,
+                own_blocks=True,
+            ),
             data.user_of_case,
-            data.chosen[rows],
-            dense_threshold=0.0,
-            own_blocks=True,
-        )  # fmt: skip
+        )
         for blocks, rows in ((list(problem.item_blocks), slice(None)), (shuffled_blocks, order))
     ]
     in_order, shuffled = models
     assert in_order.layout == shuffled.layout == "padded"
-    assert torch.equal(in_order.positions, data.case_index * data.n_items + data.item_index)
-    assert torch.equal(shuffled.positions, in_order.positions[order])
+    positions = in_order.store.positions
+    assert torch.equal(positions, data.case_index * data.n_items + data.item_index)
+    assert torch.equal(shuffled.store.positions, positions[order])
     assert not torch.equal(order, torch.arange(data.n_rows))
     expected = in_order.row_log_probabilities(theta)[order]  # (R,)
     assert torch.allclose(shuffled.row_log_probabilities(theta), expected, rtol=0, atol=1e-14)
@@ -221,7 +222,7 @@ def test_padded_rows_in_any_order_give_each_row_its_own_probability():
 
 
 def test_nested_dense_and_ragged_layouts_agree():
-    from choicecli.models import NestedLogit
+    from choicecli.models import DenseNestedLogit, NestedRows, nested_logit
 
     problem = problem_for(
         toy_frame(), "(x|constant) + (1|item) + (z|user)", nests="n1=a,b;n2=c",
@@ -232,12 +233,12 @@ def test_nested_dense_and_ragged_layouts_agree():
     theta[problem.lambda_index] = torch.tensor([0.6, 0.8], dtype=torch.float64)
     results = []
     for threshold in (0.0, 2.0):
-        model = NestedLogit(
+        rows = NestedRows(
             problem.item_blocks, problem.nest_blocks, problem.lambda_index, problem.nest_of_item,
             len(problem.parameters), data.case_index, data.item_index, data.n_cases, data.chosen,
-            dense_threshold=threshold,
         )  # fmt: skip
-        assert (model.grid is not None) == (threshold == 0.0)
+        model = nested_logit(rows, dense_threshold=threshold)
+        assert isinstance(model, DenseNestedLogit) == (threshold == 0.0)
         value, gradient = model.value_and_gradient(theta)
         results.append((value, gradient, model.hessian(theta), model.row_log_probabilities(theta)))
     for left, right in zip(*results, strict=True):
@@ -284,7 +285,7 @@ def test_nested_analytic_derivatives_match_autograd(shared_lambda):
         roles=roles,
     )
     model = problem.model(torch.device("cpu"))
-    assert model.grid is not None and model.grid.layout == "padded"
+    assert model.item_store.layout == "padded"  # the dense strategy, some alternatives missing
     theta = random_theta(len(problem.parameters), seed=23)
     lambdas = problem.lambda_index.unique()  # one shared, or one per nest
     theta[lambdas] = torch.tensor([0.55, 0.8, 1.3], dtype=torch.float64)[: lambdas.numel()]
@@ -393,14 +394,14 @@ def test_warm_start_reaches_the_same_optimum(monkeypatch, nests):
 def test_rank_check_on_a_subsample_finds_what_the_full_check_finds(monkeypatch, formula):
     """w is constant within each case: it cancels, and both checks say so; clean formulas
     pass on the tenth of the cases without the full Hessian at theta = 0."""
-    from choicecli import estimate, fit
+    from choicecli import estimate, identify
     from choicecli.fit import FitOptions, fit_model
     from choicecli.problem import ModelSpec
 
     frame = simulated_frame(n_cases=3000, seed=17)
     spec = ModelSpec(formula=formula, roles=Roles(case="case", item="item", choice="choice"))
     full, _ = fit_model(frame, spec, FitOptions(), where="test")
-    monkeypatch.setattr(fit, "RANK_CHECK_SUBSAMPLE_CASES", 1000)
+    monkeypatch.setattr(identify, "RANK_CHECK_SUBSAMPLE_CASES", 1000)
     monkeypatch.setattr(estimate, "WARM_START_CASES", 1000)
     monkeypatch.setattr(estimate, "WARM_START_CASES_PER_PARAMETER", 5)
     sampled, _ = fit_model(frame, spec, FitOptions(), where="test")
@@ -434,22 +435,24 @@ def test_newton_returns_the_hessian_of_its_optimum(n_cases, seed):
     assert torch.allclose(*std_errors, rtol=1e-6, atol=0)
 
 
-def test_a_model_taking_rows_empties_them_and_equals_one_built_from_copies():
-    """Handed over, the row vectors leave the caller's holder once the slots are laid out."""
-    from choicecli.models import ConditionalLogit, HandedRows
+def test_a_model_handed_rows_and_blocks_empties_them_and_equals_one_built_from_copies():
+    """Handed over, the row vectors leave the caller's holder once the slots are laid out,
+    and owned blocks their values once copied."""
+    from choicecli.models import ColumnStore, ConditionalLogit, HandedRows
 
     problem = problem_for(toy_frame(), "(x|constant) + (1|item) + (z|item)")
     data = problem.data
     theta = random_theta(len(problem.parameters), seed=19)
+    shape = (len(problem.parameters),)
+    copies = HandedRows(data.case_index, data.item_index, data.chosen)
+    size = (data.n_cases, data.n_items)
     built = ConditionalLogit(
-        problem.item_blocks, len(problem.parameters), data.case_index, data.item_index,
-        data.n_cases, data.n_items, chosen=data.chosen, dense_threshold=0.0,
-    )  # fmt: skip
+        ColumnStore(problem.item_blocks, *shape, copies, *size, dense_threshold=0.0)
+    )
     rows = HandedRows(data.case_index.clone(), data.item_index.clone(), data.chosen.clone())
-    taken = ConditionalLogit.taking_rows(
-        problem.item_blocks, len(problem.parameters), rows, data.n_cases, data.n_items,
-        dense_threshold=0.0,
-    )  # fmt: skip
+    taken = ConditionalLogit(
+        ColumnStore(problem.item_blocks, *shape, rows, *size, dense_threshold=0.0, own_blocks=True)
+    )
     assert rows.case_index is None and rows.item_index is None and rows.chosen is None
     assert taken.layout == built.layout == "padded"
     pairs = zip(built.value_and_gradient(theta), taken.value_and_gradient(theta), strict=True)
@@ -457,3 +460,40 @@ def test_a_model_taking_rows_empties_them_and_equals_one_built_from_copies():
         assert torch.equal(left, right)
     assert torch.equal(built.hessian(theta), taken.hessian(theta))
     assert all(block.x is None for block in problem.item_blocks)  # handed over: dropped
+
+
+def test_every_model_provides_what_the_protocol_declares():
+    """estimate reads models only through models.protocol.Model: every member is there, with
+    the declared facts' values."""
+    from choicecli.models import (
+        ConditionalLogit,
+        DenseNestedLogit,
+        Model,
+        NestedRows,
+        RaggedNestedLogit,
+        nested_logit,
+    )
+
+    members = [*Model.__annotations__, "value_and_gradient", "hessian", "subsample"]
+    members.append("drop_subsamples")
+    problem = problem_for(
+        toy_frame(), "(x|constant) + (1|item)", nests="n1=a,b;n2=c", nest_formula="(1|user)"
+    )
+    data = problem.data
+    rows = NestedRows(
+        problem.item_blocks, problem.nest_blocks, problem.lambda_index, problem.nest_of_item,
+        len(problem.parameters), data.case_index, data.item_index, data.n_cases, data.chosen,
+    )  # fmt: skip
+    models = [
+        problem.identification_model(),
+        nested_logit(rows, dense_threshold=0.0),
+        nested_logit(rows, dense_threshold=2.0),
+    ]
+    assert [type(m) for m in models] == [ConditionalLogit, DenseNestedLogit, RaggedNestedLogit]
+    for model in models:
+        assert [name for name in members if not hasattr(model, name)] == []
+        assert model.n_parameters == len(problem.parameters) and model.n_cases == 3
+        assert model.n_rows == data.n_rows and model.by_user  # (1|user) in the nest formula
+    assert [m.analytic_hessian_limit for m in models] == [None, 512, 0]
+    assert [m.can_subsample for m in models] == [True, True, False]
+    assert models[2].subsample(10) is None

@@ -1,0 +1,85 @@
+"""Nested logit on sparse choice sets: segment sums over rows, derivatives by autograd.
+
+Notation and formulas: see nested.py. Q (case, nest) pairs present in the data.
+The Hessian by automatic differentiation costs about P gradients; `estimate` knows it from
+`analytic_hessian_limit = 0` and takes Newton steps only while that is cheap.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from choicecli.models.nested import NestedLogit, NestedRows
+from choicecli.models.segments import block_utility, segment_logsumexp
+
+# vmap over P directions wins for few parameters, P backward passes for many
+VECTORIZED_HESSIAN_PARAMETERS = 64
+VECTORIZED_HESSIAN_VALUES = 20_000_000  # rows x parameters
+
+
+def vectorized_hessian(n_rows: int, n_parameters: int) -> bool:
+    """Whether autograd's Hessian should vmap over the P directions (else P backward passes)."""
+    return (
+        n_parameters <= VECTORIZED_HESSIAN_PARAMETERS
+        and n_rows * n_parameters <= VECTORIZED_HESSIAN_VALUES
+    )
+
+
+class RaggedNestedLogit(NestedLogit):
+    """Two-level nested logit over the rows of sparse choice sets."""
+
+    analytic_hessian_limit = 0  # the Hessian is always autograd's
+    can_subsample = False
+
+    def __init__(self, rows: NestedRows) -> None:
+        super().__init__(rows)
+        self.item_blocks = rows.item_blocks
+        self.nest_blocks = rows.nest_blocks
+        self.case_index = case_index = rows.case_index
+        self.chosen = rows.chosen
+        n_nests = self.n_nests
+        self.nest_of_row = self.nest_of_item[rows.item_index]  # (R,)
+        pair_key = case_index * n_nests + self.nest_of_row  # (R,) one per (case, nest) pair
+        unique_keys, self.pair_of_row = torch.unique(pair_key, return_inverse=True)  # (Q,), (R,)
+        self.n_pairs = int(unique_keys.shape[0])
+        self.case_of_pair = unique_keys // n_nests  # (Q,)
+        self.nest_of_pair = unique_keys % n_nests  # (Q,)
+        first_row = torch.full((self.n_pairs,), self.n_rows, dtype=torch.long,
+                               device=case_index.device)  # fmt: skip
+        numbers = torch.arange(self.n_rows, device=case_index.device)
+        self.first_row_of_pair = first_row.scatter_reduce(0, self.pair_of_row, numbers, "amin")
+
+    def subsample(self, every: int) -> None:
+        """Not available on sparse choice sets (`can_subsample` is False)."""
+        return None
+
+    def drop_subsamples(self) -> None:
+        """Nothing to drop: no subsamples are made."""
+
+    def log_probabilities(self, theta: torch.Tensor) -> torch.Tensor:  # (R,)
+        lambdas = theta[self.lambda_index]  # (M,)
+        scaled = block_utility(self.item_blocks, theta, self.n_rows) / lambdas[self.nest_of_row]
+        inclusive = segment_logsumexp(scaled, self.pair_of_row, self.n_pairs)  # (Q,)
+        nest_utility = block_utility(self.nest_blocks, theta, self.n_rows)  # (R,)
+        upper = nest_utility[self.first_row_of_pair] + lambdas[self.nest_of_pair] * inclusive
+        normaliser = segment_logsumexp(upper, self.case_of_pair, self.n_cases)  # (N,)
+        pair = self.pair_of_row
+        return scaled - inclusive[pair] + upper[pair] - normaliser[self.case_index]
+
+    def log_likelihood(self, theta: torch.Tensor) -> torch.Tensor:
+        row_weight = self.case_weights[self.case_index]  # (R,)
+        return (row_weight * self.chosen * self.log_probabilities(theta)).sum()
+
+    def value_and_gradient(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.enable_grad():
+            point = theta.detach().requires_grad_(True)
+            value = self.log_likelihood(point)
+            (gradient,) = torch.autograd.grad(value, point)
+        return value.detach(), gradient
+
+    def hessian(self, theta: torch.Tensor) -> torch.Tensor:  # (P, P)
+        vectorize = vectorized_hessian(self.n_rows, self.n_parameters)
+        with torch.enable_grad():
+            return torch.autograd.functional.hessian(
+                self.log_likelihood, theta.detach(), vectorize=vectorize
+            )
