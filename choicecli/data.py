@@ -587,9 +587,17 @@ def _check_scale(table: pl.DataFrame, names: list[str], case: str, where: str) -
     if not names:
         return
     names = list(dict.fromkeys(names))
-    largest = table.select(pl.col(n).cast(pl.Float64).abs().max() for n in names).row(0)
-    for name, value in zip(names, largest, strict=True):
-        if value is None or value == 0 or not math.isfinite(value):
+    # the largest magnitude from the least and the greatest value: no (R,) temporaries
+    ends = table.select(
+        [pl.col(n).min().alias(f"{i}-") for i, n in enumerate(names)]
+        + [pl.col(n).max().alias(f"{i}+") for i, n in enumerate(names)]
+    ).row(0)
+    for index, name in enumerate(names):
+        low, high = ends[index], ends[len(names) + index]
+        if low is None or high is None:
+            continue
+        value = max(abs(float(low)), abs(float(high)))
+        if value == 0 or not math.isfinite(value):
             continue
         if SMALLEST_MAGNITUDE <= value <= LARGEST_MAGNITUDE:
             continue
@@ -638,15 +646,16 @@ def _chosen_flag(table: pl.DataFrame, name: str, where: str) -> pl.Expr:
                 f"{bad.get_column(ROW)[0] + 1}); mark the chosen row with 1 and the others with 0"
             )
         return text.is_in(["1", "TRUE", "true"]).alias(CHOSEN)
-    values = pl.col(name).cast(pl.Float64)  # integers, and floats (pandas writes 0.0/1.0)
-    bad = table.filter(~values.is_in([0.0, 1.0]))  # NaN too
+    # integers, and floats (pandas writes 0.0/1.0), compared in their own type: no copy
+    flags = pl.Series([0, 1]).cast(series.dtype)
+    bad = table.filter(~pl.col(name).is_in(flags.implode()))  # NaN too
     if bad.height:
         raise DataError(
             f"{where}: choice column {name!r} has values other than 0/1 ({bad.height} rows, "
             f"first {shown(bad.get_column(name)[0])} at row {bad.get_column(ROW)[0] + 1}); "
             "mark the chosen row with 1 and the others with 0"
         )
-    return (values == 1.0).alias(CHOSEN)
+    return (pl.col(name) == 1).alias(CHOSEN)
 
 
 def _apply_availability(

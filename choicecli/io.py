@@ -353,7 +353,7 @@ def _read_numeric_columns(file: Path, names: list[str]) -> tuple[dict[str, pl.Se
                 arrays[name][start:stop] = column.to_numpy(zero_copy_only=True)
         start = stop
     if start != n_rows:
-        raise DataError(f"{start} rows read where the footer lists {n_rows}")
+        raise DataError(f"{file}: {start} rows read where the footer lists {n_rows}")
     pa.default_memory_pool().release_unused()  # the batches' memory: back to the system
     return {name: pl.Series(name, values) for name, values in arrays.items()}, n_rows
 

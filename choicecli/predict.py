@@ -148,8 +148,8 @@ def _score_batch(
         totals["hits"] += int((best & (data.chosen > 0)).sum())
         totals["cases"] += data.n_cases
     roles = spec.roles
-    keep = [c for c in (roles.case, roles.item, roles.user, roles.choice) if c]
-    keep += [c for c in extra_columns if c not in keep]
+    keep = [c for c in (roles.case, roles.item, roles.user, roles.choice, *extra_columns) if c]
+    keep = list(dict.fromkeys(keep))  # a column in two roles (--user case) is output once
     source = batch.select([INPUT_ROW, *keep])[data.source_row.numpy()]
     return source.with_columns(
         pl.Series("utility", utility.numpy()),
