@@ -434,3 +434,12 @@ def test_subprocess_reads_a_fifo_and_names_a_device_and_a_separator(tmp_path):
                          timeout=120)  # fmt: skip
     assert bad.returncode == 2
     assert bad.stderr.decode().splitlines() == ["Error: --tol must be a positive number, not nan"]
+
+
+def test_predict_outputs_a_column_in_two_roles_once(table, tmp_path):
+    """Found by the property test: --user case made predict select the column twice."""
+    assert fit(table, tmp_path / "m", "--user", "case").exit_code == 0
+    result = invoke("predict", table, "-m", tmp_path / "m", "-o", "-")
+    assert result.exit_code == 0, result.stderr
+    header = result.stdout.splitlines()[0]
+    assert header == "case,item,choice,utility,probability,predicted"
