@@ -204,6 +204,10 @@ def _read_fifo(file: Path, where: str) -> bytes:
 def _check_is_text(raw: bytes, where: str) -> None:
     """A file that opens as a known non-table format (compressed, an image, UTF-16, ...) or
     holds NUL bytes is an error saying what it is."""
+    if raw.startswith(PARQUET_MAGIC):
+        raise DataError(
+            f"{where}: holds Parquet, not CSV; pass --input-format parquet, or name it .parquet"
+        )
     for magic, what, fix in NOT_TABLES:
         if raw.startswith(magic):
             raise DataError(f"{where}: is {what}, not a CSV or Parquet table; {fix}")
@@ -360,6 +364,11 @@ def _read_numeric_columns(file: Path, names: list[str]) -> tuple[dict[str, pl.Se
 
 def _read_parquet(raw: bytes, where: str) -> pl.DataFrame:
     if not (raw.startswith(PARQUET_MAGIC) and raw.endswith(PARQUET_MAGIC)):
+        head = raw[:4096]
+        if not raw.startswith(PARQUET_MAGIC) and b"\x00" not in head and head.isascii():
+            raise DataError(
+                f"{where}: is text, not a Parquet file; pass --input-format csv, or name it .csv"
+            )
         raise DataError(f"{where}: not a valid Parquet file (missing or truncated footer)")
     try:
         return pl.read_parquet(io.BytesIO(raw))

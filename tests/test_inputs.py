@@ -443,3 +443,14 @@ def test_predict_outputs_a_column_in_two_roles_once(table, tmp_path):
     assert result.exit_code == 0, result.stderr
     header = result.stdout.splitlines()[0]
     assert header == "case,item,choice,utility,probability,predicted"
+
+
+def test_a_parquet_file_named_csv_and_a_csv_named_parquet_say_which_format_to_pass(tmp_path):
+    long_table().write_parquet(tmp_path / "d.csv")
+    error_line(fit(tmp_path / "d.csv", tmp_path / "m"), "d.csv: holds Parquet, not CSV; pass "
+               "--input-format parquet, or name it .parquet", strip=tmp_path)  # fmt: skip
+    assert fit(tmp_path / "d.csv", tmp_path / "m", "--input-format", "parquet").exit_code == 0
+    long_table().write_csv(tmp_path / "e.parquet")
+    error_line(fit(tmp_path / "e.parquet", tmp_path / "n"), "e.parquet: is text, not a Parquet "
+               "file; pass --input-format csv, or name it .csv", strip=tmp_path)  # fmt: skip
+    assert fit(tmp_path / "e.parquet", tmp_path / "n", "--input-format", "csv").exit_code == 0
