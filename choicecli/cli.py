@@ -74,6 +74,9 @@ ModelDir = Annotated[
         "--model", "-m", envvar="CHOICE_MODEL", help="Model directory (default choice_model/)."
     ),
 ]
+Separator = typer.Option(
+    help="CSV field separator: one character, e.g. ';' or '\\t' (default: tab for .tsv, else ',')."
+)
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show a traceback on errors.")]
 
@@ -159,6 +162,7 @@ def fit(
     input_format: Annotated[str | None, typer.Option(help="parquet or csv (default: suffix).")] = (
         None
     ),
+    separator: Annotated[str | None, Separator] = None,
     model: ModelDir = Path(DEFAULT_MODEL),
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     method: Annotated[Method, typer.Option(help="Optimiser: auto, newton or lbfgs.")] = (
@@ -213,6 +217,7 @@ def fit(
             strict=strict,
             threads=threads,
             argv=sys.argv,
+            separator=separator,
         ),
         stderr_console(quiet),
     )
@@ -265,6 +270,7 @@ def predict(
     choice: Annotated[str | None, typer.Option(help="Override the fitted choice column.")] = None,
     user: Annotated[str | None, typer.Option(help="Override the fitted user column.")] = None,
     input_format: Annotated[str | None, typer.Option(help="parquet or csv.")] = None,
+    separator: Annotated[str | None, Separator] = None,
     batch_cases: Annotated[int, typer.Option(help="Cases scored per batch.")] = 200_000,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -287,6 +293,7 @@ def predict(
             roles={"case": case, "item": item, "choice": choice, "user": user},
             input_format=input_format,
             batch_cases=batch_cases,
+            separator=separator,
         ),
         stderr_console(quiet),
     )

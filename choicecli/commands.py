@@ -6,6 +6,7 @@ Kept apart from cli.py so every command runs (and is tested) without Typer.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import platform
 import sys
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from choicecli import __version__
 from choicecli.errors import FormulaError, UsageError
 
 EXIT_NOT_CONVERGED = 3
+MAX_ITERATIONS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class FitRequest:
     strict: bool
     argv: list[str]
     threads: int | None = None
+    separator: str | None = None
 
 
 def versions() -> dict[str, str]:
@@ -65,9 +68,31 @@ def _bounds(text: str | None) -> tuple[float, float] | None:
         low, high = (float(part) for part in text.split(","))
     except ValueError:
         raise UsageError(f"--lambda-bounds must be LOW,HIGH (e.g. 0.01,1), not {text!r}") from None
-    if not 0 < low < high:
-        raise UsageError(f"--lambda-bounds needs 0 < LOW < HIGH, got {text!r}")
+    if not (math.isfinite(low) and math.isfinite(high) and 0 < low < high):
+        raise UsageError(f"--lambda-bounds needs finite numbers 0 < LOW < HIGH, got {text!r}")
     return low, high
+
+
+def check_fit_options(request: FitRequest) -> None:
+    """Option values no data can make right: a usage error (exit 2) before the data is read."""
+    from choicecli.data import Roles
+    from choicecli.io import csv_separator
+
+    if not 1 <= request.max_iter <= MAX_ITERATIONS:
+        raise UsageError(
+            f"--max-iter must be between 1 and {MAX_ITERATIONS:,}, not {request.max_iter:.6g}"
+        )
+    if not (math.isfinite(request.tol) and request.tol > 0):
+        raise UsageError(f"--tol must be a positive number, not {request.tol:.6g}")
+    if not (math.isfinite(request.l2) and request.l2 >= 0):
+        raise UsageError(f"--l2 must be 0 or a positive number, not {request.l2:.6g}")
+    if not (math.isfinite(request.lambda_init) and request.lambda_init > 0):
+        raise UsageError(f"--lambda-init must be a positive number, not {request.lambda_init:.6g}")
+    if request.threads is not None and request.threads < 1:
+        raise UsageError(f"--threads must be at least 1, not {request.threads:.6g}")
+    _bounds(request.lambda_bounds)
+    Roles(**request.roles).check_distinct()
+    csv_separator(request.separator)
 
 
 def run_fit(request: FitRequest, console: Console) -> int:
@@ -80,10 +105,7 @@ def run_fit(request: FitRequest, console: Console) -> int:
     from choicecli.problem import ModelSpec, table_columns
     from choicecli.report import fit_summary
 
-    if request.max_iter < 1 or request.tol <= 0 or request.l2 < 0:
-        raise UsageError("--max-iter must be >= 1, --tol > 0 and --l2 >= 0")
-    if request.lambda_init <= 0:
-        raise UsageError(f"--lambda-init must be positive, not {request.lambda_init}")
+    check_fit_options(request)
     prepare_fit(request.model, inputs=[request.data])  # the model directory is ours to replace
     spec = ModelSpec(
         formula=request.formula,
@@ -99,7 +121,10 @@ def run_fit(request: FitRequest, console: Console) -> int:
     )
     # only the columns the model reads; fit_model takes the frame over (the data is held once)
     frame, digest = read_table(
-        request.data, request.input_format, select=lambda columns: table_columns(spec, columns)
+        request.data,
+        request.input_format,
+        select=lambda columns: table_columns(spec, columns),
+        separator=request.separator,
     )
     options = FitOptions(
         estimate=EstimateOptions(
@@ -115,8 +140,6 @@ def run_fit(request: FitRequest, console: Console) -> int:
     if request.threads is not None:
         import torch
 
-        if request.threads < 1:
-            raise UsageError(f"--threads must be at least 1, not {request.threads}")
         torch.set_num_threads(request.threads)
     if console.is_terminal and not console.quiet:
         with console.status("fitting ...") as status:
@@ -199,10 +222,11 @@ class PredictRequest:
     roles: dict
     input_format: str | None
     batch_cases: int
+    separator: str | None = None
 
 
 def run_predict(request: PredictRequest, console: Console) -> None:
-    from choicecli.io import read_table, scan_table
+    from choicecli.io import csv_separator, read_table, scan_table
     from choicecli.loader import load_result
     from choicecli.output import check_destination, output_format, write_table, write_text
     from choicecli.predict import predict_frame, share_table
@@ -210,7 +234,8 @@ def run_predict(request: PredictRequest, console: Console) -> None:
     if request.unseen not in ("error", "zero"):
         raise UsageError(f"--unseen must be error or zero, not {request.unseen!r}")
     if request.batch_cases < 1:
-        raise UsageError("--batch-cases must be at least 1")
+        raise UsageError(f"--batch-cases must be at least 1, not {request.batch_cases:.6g}")
+    csv_separator(request.separator)
     fmt = output_format(
         request.output, request.format, "csv" if request.output == "-" else "parquet"
     )
@@ -220,7 +245,7 @@ def run_predict(request: PredictRequest, console: Console) -> None:
     result = load_result(request.model)
     frame, digest = scan_table(request.data, request.input_format)  # Parquet: read in batches
     if frame is None:
-        frame, digest = read_table(request.data, request.input_format)
+        frame, digest = read_table(request.data, request.input_format, separator=request.separator)
     where = "<stdin>" if request.data == "-" else request.data
     overrides = {k: v for k, v in request.roles.items() if v is not None}
     scored, report = predict_frame(

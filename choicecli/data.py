@@ -7,16 +7,24 @@ The tensors may share memory with the input table: they are read, never written 
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 
 import polars as pl
 import torch
 
-from choicecli.errors import DataError
+from choicecli.errors import DataError, UsageError
 from choicecli.formula import suggest
 
 ROW = "__row"
+CHOSEN = "__chosen"
+MISSING_MODES = ("error", "drop", "refuse")
+# a used column whose largest magnitude lies outside these bounds is refused: its squares (in
+# the Hessian and the rank check) overflow or vanish in float64. Fits of a column rescaled
+# anywhere from 1e-150 to 1e+150 gave the same estimates to the last digits (times the scale).
+LARGEST_MAGNITUDE = 1e100
+SMALLEST_MAGNITUDE = 1e-100
 # string and other looked-up role columns are coded this many rows at a time (a few MB each)
 CODE_CHUNK_ROWS = 1 << 20
 
@@ -47,6 +55,20 @@ class Roles:
             )  # fmt: skip
             if name
         ]
+
+    def check_distinct(self) -> None:
+        """The case, item, choice, availability and weight columns are five different columns."""
+        seen: dict[str, str] = {}
+        for option in ("case", "item", "choice", "available", "weights"):
+            column = getattr(self, option)
+            if column is None:
+                continue
+            if column in seen:
+                raise UsageError(
+                    f"--{option} and --{seen[column]} both name column {column!r}; case, item, "
+                    "choice, availability and weights each need a column of their own"
+                )
+            seen[column] = option
 
 
 @dataclass
@@ -212,19 +234,32 @@ def _codes(table: pl.DataFrame, name: str, drop: bool) -> tuple[torch.Tensor, pl
     return codes, labels
 
 
+def shown(value: object) -> str:
+    """A value for a message: numbers to 6 significant digits, text quoted."""
+    return f"{value:.6g}" if isinstance(value, float) else repr(value)
+
+
 def encode(frame: pl.DataFrame, column: str, labels: list, what: str, where: str) -> pl.Series:
     """Integer codes of `column` against `labels`; a value not in labels is an error."""
-    mapping = pl.DataFrame({column: labels, "__code": range(len(labels))}).cast(
-        {column: frame.schema[column]}, strict=False
-    )
+    known = pl.DataFrame({column: labels, "__code": range(len(labels))}, strict=False)
+    mapping = known.cast({column: frame.schema[column]}, strict=False)
     coded = frame.select(column).join(mapping, on=column, how="left", maintain_order="left")
     missing = coded.filter(pl.col("__code").is_null())
     if missing.height:
         first = missing.get_column(column)[0]
+        hint = ""
+        if known.schema[column] != frame.schema[column]:
+            hint = (
+                f"; the model's {what} labels are {known.schema[column]} and this column is "
+                f"{frame.schema[column]}"
+            )
+        if what == "user":
+            hint += "; --unseen zero scores unseen users with their user coefficients at 0"
         raise DataError(
-            f"{where}: {what} {first!r} in column {column!r} was not seen when the model was "
-            f"fitted ({missing.height} rows); known: {', '.join(map(str, labels[:10]))}"
+            f"{where}: {what} {shown(first)} in column {column!r} was not seen when the model "
+            f"was fitted ({missing.height} rows); known: {', '.join(map(str, labels[:10]))}"
             + (" ..." if len(labels) > 10 else "")
+            + hint
         )
     return coded.get_column("__code")
 
@@ -244,18 +279,96 @@ def load_choice_data(
     """Validate the long table and turn it into tensors (no Python loop over rows or cases).
 
     Columns become tensors one at a time, without a copy where their type and order allow.
+    missing: 'error' (suggesting --missing drop), 'drop', or 'refuse' (an error with no option
+    to suggest: predict has none).
     consume: the caller hands the frame over; it is left empty, so each column's memory goes
     as its tensor comes and the data is held once (and `source_row` is None: no table is left
     for it to point into).
     """
+    if missing not in MISSING_MODES:
+        raise UsageError(f"--missing must be error or drop, not {missing!r}")
+    roles.check_distinct()
+    table, notes = _validated_table(frame, roles, used_columns, where, missing, consume)
+    roles_used = set(roles.names())
+    features = {  # the value columns leave polars first: its work below reuses their memory
+        name: (_tensor(table.get_column(name)) if name in roles_used else _take(table, name))
+        for name in used_columns
+    }
+    rows = _sorted_codes(table, roles, item_labels, user_labels, where)
+    _check_cases(rows, roles, where)
+    warnings: list[str] = []
+    keep = None
+    if drop_single_alternative:
+        keep = _single_alternative_rows(rows.case_index, rows.case_labels, warnings)
+        if not bool(keep.any()):
+            raise DataError(f"{where}: no cases left to fit after the checks above")
+    positions = _drop_rows(rows, keep)  # (R,) the table's rows in output order; None: as they are
+    first_row = _first_row_of_case(rows.case_index, len(rows.case_labels))  # (N,)
+
+    def in_rows(column: torch.Tensor) -> torch.Tensor:
+        return column if positions is None else column[positions]
+
+    columns = {name: in_rows(features.pop(name).double()) for name in used_columns}
+    return ChoiceData(
+        roles=roles,
+        item_labels=rows.item_labels,
+        user_labels=rows.user_labels,
+        case_labels=rows.case_labels,
+        case_index=rows.case_index,
+        item_index=rows.item_index,
+        user_of_case=None if rows.users is None else rows.users[first_row],
+        chosen=rows.chosen,
+        columns=columns,
+        source_row=None if consume else in_rows(_take(table, ROW).long()),
+        case_weights=None if rows.weights is None else rows.weights[first_row],
+        notes=notes,
+        warnings=warnings,
+    )
+
+
+@dataclass
+class _Rows:
+    """The role columns of a validated table as codes, rows in (case, alternative) order."""
+
+    case_index: torch.Tensor  # (R,) long
+    item_index: torch.Tensor  # (R,) long
+    case_labels: pl.Series  # (N,)
+    item_labels: list  # (J,)
+    user_labels: list | None  # (U,)
+    users: torch.Tensor | None  # (R,) long
+    sessions: torch.Tensor | None  # (R,) long
+    weights: torch.Tensor | None  # (R,) float64
+    chosen: torch.Tensor | None  # (R,) float64 0/1
+    order: torch.Tensor | None  # (R,) the table's rows in this order; None: already sorted
+
+
+def _validated_table(
+    frame: pl.DataFrame,
+    roles: Roles,
+    used_columns: list[str],
+    where: str,
+    missing: str,
+    consume: bool,
+) -> tuple[pl.DataFrame, list[str]]:
+    """The role and used columns, checked: numbers where numbers are needed, missing values
+    refused or dropped, the choice made a 0/1 flag (CHOSEN), unavailable rows left out; and
+    notes on what was dropped. A row number (ROW) goes along for the messages; a consumed
+    frame is left empty, and the row number goes once the checks are done."""
     check_columns(frame, roles.names() + used_columns, where)
     table = frame.select(list(dict.fromkeys(roles.names() + used_columns))).with_row_index(ROW)
     if consume:
         for name in frame.columns:
             frame.drop_in_place(name)
+    decimals = [name for name, dtype in table.schema.items() if dtype.is_decimal()]
+    if decimals:  # exact decimals are fitted as float64 numbers
+        table = table.with_columns(pl.col(decimals).cast(pl.Float64))
     notes: list[str] = []
-    table = _check_numeric(table, used_columns + [c for c in (roles.weights,) if c], where)
+    numbers = used_columns + [c for c in (roles.weights,) if c]
+    table = _check_numeric(table, numbers, where)
     table = _handle_missing(table, roles, used_columns, missing, where, notes)
+    _check_scale(table, numbers, roles.case, where)
+    if roles.weights:
+        _check_weights(table, roles.weights, roles.case, where)
     if roles.choice:
         table = table.with_columns(_chosen_flag(table, roles.choice, where))
         others = used_columns + [n for n in roles.names() if n != roles.choice]
@@ -267,12 +380,18 @@ def load_choice_data(
         raise DataError(f"{where}: no rows left to fit after the checks above")
     if consume:
         table.drop_in_place(ROW)  # only the messages above cite rows: no source_row to give
-    roles_used = set(roles.names())
-    features = {  # the value columns leave polars first: its work below reuses their memory
-        name: (_tensor(table.get_column(name)) if name in roles_used else _take(table, name))
-        for name in used_columns
-    }
-    # each role column becomes codes in table order and leaves the table unless read later
+    return table, notes
+
+
+def _sorted_codes(
+    table: pl.DataFrame,
+    roles: Roles,
+    item_labels: list | None,
+    user_labels: list | None,
+    where: str,
+) -> _Rows:
+    """Each role column as codes (labels given, or its own sorted values), rows sorted by
+    (case, alternative); a role column leaves the table once coded, unless a later one reads it."""
     later = [roles.case, roles.user, roles.session, roles.weights]
     item_index, item_labels = _role_codes(table, roles.item, item_labels, "alternative", where,
                                           later)  # fmt: skip
@@ -285,71 +404,58 @@ def load_choice_data(
         sessions, _ = _role_codes(table, roles.session, None, "session", where, later[3:])
     order = _sort_order(case_index, item_index, len(item_labels))  # None: already sorted
 
-    def in_order(values: torch.Tensor) -> torch.Tensor:
-        return values if order is None else values[order]
+    def in_order(values: torch.Tensor | None) -> torch.Tensor | None:
+        return values if values is None or order is None else values[order]
 
-    case_index, item_index = in_order(case_index), in_order(item_index)
-    _check_duplicates(case_index, item_index, case_labels, item_labels, where)
-    users = None if users is None else in_order(users)
-    within_case = [(roles.user, "user", users)]
-    if sessions is not None:
-        within_case.append((roles.session, "session", in_order(sessions)))
-    weights = None
-    if roles.weights:
-        weights = in_order(_take(table, roles.weights).double())
-        within_case.append((roles.weights, "weight", weights))
-    for name, what, values in within_case:
-        if values is not None:
-            _check_constant_within_case(case_index, values, case_labels, name, what, where)
-    chosen = in_order(_take(table, "__chosen")).double() if roles.choice else None
-    if chosen is not None:
-        _check_one_chosen(case_index, chosen, case_labels, roles.choice, where)
-    keep = torch.ones(case_index.shape[0], dtype=torch.bool)
-    warnings: list[str] = []
-    if drop_single_alternative:
-        keep = _single_alternative_rows(case_index, case_labels, warnings)
-    if not bool(keep.any()):
-        raise DataError(f"{where}: no cases left to fit after the checks above")
-    dropped = not bool(keep.all())  # usually nothing is dropped, and nothing is copied
-
-    def kept(values: torch.Tensor) -> torch.Tensor:
-        return values[keep] if dropped else values
-
-    if dropped:
-        kept_cases = torch.zeros(len(case_labels), dtype=torch.bool)
-        kept_cases[case_index[keep]] = True
-        new_code = torch.cumsum(kept_cases.long(), 0) - 1  # (N_old,) compacted case codes
-        case_index = new_code[case_index[keep]]
-        case_labels = case_labels.filter(pl.Series(kept_cases.numpy()))
-        item_index, users, chosen = (
-            v if v is None else v[keep] for v in (item_index, users, chosen)
-        )
-    first_row = _first_row_of_case(case_index, len(case_labels))  # (N,)
-    rows = order  # (R,) the table's rows in output order; None: all of them, as they are
-    if dropped:
-        rows = keep.nonzero().flatten() if order is None else order[keep]
-
-    def in_rows(column: torch.Tensor) -> torch.Tensor:
-        return column if rows is None else column[rows]
-
-    columns = {name: in_rows(features.pop(name).double()) for name in used_columns}
-    if weights is not None:
-        weights = kept(weights)[first_row]
-    return ChoiceData(
-        roles=roles,
+    weights = _take(table, roles.weights).double() if roles.weights else None
+    chosen = _take(table, CHOSEN).double() if roles.choice else None
+    return _Rows(
+        case_index=in_order(case_index),
+        item_index=in_order(item_index),
+        case_labels=case_labels,
         item_labels=item_labels,
         user_labels=user_labels,
-        case_labels=case_labels,
-        case_index=case_index,
-        item_index=item_index,
-        user_of_case=None if users is None else users[first_row],
-        chosen=chosen,
-        columns=columns,
-        source_row=None if consume else in_rows(_take(table, ROW).long()),
-        case_weights=weights,
-        notes=notes,
-        warnings=warnings,
+        users=in_order(users),
+        sessions=in_order(sessions),
+        weights=in_order(weights),
+        chosen=in_order(chosen),
+        order=order,
     )
+
+
+def _check_cases(rows: _Rows, roles: Roles, where: str) -> None:
+    """One row per (case, alternative); one user, session and weight per case; one choice."""
+    _check_duplicates(rows.case_index, rows.item_index, rows.case_labels, rows.item_labels, where)
+    within_case = [
+        (roles.user, "user", rows.users),
+        (roles.session, "session", rows.sessions),
+        (roles.weights, "weight", rows.weights),
+    ]
+    for name, what, values in within_case:
+        if values is not None:
+            _check_constant_within_case(
+                rows.case_index, values, rows.case_labels, name, what, where
+            )
+    if rows.chosen is not None:
+        _check_one_chosen(rows.case_index, rows.chosen, rows.case_labels, roles.choice, where)
+
+
+def _drop_rows(rows: _Rows, keep: torch.Tensor | None) -> torch.Tensor | None:
+    """Leave out the rows `keep` (R,) bool does not hold, renumbering the cases; returns the
+    table's rows in output order (R_kept,), or None: all of them, as they are."""
+    if keep is None or bool(keep.all()):  # usually nothing is dropped, and nothing is copied
+        return rows.order
+    kept_cases = torch.zeros(len(rows.case_labels), dtype=torch.bool)
+    kept_cases[rows.case_index[keep]] = True
+    new_code = torch.cumsum(kept_cases.long(), 0) - 1  # (N_old,) compacted case codes
+    rows.case_index = new_code[rows.case_index[keep]]
+    rows.case_labels = rows.case_labels.filter(pl.Series(kept_cases.numpy()))
+    rows.item_index = rows.item_index[keep]
+    rows.users = None if rows.users is None else rows.users[keep]
+    rows.weights = None if rows.weights is None else rows.weights[keep]
+    rows.chosen = None if rows.chosen is None else rows.chosen[keep]
+    rows.sessions = None  # checked; nothing reads them now
+    return keep.nonzero().flatten() if rows.order is None else rows.order[keep]
 
 
 def _tensor(series: pl.Series) -> torch.Tensor:
@@ -412,7 +518,7 @@ def _check_numeric(table: pl.DataFrame, names: list[str], where: str) -> pl.Data
             if bad.height:
                 raise DataError(
                     f"{where}: column {name!r} has {bad.height} non-numeric values (first "
-                    f"{bad.get_column(name)[0]!r} at row {bad.get_column(ROW)[0] + 1}); "
+                    f"{shown(bad.get_column(name)[0])} at row {bad.get_column(ROW)[0] + 1}); "
                     "a formula can only use numeric or true/false columns"
                 )
             casts.append(converted.alias(name))
@@ -429,6 +535,7 @@ def _handle_missing(
 ) -> pl.DataFrame:
     """Nulls/NaN in used columns: an error, or drop their cases with --missing drop."""
     case = roles.case
+    hint = "" if missing == "refuse" else ", or pass --missing drop to drop those cases"
     for name in roles.names():
         nulls = table.get_column(name).null_count()
         if nulls:
@@ -446,8 +553,7 @@ def _handle_missing(
             if infinite.height:
                 raise DataError(
                     f"{where}: column {name!r} has {infinite.height} infinite values (first in "
-                    f"case {infinite.get_column(case)[0]!r}); replace them, or pass --missing "
-                    "drop to drop those cases"
+                    f"case {infinite.get_column(case)[0]!r}); replace them{hint}"
                 )
     if not floats:
         return table
@@ -470,34 +576,86 @@ def _handle_missing(
             n_cases = hit.get_column(case).n_unique()
             raise DataError(
                 f"{where}: column {name!r} has null or NaN values in {n_cases} cases "
-                f"(first: case {hit.get_column(case)[0]!r}); fill them in, or pass "
-                "--missing drop to drop those cases"
+                f"(first: case {hit.get_column(case)[0]!r}); fill them in{hint}"
             )
     return table
+
+
+def _check_scale(table: pl.DataFrame, names: list[str], case: str, where: str) -> None:
+    """A column whose values are all far larger or far smaller than 1 (beyond LARGEST_MAGNITUDE
+    or SMALLEST_MAGNITUDE, zeros aside) is refused, naming the factor that rescales it."""
+    if not names:
+        return
+    names = list(dict.fromkeys(names))
+    # the largest magnitude from the least and the greatest value: no (R,) temporaries
+    ends = table.select(
+        [pl.col(n).min().alias(f"{i}-") for i, n in enumerate(names)]
+        + [pl.col(n).max().alias(f"{i}+") for i, n in enumerate(names)]
+    ).row(0)
+    for index, name in enumerate(names):
+        low, high = ends[index], ends[len(names) + index]
+        if low is None or high is None:
+            continue
+        value = max(abs(float(low)), abs(float(high)))
+        if value == 0 or not math.isfinite(value):
+            continue
+        if SMALLEST_MAGNITUDE <= value <= LARGEST_MAGNITUDE:
+            continue
+        factor = f"{10.0 ** round(math.log10(value)):.0e}"
+        hit = table.filter(pl.col(name).cast(pl.Float64).abs() == value)
+        at = f"case {hit.get_column(case)[0]!r}, row {hit.get_column(ROW)[0] + 1}"
+        if value > LARGEST_MAGNITUDE:
+            problem = f"has values as large as {value:.3g} (first: {at})"
+            fix = f"divide it by {factor}"
+        else:
+            problem = f"has no value larger than {value:.3g} in magnitude (first: {at})"
+            fix = f"multiply it by {1 / float(factor):.0e}"
+        raise DataError(
+            f"{where}: column {name!r} {problem}; numbers this far from 1 overflow or vanish "
+            f"when the fit squares them: rescale the column ({fix}) and run again"
+        )
+
+
+def _check_weights(table: pl.DataFrame, name: str, case: str, where: str) -> None:
+    """Weights are 0 or more, and not all 0."""
+    negative = table.filter(pl.col(name) < 0)
+    if negative.height:
+        raise DataError(
+            f"{where}: weight column {name!r} has {negative.height} negative values (first: "
+            f"{shown(negative.get_column(name)[0])} in case {negative.get_column(case)[0]!r}, "
+            f"row {negative.get_column(ROW)[0] + 1}); weights must be 0 or more"
+        )
+    if not bool(table.select((pl.col(name) != 0).any()).item()):
+        raise DataError(
+            f"{where}: every weight in column {name!r} is 0, so no case counts; "
+            "give the cases to fit a positive weight"
+        )
 
 
 def _chosen_flag(table: pl.DataFrame, name: str, where: str) -> pl.Expr:
     series = table.get_column(name)
     if series.dtype == pl.Boolean:
-        return pl.col(name).alias("__chosen")
+        return pl.col(name).alias(CHOSEN)
     if not series.dtype.is_numeric():
         text = pl.col(name).cast(pl.String).str.strip_chars()
         bad = table.filter(~text.is_in(["0", "1", "TRUE", "FALSE", "true", "false"]))
         if bad.height:
             raise DataError(
                 f"{where}: choice column {name!r} has {bad.height} values that are not 0/1 or "
-                f"true/false (first {bad.get_column(name)[0]!r} at row "
+                f"true/false (first {shown(bad.get_column(name)[0])} at row "
                 f"{bad.get_column(ROW)[0] + 1}); mark the chosen row with 1 and the others with 0"
             )
-        return text.is_in(["1", "TRUE", "true"]).alias("__chosen")
-    bad = table.filter(~pl.col(name).is_in([0, 1]))
+        return text.is_in(["1", "TRUE", "true"]).alias(CHOSEN)
+    # integers, and floats (pandas writes 0.0/1.0), compared in their own type: no copy
+    flags = pl.Series([0, 1]).cast(series.dtype)
+    bad = table.filter(~pl.col(name).is_in(flags.implode()))  # NaN too
     if bad.height:
         raise DataError(
             f"{where}: choice column {name!r} has values other than 0/1 ({bad.height} rows, "
-            f"first {bad.get_column(name)[0]!r} at row {bad.get_column(ROW)[0] + 1}); "
+            f"first {shown(bad.get_column(name)[0])} at row {bad.get_column(ROW)[0] + 1}); "
             "mark the chosen row with 1 and the others with 0"
         )
-    return (pl.col(name) == 1).alias("__chosen")
+    return (pl.col(name) == 1).alias(CHOSEN)
 
 
 def _apply_availability(
@@ -506,10 +664,20 @@ def _apply_availability(
     name = roles.available
     series = table.get_column(name)
     if not (series.dtype == pl.Boolean or series.dtype.is_numeric()):
-        raise DataError(f"{where}: availability column {name!r} must be 0/1 or true/false")
-    available = pl.col(name).cast(pl.Float64) != 0
+        raise DataError(
+            f"{where}: availability column {name!r} is {series.dtype}; it must be 0/1 or true/false"
+        )
+    available = pl.col(name).cast(pl.Float64)
+    bad = table.filter(~available.is_in([0.0, 1.0]))  # NaN too
+    if bad.height:
+        raise DataError(
+            f"{where}: availability column {name!r} has {bad.height} values that are not 0/1 "
+            f"(first {shown(bad.get_column(name)[0])} at row {bad.get_column(ROW)[0] + 1}); "
+            "mark available rows with 1 and unavailable ones with 0"
+        )
+    available = available == 1.0
     if roles.choice:
-        bad = table.filter(pl.col("__chosen") & ~available)
+        bad = table.filter(pl.col(CHOSEN) & ~available)
         if bad.height:
             raise DataError(
                 f"{where}: {bad.height} cases choose an alternative marked unavailable in "

@@ -63,17 +63,23 @@ class Block:
 
 
 def resolve_features(term: Term, columns: list[str], roles: list[str], where: str) -> list[str]:
-    """The data columns a term uses: itself, or every column a glob matches (table order)."""
+    """The data columns a term uses: itself, or every column a glob matches (table order).
+
+    A name in backticks is literal; a glob that matches nothing but is a column's exact name
+    (`x[1]` written bare) names that column.
+    """
     if term.is_intercept:
         return ["intercept"]
     candidates = [c for c in columns if c not in roles]
     if term.is_glob:
         matched = [c for c in candidates if fnmatch.fnmatchcase(c, term.variable)]
-        if not matched:
+        if matched:
+            return matched
+        if term.variable not in columns:
             raise FormulaError(
                 f"{where}: the glob {term.variable!r} in term {term.name} matches no column"
+                f"{suggest(term.variable, candidates)}"
             )
-        return matched
     if term.variable not in columns:
         raise FormulaError(
             f"{where}: unknown column {term.variable!r} in term {term.name}"

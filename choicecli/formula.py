@@ -6,6 +6,7 @@ variable  := '1' | column | glob | `any text`
 variation := constant | item | item-full | user | user-item | user-item-full
 
 Only '(', ')', '|', '+' and whitespace delimit; names may hold dots and other punctuation.
+A name in backticks is taken literally: `travel time [min]` names that column, never a glob.
 """
 
 from __future__ import annotations
@@ -47,11 +48,13 @@ class Variation(StrEnum):
 
 @dataclass(frozen=True)
 class Term:
-    """One `(variable|variation)` term. `variable` is '1' for an intercept."""
+    """One `(variable|variation)` term. `variable` is '1' for an intercept; `literal`: it was
+    written in backticks, so glob characters in it are part of the name."""
 
     variable: str
     variation: Variation
     position: int = 0
+    literal: bool = False
 
     @property
     def is_intercept(self) -> bool:
@@ -59,7 +62,7 @@ class Term:
 
     @property
     def is_glob(self) -> bool:
-        return any(char in self.variable for char in GLOB_CHARACTERS)
+        return not self.literal and any(char in self.variable for char in GLOB_CHARACTERS)
 
     @property
     def variable_name(self) -> str:
@@ -75,6 +78,7 @@ class _Token:
     kind: str  # one of ( ) | + or 'name'
     text: str
     position: int
+    quoted: bool = False  # a name written in backticks
 
 
 def parse_formula(text: str, *, allow_empty: bool = False, label: str = "formula") -> list[Term]:
@@ -119,7 +123,7 @@ def _tokenize(text: str, label: str) -> list[_Token]:
                 raise _error(label, text, position, "unclosed backtick")
             if end == position + 1:
                 raise _error(label, text, position, "empty name between backticks")
-            tokens.append(_Token("name", text[position + 1 : end], position))
+            tokens.append(_Token("name", text[position + 1 : end], position, quoted=True))
             position = end + 1
         else:
             start = position
@@ -149,7 +153,8 @@ def _parse_term(tokens: list[_Token], index: int, text: str, label: str) -> tupl
     expect("|", "'|' between the variable and its variation")
     variation_token = expect("name", "a variation (constant, item, item-full, user, ...)")
     expect(")", "')' to close the term")
-    return Term(variable.text, _variation(variation_token, text, label), start.position), index
+    variation = _variation(variation_token, text, label)
+    return Term(variable.text, variation, start.position, literal=variable.quoted), index
 
 
 def _variation(token: _Token, text: str, label: str) -> Variation:

@@ -47,26 +47,27 @@ def predict_frame(
     Output columns: case, item, user and choice as given, any `extra_columns`, then utility,
     probability and predicted.
     """
+    empty = pl.DataFrame(schema=source.lazy().collect_schema())  # the input's columns only
     lazy = source.lazy().with_row_index(INPUT_ROW)
-    empty = pl.DataFrame(schema=lazy.collect_schema())  # for checks that need only the columns
     spec = spec_from_result(result, roles or {})
-    # scoring needs neither weights nor sessions; choices and availability only when given
+    # scoring needs neither weights nor sessions; choices and availability only when given;
+    # missing values are an error (predict has no --missing to drop them)
     present = {name: getattr(spec.roles, name) for name in ("choice", "available")}
     present = {k: v if v in empty.columns else None for k, v in present.items()}
-    spec = replace(spec, roles=replace(spec.roles, weights=None, session=None, **present))
+    roles_used = replace(spec.roles, weights=None, session=None, **present)
+    roles_used.check_distinct()
+    spec = replace(spec, roles=roles_used, missing="refuse")
     check_columns(empty, [spec.roles.case, spec.roles.item, *extra_columns], where)
     user_labels = result.labels.get("users")
     if user_labels is not None and unseen == "zero" and spec.roles.user in empty.columns:
-        seen = pl.Series(user_labels).cast(empty.schema[spec.roles.user], strict=False)
-        users = lazy.select(pl.col(spec.roles.user).unique()).collect().to_series()
-        fresh = users.filter(~users.is_in(seen.implode()))
-        user_labels = list(user_labels) + fresh.drop_nulls().sort().to_list()
+        user_labels = _with_unseen_users(user_labels, lazy, spec.roles.user)
     estimates = {
         _parameter_key(p): float(v)
         for p, v in zip(result.parameters, result.estimate.tolist(), strict=True)
     }
     case = spec.roles.case
     cases = lazy.select(pl.col(case).unique().sort()).collect().to_series()
+    batch_cases = min(batch_cases, max(cases.len(), 1))  # a huge --batch-cases: one batch
     pieces = []
     totals = {"log_likelihood": 0.0, "null": 0.0, "hits": 0, "cases": 0}
     for first in range(0, max(cases.len(), 1), batch_cases):
@@ -88,6 +89,21 @@ def predict_frame(
             "null_log_likelihood": totals["null"],
         }
     return scored, report
+
+
+def _with_unseen_users(user_labels: list, lazy: pl.LazyFrame, column: str) -> list:
+    """The model's user labels followed by the data's users it has not seen (sorted).
+
+    Where the model's labels and the column differ in type (integers against text), users are
+    matched by their text and every label is given as text.
+    """
+    kind = lazy.collect_schema()[column]
+    seen = pl.Series(user_labels).cast(kind, strict=False)
+    users = lazy.select(pl.col(column).unique()).collect().to_series()
+    fresh = users.filter(~users.is_in(seen.implode())).drop_nulls().sort().to_list()
+    if fresh and pl.Series(user_labels).dtype != kind:
+        return [str(label) for label in user_labels] + [str(label) for label in fresh]
+    return list(user_labels) + fresh
 
 
 def _score_batch(
@@ -123,8 +139,8 @@ def _score_batch(
         totals["hits"] += int((best & (data.chosen > 0)).sum())
         totals["cases"] += data.n_cases
     roles = spec.roles
-    keep = [c for c in (roles.case, roles.item, roles.user, roles.choice) if c]
-    keep += [c for c in extra_columns if c not in keep]
+    keep = [c for c in (roles.case, roles.item, roles.user, roles.choice, *extra_columns) if c]
+    keep = list(dict.fromkeys(keep))  # a column in two roles (--user case) is output once
     source = batch.select([INPUT_ROW, *keep])[data.source_row.numpy()]
     return source.with_columns(
         pl.Series("utility", utility.numpy()),

@@ -208,3 +208,30 @@ def test_a_parquet_file_is_read_for_the_used_columns_only(tmp_path):
     typo = ModelSpec("(1|item) + (xx|constant)", ROLES)
     frame, _ = read_table(str(path), select=lambda names: table_columns(typo, names))
     assert "unused" in frame.columns
+
+
+def test_weights_users_and_rows_stay_with_their_cases_when_single_alternative_cases_go():
+    """load_choice_data in steps: shuffled rows, cases of one alternative dropped, and each
+    kept case's weight, user, choice and input row still its own."""
+    frame = long_table(n_cases=60, n_items=3)
+    frame = frame.with_columns(
+        weight=(pl.col("case") % 7 + 1).cast(pl.Float64),
+        user=pl.format("u{}", pl.col("case") % 5),
+    )
+    single = frame.filter(pl.col("case") % 4 == 0).group_by("case").agg(pl.all().first())
+    frame = pl.concat([frame.filter(pl.col("case") % 4 != 0), single.select(frame.columns)])
+    frame = frame.with_columns(pl.when(pl.col("case") % 4 == 0).then(1).otherwise("choice")
+                               .alias("choice"))  # fmt: skip
+    shuffled = frame.sample(fraction=1.0, shuffle=True, seed=5)
+    roles = Roles(case="case", item="item", choice="choice", user="user", weights="weight")
+    data = load_choice_data(shuffled, roles, ["x"], where="t")
+    assert data.n_cases == 45 and "dropped 15 cases with a single alternative" in data.warnings[0]
+    cases = torch.tensor(data.case_labels.to_list())  # (N,)
+    assert data.case_weights.tolist() == ((cases % 7) + 1).double().tolist()
+    assert [data.user_labels[u] for u in data.user_of_case.tolist()] == [
+        f"u{c % 5}" for c in cases.tolist()
+    ]
+    source = shuffled[data.source_row.numpy()]
+    assert source.get_column("case").to_list() == cases[data.case_index].tolist()
+    assert data.columns["x"].tolist() == source.get_column("x").to_list()
+    assert data.chosen.tolist() == source.get_column("choice").cast(pl.Float64).to_list()

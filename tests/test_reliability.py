@@ -835,7 +835,7 @@ def test_nested_logit_likelihood_is_finite_at_extreme_parameters(lambda_value):
     assert torch.isfinite(gradient).all()
 
 
-@pytest.mark.parametrize("scale", [1e150, 1e300])
+@pytest.mark.parametrize("scale", [1e90])  # beyond 1e100 a column is refused: tests/test_inputs.py
 def test_fit_with_huge_column_values_keeps_the_likelihood_finite(tmp_path, scale):
     frame = long_table().with_columns(pl.col("price") * scale)
     data = write(frame, tmp_path / "data.parquet")
