@@ -89,11 +89,9 @@ class MixedSpec:
                    for row, col in self.cholesky_pairs]  # fmt: skip
         return labels
 
-    def initial(self, dtype=torch.float64, device=None, spread: float = 0.1) -> torch.Tensor:
-        """Start values: zeros, spreads at `spread`. (P,)"""
-        theta = torch.zeros(self.n_parameters, dtype=dtype, device=device)
-        theta[self.n_fixed + self.n_random : self.n_fixed + 2 * self.n_random] = spread
-        return theta
+    def initial(self, dtype=torch.float64, device=None, value: float = 0.1) -> torch.Tensor:
+        """Start values: every parameter `value` (xlogit starts at 0.1). (P,)"""
+        return torch.full((self.n_parameters,), value, dtype=dtype, device=device)
 
     def covariance(self, theta: torch.Tensor) -> torch.Tensor:
         """L L^T among the Cholesky block's coefficients (normal ones when correlated, in
@@ -329,40 +327,47 @@ def _batch(
                                              d_mean, d_spread)  # fmt: skip
 
 
-def _weighted_scores(
+def _per_draw_scores(
     spec: MixedSpec,
-    log_probability: torch.Tensor,  # (U, B)
     gradient_x: torch.Tensor,  # (U, B, K): sum over a unit's slots of (y - p) x
     draws: torch.Tensor,  # (U, B, Kr)
     d_mean: torch.Tensor,  # (U, B, Kr)
     d_spread: torch.Tensor,  # (U, B, Kr)
 ) -> torch.Tensor:
-    """sum_b w_ub d log P_u(beta_ub) / d theta, w the softmax over the batch's draws. (U, P)"""
+    """d log P_u(beta_ub) / d theta for each draw. (U, B, P)"""
     random_part = gradient_x[:, :, spec.n_fixed :]  # (U, B, Kr)
     parts = [gradient_x[:, :, : spec.n_fixed], random_part * d_mean, random_part * d_spread]
     if spec.cholesky_pairs:
         rows = [row for row, _ in spec.cholesky_pairs]
         cols = [col for _, col in spec.cholesky_pairs]
         parts.append(random_part[:, :, rows] * draws[:, :, cols])  # (U, B, Q)
-    per_draw = torch.cat(parts, dim=2)  # (U, B, P)
+    return torch.cat(parts, dim=2)  # (U, B, P)
+
+
+def _weighted_scores(
+    spec: MixedSpec,
+    log_probability: torch.Tensor,  # (U, B)
+    gradient_x: torch.Tensor,  # (U, B, K)
+    draws: torch.Tensor,  # (U, B, Kr)
+    d_mean: torch.Tensor,  # (U, B, Kr)
+    d_spread: torch.Tensor,  # (U, B, Kr)
+) -> torch.Tensor:
+    """sum_b w_ub d log P_u(beta_ub) / d theta, w the softmax over the batch's draws. (U, P)"""
+    per_draw = _per_draw_scores(spec, gradient_x, draws, d_mean, d_spread)  # (U, B, P)
     weights = torch.softmax(log_probability, dim=1)  # (U, B)
     return torch.bmm(weights.unsqueeze(1), per_draw).squeeze(1)  # (U, P)
 
 
-def _fast_batch(
-    spec: MixedSpec,
-    data: MixedData,
-    theta: torch.Tensor,
-    draws: torch.Tensor,  # (U, B, Kr)
-    fixed_utility: torch.Tensor,  # (U, 1, T*J)
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """_batch with scores, in place and without autograd: utilities are taken relative to the
-    chosen alternative's (so the sum of exponentials is at least 1 and log P = -log of it), the
-    differences capped at UTILITY_GAP_LIMIT against overflow, and sum (y - p) x formed as the
-    chosen rows' x minus p x, with no residual tensor. (U, B), (U, P)"""
-    n_units, n_batch = draws.shape[0], draws.shape[1]
+def _fast_probabilities(
+    data: MixedData, beta: torch.Tensor, fixed_utility: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """In place, without autograd: log P_u(beta_ub) (U, B), the probabilities (U, B, T*J) and
+    sum over a unit's slots of (y - p) x (U, B, K). Utilities are taken relative to the chosen
+    alternative's (so the sum of exponentials is at least 1 and log P = -log of it), the
+    differences capped at UTILITY_GAP_LIMIT against overflow; (y - p) x is formed as the chosen
+    rows' x minus p x, with no residual tensor."""
+    n_units, n_batch = beta.shape[0], beta.shape[1]
     n_per_unit, n_alternatives = data.n_cases_per_unit, data.n_alternatives
-    beta, d_mean, d_spread = random_coefficients(spec, theta, draws)  # (U, B, Kr)
     utility = torch.baddbmm(fixed_utility, beta, data.random_design_t)  # (U, B, T*J)
     utility = utility.view(n_units, n_batch, n_per_unit, n_alternatives)
     chosen_slot = data.chosen_slot.unsqueeze(1).expand(n_units, n_batch, n_per_unit, 1)
@@ -373,6 +378,19 @@ def _fast_batch(
     log_probability = -torch.log(total).sum(dim=(2, 3))  # (U, B)
     probability = exponential.mul_(total.reciprocal_()).view(n_units, n_batch, -1)
     gradient_x = torch.bmm(probability, data.design).neg_().add_(data.chosen_design.unsqueeze(1))
+    return log_probability, probability, gradient_x
+
+
+def _fast_batch(
+    spec: MixedSpec,
+    data: MixedData,
+    theta: torch.Tensor,
+    draws: torch.Tensor,  # (U, B, Kr)
+    fixed_utility: torch.Tensor,  # (U, 1, T*J)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """_batch with scores, in place and without autograd. (U, B), (U, P)"""
+    beta, d_mean, d_spread = random_coefficients(spec, theta, draws)  # (U, B, Kr)
+    log_probability, _, gradient_x = _fast_probabilities(data, beta, fixed_utility)
     scores = _weighted_scores(spec, log_probability, gradient_x, draws, d_mean, d_spread)
     return log_probability, scores
 
@@ -492,6 +510,106 @@ def hessian(
     return 0.5 * (columns + columns.T)
 
 
+def _second_derivatives(
+    distribution: str, mean: torch.Tensor, spread: torch.Tensor, draw: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """d2 beta / d m2, d m d s, d s2 elementwise (forward-mode AD of the first derivatives), or
+    None where beta is linear in (m, s). (U, B) each"""
+    if distribution in ("normal", "uniform", "triangular"):
+        return None
+
+    def first(m: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return draws_module.coefficients_and_derivatives(distribution, m, s, draw)[1:]
+
+    one, zero = torch.ones_like(mean), torch.zeros_like(mean)
+    _, (mean_mean, spread_mean) = torch.func.jvp(first, (mean, spread), (one, zero))
+    _, (_, spread_spread) = torch.func.jvp(first, (mean, spread), (zero, one))
+    return mean_mean, spread_mean, spread_spread
+
+
+def analytic_hessian(
+    spec: MixedSpec,
+    data: MixedData,
+    theta: torch.Tensor,
+    draws: torch.Tensor,
+    draw_batch: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The exact Hessian of the simulated log-likelihood in closed form, two passes over the
+    draws (the first for each unit's likelihood, which fixes the draw weights w_ur):
+    sum_u [sum_r w_ur (H_ur + g_ur g_ur^T) - s_u s_u^T], with g_ur the draw's score and
+    H_ur = -J^T M J + sum_k (dl/dbeta_k) d2 beta_k, M = sum over the unit's cases of
+    sum_j p x x^T - (sum_j p x)(sum_j p x)^T. Also returns the log-likelihood () and the
+    units' scores (U, P). Memory: the data's x x^T per slot (U, T*J, K*K), and per batch
+    (U, B, P, P) and (U, B, T, K)."""
+    n_units, n_draws = draws.shape[0], draws.shape[1]
+    n_fixed, n_random = spec.n_fixed, spec.n_random
+    n_coefficients = n_fixed + n_random
+    n_per_unit, n_alternatives = data.n_cases_per_unit, data.n_alternatives
+    batch = draw_batch or default_draw_batch(data, n_draws)
+    with torch.no_grad():
+        unit_values, scores = _simulate(spec, data, theta, draws, batch, True, fast=True)
+        normaliser = unit_values + math.log(n_draws)  # (U,) log sum_r P_ur
+        coefficient_of = list(range(n_fixed)) + [n_fixed + k for k in range(n_random)] * 2
+        coefficient_of += [n_fixed + row for row, _ in spec.cholesky_pairs]
+        coefficient_index = torch.tensor(coefficient_of, device=theta.device)  # (P,)
+        # entry (p, q) of the P x P matrix reads M[c(p), c(q)], flattened
+        pair_index = (coefficient_index.unsqueeze(1) * n_coefficients + coefficient_index).view(-1)
+        design = data.design  # (U, T*J, K)
+        outer = (design.unsqueeze(3) * design.unsqueeze(2)).view(n_units, -1, n_coefficients**2)
+        grid = design.view(n_units * n_per_unit, n_alternatives, n_coefficients)
+        fixed_utility = (design[:, :, :n_fixed] @ theta[:n_fixed] + data.blocked).unsqueeze(1)
+        means = theta[n_fixed : n_fixed + n_random]
+        spreads = theta[n_fixed + n_random : n_fixed + 2 * n_random]
+        result = -(scores.T @ scores)  # (P, P)
+        for start in range(0, n_draws, batch):
+            part = draws[:, start : start + batch]  # (U, B, Kr)
+            n_batch = part.shape[1]
+            beta, d_mean, d_spread = random_coefficients(spec, theta, part)
+            log_probability, probability, gradient_x = _fast_probabilities(
+                data, beta, fixed_utility
+            )
+            weights = torch.exp(log_probability - normaliser.unsqueeze(1))  # (U, B)
+            per_draw = _per_draw_scores(spec, gradient_x, part, d_mean, d_spread)  # (U, B, P)
+            weighted = per_draw * weights.unsqueeze(2)  # (U, B, P)
+            result += weighted.reshape(-1, weighted.shape[2]).T @ per_draw.reshape(
+                -1, per_draw.shape[2]
+            )
+            # M = sum p x x^T - sum over cases of (sum_j p x)(sum_j p x)^T  (U, B, K, K)
+            second = torch.bmm(probability, outer).view(n_units, n_batch, n_coefficients, -1)
+            case_probability = (
+                probability.view(n_units, n_batch, n_per_unit, n_alternatives)
+                .transpose(1, 2)
+                .reshape(n_units * n_per_unit, n_batch, n_alternatives)
+            )  # (U*T, B, J)
+            average_x = torch.bmm(case_probability, grid).view(
+                n_units, n_per_unit, n_batch, n_coefficients
+            )  # (U, T, B, K): sum_j p x per case
+            average_x = average_x.transpose(1, 2).reshape(-1, n_per_unit, n_coefficients)
+            second -= torch.bmm(average_x.transpose(1, 2), average_x).view(second.shape)
+            chain = torch.cat(
+                [part.new_ones((n_units, n_batch, n_fixed)),
+                 d_mean, d_spread, part[:, :, [col for _, col in spec.cholesky_pairs]]],
+                dim=2,
+            )  # fmt: skip
+            expanded = second.view(-1, n_coefficients**2)[:, pair_index]  # (U*B, P*P)
+            products = (chain * weights.unsqueeze(2)).unsqueeze(3) * chain.unsqueeze(2)
+            result -= (products.view(expanded.shape) * expanded).sum(dim=0).view(result.shape)
+            for k, distribution in enumerate(spec.distributions):
+                curvature = _second_derivatives(distribution, means[k], spreads[k], part[:, :, k])
+                if curvature is None:
+                    continue
+                slope = gradient_x[:, :, n_fixed + k] * weights  # (U, B)
+                mean_at, spread_at = n_fixed + k, n_fixed + n_random + k
+                mean_mean, spread_mean, spread_spread = (
+                    (slope * value).sum() for value in curvature
+                )
+                result[mean_at, mean_at] += mean_mean
+                result[mean_at, spread_at] += spread_mean
+                result[spread_at, mean_at] += spread_mean
+                result[spread_at, spread_at] += spread_spread
+    return 0.5 * (result + result.T), unit_values.sum(), scores
+
+
 def bhhh(scores: torch.Tensor) -> torch.Tensor:
     """The outer product of the units' scores, sum_u s_u s_u^T (the BHHH information). (P, P)"""
     return scores.T @ scores
@@ -564,25 +682,17 @@ class MixedFit:
         return torch.sqrt(torch.diag(inverse @ bhhh(self.scores) @ inverse))
 
 
-def fit_mixed(
+def _lbfgs(
     spec: MixedSpec,
     data: MixedData,
     draws: torch.Tensor,
-    initial: torch.Tensor | None = None,
-    draw_batch: int | None = None,
-    max_iterations: int = 500,
-    gradient_tolerance: float = 1e-6,
-    newton_steps: int = 3,
-) -> MixedFit:
-    """Maximise the simulated log-likelihood: L-BFGS (strong Wolfe line search) on the mean
-    log-likelihood per unit with the analytic gradient, then up to `newton_steps` Newton steps
-    with the exact Hessian until the largest gradient entry of the log-likelihood is below
-    gradient_tolerance. Float64 on the data's device."""
-    theta = (
-        spec.initial(device=data.device)
-        if initial is None
-        else initial.detach().to(dtype=torch.float64, device=data.device).clone()
-    )
+    theta: torch.Tensor,
+    draw_batch: int | None,
+    max_iterations: int,
+    tolerance: float,
+) -> tuple[torch.Tensor, int, int]:
+    """L-BFGS with a strong Wolfe line search on minus the mean log-likelihood per unit, until
+    its largest gradient entry times U is below tolerance. theta, iterations, evaluations."""
     scale = 1.0 / data.n_units
     parameter = theta.clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS(
@@ -590,7 +700,7 @@ def fit_mixed(
         lr=1.0,
         max_iter=max_iterations,
         max_eval=max_iterations * 5,
-        tolerance_grad=gradient_tolerance * scale,
+        tolerance_grad=tolerance * scale,
         tolerance_change=1e-14,
         history_size=20,
         line_search_fn="strong_wolfe",
@@ -606,23 +716,51 @@ def fit_mixed(
     optimizer.step(closure)
     state = optimizer.state[parameter]
     iterations, evaluations = int(state.get("n_iter", 0)), int(state.get("func_evals", 0))
-    theta = parameter.detach().clone()
-    value, scores = log_likelihood_and_scores(spec, data, theta, draws, draw_batch)
+    return parameter.detach().clone(), iterations, evaluations
+
+
+def fit_mixed(
+    spec: MixedSpec,
+    data: MixedData,
+    draws: torch.Tensor,
+    initial: torch.Tensor | None = None,
+    draw_batch: int | None = None,
+    max_iterations: int = 500,
+    gradient_tolerance: float = 1e-6,
+    switch_tolerance: float = 1e-2,
+    newton_steps: int = 5,
+) -> MixedFit:
+    """Maximise the simulated log-likelihood from `initial` (default spec.initial(): every
+    parameter 0.1, xlogit's start): L-BFGS (strong Wolfe line search, analytic gradient) until
+    the largest gradient entry of the log-likelihood is below switch_tolerance, then Newton
+    steps with the exact analytic Hessian (each must not lower the log-likelihood; at most
+    newton_steps) until it is below gradient_tolerance; L-BFGS takes over again if a Newton
+    step fails. Float64 on the data's device."""
+    if initial is not None:
+        theta = initial.detach().to(dtype=torch.float64, device=data.device).clone()
+    else:
+        theta = spec.initial(device=data.device)
+    theta, iterations, evaluations = _lbfgs(
+        spec, data, draws, theta, draw_batch, max_iterations, switch_tolerance
+    )
+    second, value, scores = analytic_hessian(spec, data, theta, draws, draw_batch)
     gradient = scores.sum(dim=0)
     steps = 0
-    second = hessian(spec, data, theta, draws, draw_batch)
     while gradient.abs().max() > gradient_tolerance and steps < newton_steps:
-        step = torch.linalg.solve(second, gradient)
-        candidate = theta - step
-        new_value, new_scores = log_likelihood_and_scores(spec, data, candidate, draws,
-                                                          draw_batch)  # fmt: skip
+        candidate = theta - torch.linalg.solve(second, gradient)
+        new_second, new_value, new_scores = analytic_hessian(spec, data, candidate, draws,
+                                                             draw_batch)  # fmt: skip
         evaluations += 1
-        if not torch.isfinite(new_value) or new_value < value - 1e-9 * abs(float(value)):
-            break
-        theta, value, scores = candidate, new_value, new_scores
-        gradient = scores.sum(dim=0)
-        second = hessian(spec, data, theta, draws, draw_batch)
         steps += 1
+        if torch.isfinite(new_value) and new_value >= value - 1e-12 * abs(float(value)):
+            theta, value, scores, second = candidate, new_value, new_scores, new_second
+        else:  # not concave enough here: back to L-BFGS all the way
+            theta, more_iterations, more_evaluations = _lbfgs(
+                spec, data, draws, theta, draw_batch, max_iterations, gradient_tolerance
+            )
+            iterations, evaluations = iterations + more_iterations, evaluations + more_evaluations
+            second, value, scores = analytic_hessian(spec, data, theta, draws, draw_batch)
+        gradient = scores.sum(dim=0)
     return MixedFit(
         theta=theta,
         log_likelihood=float(value),
