@@ -40,6 +40,7 @@ DEFAULT_DRAW_BATCH = 50  # draws per batch unless memory asks for fewer: faster 
 # the fast path caps utility differences to the chosen alternative here: exp(500) cannot
 # overflow a sum of fewer than 1e90 alternatives; P < exp(-500) reads as exp(-500)
 UTILITY_GAP_LIMIT = 500.0
+NONLINEAR = ("lognormal", "truncated_normal")  # d beta / d mean is not 1
 
 
 @dataclass(frozen=True)
@@ -119,10 +120,14 @@ class MixedData:
 
     design: torch.Tensor  # (U, T*J, K) float64, zero in empty slots
     random_design_t: torch.Tensor  # (U, Kr, T*J) the random columns, transposed for bmm
+    random_design: torch.Tensor  # (U, T*J, Kr) the random columns, contiguous
+    design_t: torch.Tensor  # (U, K, T*J)
+    chosen_case_design: torch.Tensor  # (U, T, K) the chosen row's x in each case (0 if padded)
     blocked: torch.Tensor  # (U, T*J) 0 where offered, -inf where not
     chosen_slot: torch.Tensor  # (U, T, 1) long: the chosen alternative's place in each case
     chosen_indicator: torch.Tensor  # (U, T*J) float64 1 at chosen slots (padded cases too)
     chosen_design: torch.Tensor  # (U, K) sum of the chosen rows' x per unit
+    any_blocked: bool  # some slot is not offered
     slot_of_row: torch.Tensor  # (S,) long: each row's slot, u * T * J + t * J + j
     unit_of_case: torch.Tensor  # (N,) long
     n_cases_per_unit: int  # T
@@ -217,10 +222,17 @@ def mixed_data(
     return MixedData(
         design=design,
         random_design_t=design[:, :, n_fixed:].transpose(1, 2).contiguous(),
+        random_design=design[:, :, n_fixed:].contiguous(),
+        design_t=design.transpose(1, 2).contiguous(),
+        chosen_case_design=torch.bmm(
+            chosen_indicator.view(n_units * n_per_unit, 1, n_alternatives),
+            design.view(n_units * n_per_unit, n_alternatives, -1),
+        ).view(n_units, n_per_unit, -1),
         blocked=blocked.view(n_units, -1),
         chosen_slot=chosen_slot,
         chosen_indicator=chosen_indicator.view(n_units, -1),
         chosen_design=torch.bmm(chosen_indicator.view(n_units, 1, -1), design).squeeze(1),
+        any_blocked=bool((~offered).any()),
         slot_of_row=slot_of_row,
         unit_of_case=unit_of_case,
         n_cases_per_unit=n_per_unit,
@@ -353,32 +365,69 @@ def _weighted_scores(
     d_spread: torch.Tensor,  # (U, B, Kr)
 ) -> torch.Tensor:
     """sum_b w_ub d log P_u(beta_ub) / d theta, w the softmax over the batch's draws. (U, P)"""
-    per_draw = _per_draw_scores(spec, gradient_x, draws, d_mean, d_spread)  # (U, B, P)
-    weights = torch.softmax(log_probability, dim=1)  # (U, B)
-    return torch.bmm(weights.unsqueeze(1), per_draw).squeeze(1)  # (U, P)
+    weights = torch.softmax(log_probability, dim=1).unsqueeze(1)  # (U, 1, B)
+    random_part = gradient_x[:, :, spec.n_fixed :]  # (U, B, Kr)
+    parts = [torch.bmm(weights, gradient_x)]  # (U, 1, K) fixed, and means when linear
+    if any(name in NONLINEAR for name in spec.distributions):
+        parts[0] = parts[0][:, :, : spec.n_fixed]
+        parts.append(torch.bmm(weights, random_part * d_mean))
+    parts.append(torch.bmm(weights, random_part * d_spread))
+    if spec.cholesky_pairs:
+        rows = [row for row, _ in spec.cholesky_pairs]
+        cols = [col for _, col in spec.cholesky_pairs]
+        parts.append(torch.bmm(weights, random_part[:, :, rows] * draws[:, :, cols]))
+    return torch.cat(parts, dim=2).squeeze(1)  # (U, P)
 
 
 def _fast_probabilities(
-    data: MixedData, beta: torch.Tensor, fixed_utility: torch.Tensor
+    data: MixedData,
+    beta: torch.Tensor,  # (U, B, Kr)
+    fixed_column: torch.Tensor | None,  # (U, T*J, 1) fixed utility and -inf where not offered
+    chosen_fixed: torch.Tensor | None,  # (U, T, 1) the chosen rows' fixed utility
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """In place, without autograd: log P_u(beta_ub) (U, B), the probabilities (U, B, T*J) and
-    sum over a unit's slots of (y - p) x (U, B, K). Utilities are taken relative to the chosen
+    """In place, without autograd, draws last (slots x draws, so the sums over alternatives run
+    along contiguous draws): log P_u(beta_ub) (U, B), the probabilities (U, T*J, B) and sum over
+    a unit's slots of (y - p) x (U, B, K). Utilities are taken relative to the chosen
     alternative's (so the sum of exponentials is at least 1 and log P = -log of it), the
     differences capped at UTILITY_GAP_LIMIT against overflow; (y - p) x is formed as the chosen
     rows' x minus p x, with no residual tensor."""
     n_units, n_batch = beta.shape[0], beta.shape[1]
     n_per_unit, n_alternatives = data.n_cases_per_unit, data.n_alternatives
-    utility = torch.baddbmm(fixed_utility, beta, data.random_design_t)  # (U, B, T*J)
-    utility = utility.view(n_units, n_batch, n_per_unit, n_alternatives)
-    chosen_slot = data.chosen_slot.unsqueeze(1).expand(n_units, n_batch, n_per_unit, 1)
-    utility.sub_(torch.gather(utility, 3, chosen_slot))  # (U, B, T, J) chosen: 0
-    exponential = utility.clamp_(max=UTILITY_GAP_LIMIT).exp_()  # (U, B, T, J) chosen: 1
-    ones = torch.ones((n_alternatives, 1), dtype=utility.dtype, device=utility.device)
-    total = (exponential.view(-1, n_alternatives) @ ones).view(n_units, n_batch, n_per_unit, 1)
-    log_probability = -torch.log(total).sum(dim=(2, 3))  # (U, B)
-    probability = exponential.mul_(total.reciprocal_()).view(n_units, n_batch, -1)
-    gradient_x = torch.bmm(probability, data.design).neg_().add_(data.chosen_design.unsqueeze(1))
-    return log_probability, probability, gradient_x
+    n_fixed = data.n_fixed
+    beta_t = beta.transpose(1, 2).contiguous()  # (U, Kr, B)
+    if fixed_column is None:
+        utility = torch.bmm(data.random_design, beta_t)  # (U, T*J, B)
+    else:
+        utility = torch.baddbmm(fixed_column, data.random_design, beta_t)  # (U, T*J, B)
+    chosen_random = data.chosen_case_design[:, :, n_fixed:]  # (U, T, Kr)
+    if chosen_fixed is None:
+        chosen_utility = torch.bmm(chosen_random, beta_t)  # (U, T, B)
+    else:
+        chosen_utility = torch.baddbmm(chosen_fixed, chosen_random, beta_t)  # (U, T, B)
+    grid = utility.view(n_units, n_per_unit, n_alternatives, n_batch)
+    grid.sub_(chosen_utility.unsqueeze(2))  # (U, T, J, B) chosen: 0
+    exponential = grid.clamp_(max=UTILITY_GAP_LIMIT).exp_()  # chosen: 1
+    total = exponential.sum(dim=2, keepdim=True)  # (U, T, 1, B) at least 1
+    log_probability = -torch.log(total).sum(dim=1).view(n_units, n_batch)  # (U, B)
+    probability = exponential.div_(total).view(n_units, -1, n_batch)  # (U, T*J, B)
+    gradient_x = torch.bmm(data.design_t, probability).neg_()  # (U, K, B)
+    gradient_x.add_(data.chosen_design.unsqueeze(2))
+    return log_probability, probability, gradient_x.transpose(1, 2)
+
+
+def _fast_utilities(
+    spec: MixedSpec, data: MixedData, theta: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The fixed part of the utilities for _fast_probabilities: (U, T*J, 1) with -inf where
+    not offered, and the chosen rows' (U, T, 1); None where there is nothing to add."""
+    fixed = theta[: spec.n_fixed]
+    if spec.n_fixed == 0 and not data.any_blocked:
+        return None, None
+    fixed_column = (data.design[:, :, : spec.n_fixed] @ fixed + data.blocked).unsqueeze(2)
+    if spec.n_fixed == 0:
+        return fixed_column, None
+    chosen_fixed = (data.chosen_case_design[:, :, : spec.n_fixed] @ fixed).unsqueeze(2)
+    return fixed_column, chosen_fixed
 
 
 def _fast_batch(
@@ -386,11 +435,11 @@ def _fast_batch(
     data: MixedData,
     theta: torch.Tensor,
     draws: torch.Tensor,  # (U, B, Kr)
-    fixed_utility: torch.Tensor,  # (U, 1, T*J)
+    fixed_parts: tuple[torch.Tensor | None, torch.Tensor | None],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """_batch with scores, in place and without autograd. (U, B), (U, P)"""
     beta, d_mean, d_spread = random_coefficients(spec, theta, draws)  # (U, B, Kr)
-    log_probability, _, gradient_x = _fast_probabilities(data, beta, fixed_utility)
+    log_probability, _, gradient_x = _fast_probabilities(data, beta, *fixed_parts)
     scores = _weighted_scores(spec, log_probability, gradient_x, draws, d_mean, d_spread)
     return log_probability, scores
 
@@ -412,12 +461,13 @@ def _simulate(
     batch = draw_batch or default_draw_batch(data, n_draws)
     fixed = theta[: spec.n_fixed]
     fixed_utility = (data.design[:, :, : spec.n_fixed] @ fixed + data.blocked).unsqueeze(1)
+    fixed_parts = _fast_utilities(spec, data, theta) if fast else (None, None)
     running = torch.full((n_units,), -torch.inf, dtype=theta.dtype, device=theta.device)
     scores = None
     for start in range(0, n_draws, batch):
         part = draws[:, start : start + batch]  # (U, B, Kr)
         if fast:
-            log_probability, batch_scores = _fast_batch(spec, data, theta, part, fixed_utility)
+            log_probability, batch_scores = _fast_batch(spec, data, theta, part, fixed_parts)
         else:
             log_probability, batch_scores = _batch(spec, data, theta, part, fixed_utility,
                                                    with_scores)  # fmt: skip
@@ -555,9 +605,15 @@ def analytic_hessian(
         # entry (p, q) of the P x P matrix reads M[c(p), c(q)], flattened
         pair_index = (coefficient_index.unsqueeze(1) * n_coefficients + coefficient_index).view(-1)
         design = data.design  # (U, T*J, K)
-        outer = (design.unsqueeze(3) * design.unsqueeze(2)).view(n_units, -1, n_coefficients**2)
-        grid = design.view(n_units * n_per_unit, n_alternatives, n_coefficients)
-        fixed_utility = (design[:, :, :n_fixed] @ theta[:n_fixed] + data.blocked).unsqueeze(1)
+        outer_t = (
+            (design.unsqueeze(3) * design.unsqueeze(2))
+            .view(n_units, -1, n_coefficients**2)
+            .transpose(1, 2)
+            .contiguous()
+        )  # (U, K*K, T*J)
+        grid_t = data.design_t.view(n_units, n_coefficients, n_per_unit, n_alternatives)
+        grid_t = grid_t.permute(0, 2, 1, 3).reshape(-1, n_coefficients, n_alternatives)
+        fixed_parts = _fast_utilities(spec, data, theta)
         means = theta[n_fixed : n_fixed + n_random]
         spreads = theta[n_fixed + n_random : n_fixed + 2 * n_random]
         result = -(scores.T @ scores)  # (P, P)
@@ -566,32 +622,30 @@ def analytic_hessian(
             n_batch = part.shape[1]
             beta, d_mean, d_spread = random_coefficients(spec, theta, part)
             log_probability, probability, gradient_x = _fast_probabilities(
-                data, beta, fixed_utility
-            )
+                data, beta, *fixed_parts
+            )  # (U, B), (U, T*J, B), (U, B, K)
             weights = torch.exp(log_probability - normaliser.unsqueeze(1))  # (U, B)
             per_draw = _per_draw_scores(spec, gradient_x, part, d_mean, d_spread)  # (U, B, P)
             weighted = per_draw * weights.unsqueeze(2)  # (U, B, P)
             result += weighted.reshape(-1, weighted.shape[2]).T @ per_draw.reshape(
                 -1, per_draw.shape[2]
             )
-            # M = sum p x x^T - sum over cases of (sum_j p x)(sum_j p x)^T  (U, B, K, K)
-            second = torch.bmm(probability, outer).view(n_units, n_batch, n_coefficients, -1)
-            case_probability = (
-                probability.view(n_units, n_batch, n_per_unit, n_alternatives)
-                .transpose(1, 2)
-                .reshape(n_units * n_per_unit, n_batch, n_alternatives)
-            )  # (U*T, B, J)
-            average_x = torch.bmm(case_probability, grid).view(
-                n_units, n_per_unit, n_batch, n_coefficients
-            )  # (U, T, B, K): sum_j p x per case
-            average_x = average_x.transpose(1, 2).reshape(-1, n_per_unit, n_coefficients)
+            # M = sum p x x^T - sum over cases of (sum_j p x)(sum_j p x)^T  (U*B, K*K)
+            second = torch.bmm(outer_t, probability).transpose(1, 2).reshape(-1, n_coefficients**2)
+            case_probability = probability.view(-1, n_alternatives, n_batch)  # (U*T, J, B)
+            average_x = torch.bmm(grid_t, case_probability)  # (U*T, K, B): sum_j p x per case
+            average_x = (
+                average_x.view(n_units, n_per_unit, n_coefficients, n_batch)
+                .permute(0, 3, 1, 2)
+                .reshape(-1, n_per_unit, n_coefficients)
+            )  # (U*B, T, K)
             second -= torch.bmm(average_x.transpose(1, 2), average_x).view(second.shape)
             chain = torch.cat(
                 [part.new_ones((n_units, n_batch, n_fixed)),
                  d_mean, d_spread, part[:, :, [col for _, col in spec.cholesky_pairs]]],
                 dim=2,
             )  # fmt: skip
-            expanded = second.view(-1, n_coefficients**2)[:, pair_index]  # (U*B, P*P)
+            expanded = second[:, pair_index]  # (U*B, P*P)
             products = (chain * weights.unsqueeze(2)).unsqueeze(3) * chain.unsqueeze(2)
             result -= (products.view(expanded.shape) * expanded).sum(dim=0).view(result.shape)
             for k, distribution in enumerate(spec.distributions):
