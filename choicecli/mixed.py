@@ -107,10 +107,12 @@ class MixedSpec:
             return torch.diag(spreads)
         normal = list(self.normal_columns)
         factor = torch.diag(spreads[normal])
+        if not self.cholesky_pairs:
+            return factor
         position = {column: i for i, column in enumerate(normal)}
-        offset = self.n_fixed + 2 * self.n_random
-        for entry, (row, col) in enumerate(self.cholesky_pairs):
-            factor[position[row], position[col]] = theta[offset + entry]
+        rows = [position[row] for row, _ in self.cholesky_pairs]
+        cols = [position[col] for _, col in self.cholesky_pairs]
+        factor[rows, cols] = theta[self.n_fixed + 2 * self.n_random :]
         return factor
 
 

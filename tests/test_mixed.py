@@ -169,6 +169,25 @@ def test_unknown_kind_or_distribution_is_a_clear_error():
 # -- the simulated log-likelihood ----------------------------------------------------------
 
 
+def test_correlated_normals_are_mean_plus_cholesky_times_draws():
+    spec = mixed.MixedSpec(1, ("normal", "lognormal", "normal", "normal"), correlated=True)
+    assert spec.cholesky_pairs == ((2, 0), (3, 0), (3, 2)) and spec.n_parameters == 12
+    labels = spec.labels(["f"], ["a", "b", "c", "d"])
+    assert labels[5:9] == [("a", "sd"), ("b", "sd"), ("c", "sd"), ("d", "sd")]
+    assert labels[9:] == [("c,a", "cholesky"), ("d,a", "cholesky"), ("d,c", "cholesky")]
+    theta = torch.arange(12, dtype=DTYPE) / 10
+    factor = spec.cholesky_factor(theta)
+    expected_factor = torch.tensor([[0.5, 0, 0], [0.9, 0.7, 0], [1.0, 1.1, 0.8]], dtype=DTYPE)
+    assert torch.allclose(factor, expected_factor)
+    assert torch.allclose(spec.covariance(theta), expected_factor @ expected_factor.T)
+    draws = mixed.make_draws(spec, 3, 8, kind="pseudo", seed=1)  # (U, R, 4)
+    beta = mixed.random_coefficients(spec, theta, draws)[0]
+    normal = [0, 2, 3]
+    expected = theta[[1, 3, 4]] + draws[:, :, normal] @ expected_factor.T
+    assert torch.allclose(beta[:, :, normal], expected)
+    assert torch.allclose(beta[:, :, 1], torch.exp(0.2 + 0.6 * draws[:, :, 1]))
+
+
 def test_rows_in_any_order_and_case_codes_checked():
     table = panel_table(seed=3)
     data = build(table)
@@ -255,10 +274,10 @@ def test_draw_batches_do_not_change_the_result():
 @pytest.mark.parametrize("correlated", [False, True])
 def test_analytic_hessian_equals_forward_mode_autograd_and_reverse_mode(correlated):
     distributions = ("normal", "lognormal", "truncated_normal", "normal")
-    table = panel_table(n_random=4, seed=6)
+    table = panel_table(n_users=6, n_random=4, seed=6)
     data = build(table)
     spec = mixed.MixedSpec(1, distributions, correlated=correlated)
-    draws = mixed.make_draws(spec, data.n_units, 19, seed=4)
+    draws = mixed.make_draws(spec, data.n_units, 11, seed=4)
     generator = torch.Generator().manual_seed(2)
     theta = 0.4 * torch.randn(spec.n_parameters, generator=generator, dtype=DTYPE)
     theta[3] = 0.6  # the truncated normal's mean
@@ -440,6 +459,7 @@ def test_electricity_log_likelihood_at_xlogits_estimates_is_xlogits(electricity)
     assert gradient.abs().max() < 1e-3
 
 
+@pytest.mark.slow  # a full fit at 600 draws: about 12 s of CPU on the loaded 2-core machine
 def test_electricity_fit_reproduces_xlogits_estimates(electricity):
     # 600 Halton draws as xlogit draws them, a start of 0.1 with the signs xlogit's spreads
     # ended with (the sign of a spread is not identified; each sign pattern is its own local
