@@ -707,6 +707,34 @@ def conditional_means(
     return means
 
 
+def simulation_standard_error(
+    spec: MixedSpec,
+    data: MixedData,
+    theta: torch.Tensor,
+    draws: torch.Tensor,
+    draw_batch: int | None = None,
+) -> float:
+    """The simulation's standard error of the log-likelihood, as for independent draws:
+    sqrt(sum_u var_r(P_ur) / (R L_u^2)) (the delta method on each unit's average; quasi-random
+    draws usually do better than this says)."""
+    n_units, n_draws = draws.shape[0], draws.shape[1]
+    batch = draw_batch or default_draw_batch(data, n_draws)
+    with torch.no_grad():
+        fixed_utility = (
+            data.design[:, :, : spec.n_fixed] @ theta[: spec.n_fixed] + data.blocked
+        ).unsqueeze(1)
+        first = torch.full((n_units,), -torch.inf, dtype=theta.dtype, device=theta.device)
+        second = first.clone()
+        for start in range(0, n_draws, batch):
+            part = draws[:, start : start + batch]  # (U, B, Kr)
+            log_probability, _ = _batch(spec, data, theta, part, fixed_utility, False)
+            first = torch.logaddexp(first, torch.logsumexp(log_probability, dim=1))
+            second = torch.logaddexp(second, torch.logsumexp(2.0 * log_probability, dim=1))
+        # var / L^2 = mean(P^2) / mean(P)^2 - 1, in logs
+        relative = torch.expm1(second + math.log(n_draws) - 2.0 * first).clamp(min=0.0)  # (U,)
+    return float(torch.sqrt(relative.sum() / n_draws))
+
+
 @dataclass
 class MixedFit:
     """What fit_mixed found: the estimates and what standard errors need."""

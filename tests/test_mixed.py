@@ -337,6 +337,29 @@ def test_conditional_means_weigh_each_users_draws_by_their_choices():
     assert torch.allclose(flat, torch.tensor([0.5, math.exp(-0.2)], dtype=DTYPE).expand(12, 2))
 
 
+def test_simulation_standard_error_is_the_delta_method_on_each_users_average():
+    table = panel_table(n_random=2, seed=10)
+    data = build(table)
+    spec = mixed.MixedSpec(1, ("normal", "normal"))
+    draws = mixed.make_draws(spec, data.n_units, 40, kind="pseudo", seed=5)
+    theta = torch.tensor([0.3, 0.5, -0.2, 1.5, 0.6], dtype=DTYPE)
+    per_draw = torch.stack(
+        [
+            mixed.unit_log_likelihood(spec, data, theta, draws[:, r : r + 1])
+            for r in range(draws.shape[1])
+        ],
+        dim=1,
+    ).exp()  # (U, R): P_ur
+    average = per_draw.mean(dim=1)
+    variance = per_draw.var(dim=1, unbiased=False)
+    expected = math.sqrt(float((variance / (40 * average**2)).sum()))
+    found = mixed.simulation_standard_error(spec, data, theta, draws, draw_batch=7)
+    assert abs(found - expected) < 1e-10 * expected
+    zero_spread = theta.clone()
+    zero_spread[3:] = 0.0
+    assert mixed.simulation_standard_error(spec, data, zero_spread, draws) < 1e-7
+
+
 # -- fits ----------------------------------------------------------------------------------
 
 
