@@ -122,9 +122,11 @@ class MixedData:
 
     design: torch.Tensor  # (U, T*J, K) float64, zero in empty slots
     random_design_t: torch.Tensor  # (U, Kr, T*J) the random columns, transposed for bmm
-    random_design: torch.Tensor  # (U, T*J, Kr) the random columns, contiguous
-    design_t: torch.Tensor  # (U, K, T*J)
-    chosen_case_design: torch.Tensor  # (U, T, K) the chosen row's x in each case (0 if padded)
+    # x minus the x of the case's chosen row (0 in empty slots): utilities relative to the
+    # chosen alternative's come from one product, and sum_j p_j x_j - x_chosen is sum_j p_j d_j
+    difference_random: torch.Tensor  # (U, T*J, Kr)
+    difference_fixed: torch.Tensor  # (U, T*J, Kf)
+    difference_t: torch.Tensor  # (U, K, T*J)
     blocked: torch.Tensor  # (U, T*J) 0 where offered, -inf where not
     chosen_slot: torch.Tensor  # (U, T, 1) long: the chosen alternative's place in each case
     chosen_indicator: torch.Tensor  # (U, T*J) float64 1 at chosen slots (padded cases too)
@@ -221,15 +223,18 @@ def mixed_data(
     blocked = torch.zeros(n_slots, dtype=dtype, device=device)
     blocked[~offered] = -torch.inf
     design = design.view(n_units, n_per_unit * n_alternatives, n_fixed + n_random)
+    chosen_case_design = torch.bmm(
+        chosen_indicator.view(n_units * n_per_unit, 1, n_alternatives),
+        design.view(n_units * n_per_unit, n_alternatives, -1),
+    )  # (U*T, 1, K)
+    difference = design.view(n_units * n_per_unit, n_alternatives, -1) - chosen_case_design
+    difference = difference.view(design.shape) * offered.view(n_units, -1, 1)  # (U, T*J, K)
     return MixedData(
         design=design,
         random_design_t=design[:, :, n_fixed:].transpose(1, 2).contiguous(),
-        random_design=design[:, :, n_fixed:].contiguous(),
-        design_t=design.transpose(1, 2).contiguous(),
-        chosen_case_design=torch.bmm(
-            chosen_indicator.view(n_units * n_per_unit, 1, n_alternatives),
-            design.view(n_units * n_per_unit, n_alternatives, -1),
-        ).view(n_units, n_per_unit, -1),
+        difference_random=difference[:, :, n_fixed:].contiguous(),
+        difference_fixed=difference[:, :, :n_fixed].contiguous(),
+        difference_t=difference.transpose(1, 2).contiguous(),
         blocked=blocked.view(n_units, -1),
         chosen_slot=chosen_slot,
         chosen_indicator=chosen_indicator.view(n_units, -1),
@@ -384,52 +389,36 @@ def _weighted_scores(
 def _fast_probabilities(
     data: MixedData,
     beta: torch.Tensor,  # (U, B, Kr)
-    fixed_column: torch.Tensor | None,  # (U, T*J, 1) fixed utility and -inf where not offered
-    chosen_fixed: torch.Tensor | None,  # (U, T, 1) the chosen rows' fixed utility
+    fixed_column: torch.Tensor | None,  # (U, T*J, 1) fixed utility differences, -inf if blocked
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """In place, without autograd, draws last (slots x draws, so the sums over alternatives run
     along contiguous draws): log P_u(beta_ub) (U, B), the probabilities (U, T*J, B) and sum over
     a unit's slots of (y - p) x (U, B, K). Utilities are taken relative to the chosen
-    alternative's (so the sum of exponentials is at least 1 and log P = -log of it), the
-    differences capped at UTILITY_GAP_LIMIT against overflow; (y - p) x is formed as the chosen
-    rows' x minus p x, with no residual tensor."""
+    alternative's (one product with the differences of x; the sum of exponentials is then at
+    least 1 and log P = -log of it), capped at UTILITY_GAP_LIMIT against overflow; sum (y - p) x
+    is -sum p (x - x_chosen)."""
     n_units, n_batch = beta.shape[0], beta.shape[1]
     n_per_unit, n_alternatives = data.n_cases_per_unit, data.n_alternatives
-    n_fixed = data.n_fixed
     beta_t = beta.transpose(1, 2).contiguous()  # (U, Kr, B)
     if fixed_column is None:
-        utility = torch.bmm(data.random_design, beta_t)  # (U, T*J, B)
+        utility = torch.bmm(data.difference_random, beta_t)  # (U, T*J, B)
     else:
-        utility = torch.baddbmm(fixed_column, data.random_design, beta_t)  # (U, T*J, B)
-    chosen_random = data.chosen_case_design[:, :, n_fixed:]  # (U, T, Kr)
-    if chosen_fixed is None:
-        chosen_utility = torch.bmm(chosen_random, beta_t)  # (U, T, B)
-    else:
-        chosen_utility = torch.baddbmm(chosen_fixed, chosen_random, beta_t)  # (U, T, B)
-    grid = utility.view(n_units, n_per_unit, n_alternatives, n_batch)
-    grid.sub_(chosen_utility.unsqueeze(2))  # (U, T, J, B) chosen: 0
+        utility = torch.baddbmm(fixed_column, data.difference_random, beta_t)  # (U, T*J, B)
+    grid = utility.view(n_units, n_per_unit, n_alternatives, n_batch)  # chosen: 0
     exponential = grid.clamp_(max=UTILITY_GAP_LIMIT).exp_()  # chosen: 1
     total = exponential.sum(dim=2, keepdim=True)  # (U, T, 1, B) at least 1
     log_probability = -torch.log(total).sum(dim=1).view(n_units, n_batch)  # (U, B)
     probability = exponential.div_(total).view(n_units, -1, n_batch)  # (U, T*J, B)
-    gradient_x = torch.bmm(data.design_t, probability).neg_()  # (U, K, B)
-    gradient_x.add_(data.chosen_design.unsqueeze(2))
+    gradient_x = torch.bmm(data.difference_t, probability).neg_()  # (U, K, B)
     return log_probability, probability, gradient_x.transpose(1, 2)
 
 
-def _fast_utilities(
-    spec: MixedSpec, data: MixedData, theta: torch.Tensor
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The fixed part of the utilities for _fast_probabilities: (U, T*J, 1) with -inf where
-    not offered, and the chosen rows' (U, T, 1); None where there is nothing to add."""
-    fixed = theta[: spec.n_fixed]
+def _fast_utilities(spec: MixedSpec, data: MixedData, theta: torch.Tensor) -> torch.Tensor | None:
+    """The fixed part of the utility differences for _fast_probabilities, -inf where not
+    offered (U, T*J, 1); None where there is nothing to add."""
     if spec.n_fixed == 0 and not data.any_blocked:
-        return None, None
-    fixed_column = (data.design[:, :, : spec.n_fixed] @ fixed + data.blocked).unsqueeze(2)
-    if spec.n_fixed == 0:
-        return fixed_column, None
-    chosen_fixed = (data.chosen_case_design[:, :, : spec.n_fixed] @ fixed).unsqueeze(2)
-    return fixed_column, chosen_fixed
+        return None
+    return (data.difference_fixed @ theta[: spec.n_fixed] + data.blocked).unsqueeze(2)
 
 
 def _fast_batch(
@@ -437,11 +426,11 @@ def _fast_batch(
     data: MixedData,
     theta: torch.Tensor,
     draws: torch.Tensor,  # (U, B, Kr)
-    fixed_parts: tuple[torch.Tensor | None, torch.Tensor | None],
+    fixed_column: torch.Tensor | None,  # (U, T*J, 1)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """_batch with scores, in place and without autograd. (U, B), (U, P)"""
     beta, d_mean, d_spread = random_coefficients(spec, theta, draws)  # (U, B, Kr)
-    log_probability, _, gradient_x = _fast_probabilities(data, beta, *fixed_parts)
+    log_probability, _, gradient_x = _fast_probabilities(data, beta, fixed_column)
     scores = _weighted_scores(spec, log_probability, gradient_x, draws, d_mean, d_spread)
     return log_probability, scores
 
@@ -463,13 +452,13 @@ def _simulate(
     batch = draw_batch or default_draw_batch(data, n_draws)
     fixed = theta[: spec.n_fixed]
     fixed_utility = (data.design[:, :, : spec.n_fixed] @ fixed + data.blocked).unsqueeze(1)
-    fixed_parts = _fast_utilities(spec, data, theta) if fast else (None, None)
+    fixed_column = _fast_utilities(spec, data, theta) if fast else None
     running = torch.full((n_units,), -torch.inf, dtype=theta.dtype, device=theta.device)
     scores = None
     for start in range(0, n_draws, batch):
         part = draws[:, start : start + batch]  # (U, B, Kr)
         if fast:
-            log_probability, batch_scores = _fast_batch(spec, data, theta, part, fixed_parts)
+            log_probability, batch_scores = _fast_batch(spec, data, theta, part, fixed_column)
         else:
             log_probability, batch_scores = _batch(spec, data, theta, part, fixed_utility,
                                                    with_scores)  # fmt: skip
@@ -606,16 +595,17 @@ def analytic_hessian(
         coefficient_index = torch.tensor(coefficient_of, device=theta.device)  # (P,)
         # entry (p, q) of the P x P matrix reads M[c(p), c(q)], flattened
         pair_index = (coefficient_index.unsqueeze(1) * n_coefficients + coefficient_index).view(-1)
-        design = data.design  # (U, T*J, K)
+        design = data.difference_t.transpose(1, 2)  # (U, T*J, K)
         outer_t = (
             (design.unsqueeze(3) * design.unsqueeze(2))
             .view(n_units, -1, n_coefficients**2)
             .transpose(1, 2)
             .contiguous()
         )  # (U, K*K, T*J)
-        grid_t = data.design_t.view(n_units, n_coefficients, n_per_unit, n_alternatives)
+        # M is a covariance within each case: the differences of x give the same
+        grid_t = data.difference_t.view(n_units, n_coefficients, n_per_unit, n_alternatives)
         grid_t = grid_t.permute(0, 2, 1, 3).reshape(-1, n_coefficients, n_alternatives)
-        fixed_parts = _fast_utilities(spec, data, theta)
+        fixed_column = _fast_utilities(spec, data, theta)
         means = theta[n_fixed : n_fixed + n_random]
         spreads = theta[n_fixed + n_random : n_fixed + 2 * n_random]
         result = -(scores.T @ scores)  # (P, P)
@@ -624,7 +614,7 @@ def analytic_hessian(
             n_batch = part.shape[1]
             beta, d_mean, d_spread = random_coefficients(spec, theta, part)
             log_probability, probability, gradient_x = _fast_probabilities(
-                data, beta, *fixed_parts
+                data, beta, fixed_column
             )  # (U, B), (U, T*J, B), (U, B, K)
             weights = torch.exp(log_probability - normaliser.unsqueeze(1))  # (U, B)
             per_draw = _per_draw_scores(spec, gradient_x, part, d_mean, d_spread)  # (U, B, P)
