@@ -10,7 +10,7 @@ the same seed gives the same draws on any device):
   Scrambled by default: every digit position of every dimension gets its own random permutation of
   the nonzero digits (0 stays 0, so expansions stay finite), which breaks the correlation between
   the sequences of larger primes. With scramble=False the points are the plain Halton sequence.
-- 'sobol': torch.quasirandom.SobolEngine, Owen-scrambled by default (seeded), points u * R + r.
+- 'sobol': torch.quasirandom.SobolEngine, scrambled by it by default (seeded), points u * R + r.
 - 'mlhs': modified Latin hypercube sampling (Hess, Train and Polak 2006): for each unit and each
   dimension, the R points (r + shift) / R with one uniform shift, shuffled along r independently
   per dimension.
