@@ -131,18 +131,24 @@ def test_a_nest_level_user_term_keeps_the_nested_model_from_the_warm_start(monke
         ("(1|constant)", [], None, "intercept[constant]"),
         ("(price|user)", ["--user", "case"], None, "its user has a single case"),
         ("(price|user) + (1|user)", ["--user", "single"], "single", "its user has a single case"),
-        ("(price|constant) + (1|item)", ["--weights", "weight"], "weight", "weight zero"),
     ],
 )
 def test_nothing_estimable_is_one_clear_line(tmp_path, formula, extra, column, reason):
     frame = long_table()
     if column == "single":
         frame = frame.with_columns(single=pl.col("case").cast(pl.String))
-    if column == "weight":
-        frame = frame.with_columns(weight=pl.lit(0.0))
     data = write(frame, tmp_path / "data.csv")
     result = fit(data, tmp_path / "m", *extra, formula=formula)
     error_line(result, "nothing is estimable", reason)
+    assert not (tmp_path / "m").exists()
+
+
+def test_all_zero_weights_are_refused_with_the_data(tmp_path):
+    """Weights that are all zero leave nothing to estimate: refused as data, before the fit."""
+    frame = long_table().with_columns(weight=pl.lit(0.0))
+    data = write(frame, tmp_path / "data.csv")
+    result = fit(data, tmp_path / "m", "--weights", "weight", formula="(price|constant) + (1|item)")
+    error_line(result, "every weight in column 'weight' is 0", "positive weight")
     assert not (tmp_path / "m").exists()
 
 
