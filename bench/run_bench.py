@@ -307,6 +307,7 @@ class Row:
     status: str  # ok, not-converged, error, timeout, projected, unsupported, skipped
     fit_seconds: float | None = None
     whole_seconds: float | None = None
+    cpu_seconds: float | None = None  # user + system CPU time of the whole process
     peak_rss_mb: float | None = None
     log_likelihood: float | None = None
     iterations: int | None = None
@@ -374,6 +375,7 @@ def run_process(cmd: list[str], timeout: float, env: dict, cwd: Path) -> dict:
         return {
             "wall": wall,
             "rss_mb": usage.ru_maxrss / 1024,  # Linux: KiB
+            "cpu": usage.ru_utime + usage.ru_stime,
             "code": proc.returncode,
             "timed_out": timed_out,
             "stdout": out.read().decode(errors="replace"),
@@ -464,11 +466,12 @@ def repeated(run_once, repeat: int) -> Row:
 
     def figures(run: Row) -> dict:
         return {"fit_seconds": run.fit_seconds, "whole_seconds": run.whole_seconds,
-                "rss_mb": run.peak_rss_mb}  # fmt: skip
+                "cpu_seconds": run.cpu_seconds, "rss_mb": run.peak_rss_mb}  # fmt: skip
 
     runs = [figures(r) for r in rows]  # before `row` (the first timed run) takes the medians
     row.fit_seconds = median([r.fit_seconds for r in rows])
     row.whole_seconds = median([r.whole_seconds for r in rows])
+    row.cpu_seconds = median([r.cpu_seconds for r in rows])
     row.peak_rss_mb = max(r.peak_rss_mb for r in [first, *rows])
     row.extra["runs"] = runs
     row.extra["warm_up"] = figures(first)
@@ -496,6 +499,7 @@ def run_tool_once(tool: str, scenario: Scenario, data: Path, args, env: dict) ->
         timeout = min(args.timeout, scenario.timeout or math.inf)
         result = run_process(cmd, timeout, env, Path(scratch))
         row = Row(tool, "ok", whole_seconds=result["wall"], peak_rss_mb=result["rss_mb"])
+        row.cpu_seconds = result["cpu"]
         if result["timed_out"]:
             row.status, row.note = "timeout", f"killed after {timeout:.0f} s"
             return row
@@ -603,6 +607,7 @@ def run_load_once(tool: str, scenario: Scenario, files: dict, args, env: dict) -
         settle(data)
         result = run_process(cmd, args.timeout, env, Path(scratch))
     row = Row(tool, "ok", whole_seconds=result["wall"], peak_rss_mb=result["rss_mb"])
+    row.cpu_seconds = result["cpu"]
     record = last_json(result["stdout"])
     if result["timed_out"]:
         row.status, row.note = "timeout", f"killed after {args.timeout:.0f} s"
@@ -721,7 +726,8 @@ def progress_line(row: Row) -> str:
     status = row.status if row.status != "ok" else ""
     return (
         f"{row.tool:15s} fit {fmt(row.fit_seconds, '8.2f'):>8s} s  whole "
-        f"{fmt(row.whole_seconds, '7.2f'):>7s} s  rss {fmt(row.peak_rss_mb, '6.0f'):>6s} MB  "
+        f"{fmt(row.whole_seconds, '7.2f'):>7s} s  cpu {fmt(row.cpu_seconds, '7.2f'):>7s} s  "
+        f"rss {fmt(row.peak_rss_mb, '6.0f'):>6s} MB  "
         f"LL {fmt(row.log_likelihood, '.6f')}  {status} {row.note}"
     )
 
@@ -731,6 +737,7 @@ FIT_HEAD = [
     "status",
     "fit s",
     "whole s",
+    "cpu s",
     "peak RSS MB",
     "log-likelihood",
     "rel LL gap",
@@ -739,7 +746,17 @@ FIT_HEAD = [
     "whole / choice",
     "note",
 ]
-LOAD_HEAD = ["tool", "status", "load s", "whole s", "peak RSS MB", "rows", "load / polars", "note"]
+LOAD_HEAD = [
+    "tool",
+    "status",
+    "load s",
+    "whole s",
+    "cpu s",
+    "peak RSS MB",
+    "rows",
+    "load / polars",
+    "note",
+]
 MEMORY_HEAD = ["baseline RSS MB", "data copy MB", "(peak - baseline) / copy"]
 
 
@@ -765,6 +782,7 @@ def measured_cells(r: dict, seconds: str) -> list[str]:
         r["status"],
         fmt(r["fit_seconds"], seconds),
         fmt(r["whole_seconds"], ".2f"),
+        fmt(r.get("cpu_seconds"), ".2f"),
         fmt(r["peak_rss_mb"], ".0f"),
     ]
 
@@ -835,7 +853,8 @@ def markdown(report: dict) -> str:
         + ".",
         "",
         "fit s: the tool's own fit time; whole s: the whole process (start-up, reading, "
-        f"fit, output) timed by the harness; {repeats}"
+        "fit, output) timed by the harness; cpu s: that process's user + system CPU time "
+        f"(steadier than wall time on a shared machine); {repeats}"
         "rel LL gap: |LL - LL_newton| / |LL_newton| "
         "against the float64 Newton reference (or the tool a scenario names); ratios: peer / "
         "choice (higher is slower).",
