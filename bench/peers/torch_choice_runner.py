@@ -283,7 +283,8 @@ def main() -> None:
             model.negative_log_likelihood(batch_of(dataset), labels(dataset), is_train=False)
         )
     ll = float64_ll(model, data, spec, args.nested_mask)
-    common.emit(seconds, ll, iterations, own_ll=own, dtype=dtype, mode=args.mode)
+    fitted = {"lambdas": model.lambda_weight.tolist()} if spec.nest else {}
+    common.emit(seconds, ll, iterations, own_ll=own, dtype=dtype, mode=args.mode, **fitted)
 
 
 if __name__ == "__main__":
