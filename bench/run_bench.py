@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import fnmatch
 import json
 import math
 import os
@@ -49,6 +50,20 @@ CL22 = [
     ("income", "item"),
 ]
 USERS = [("1", "item"), ("x1", "user"), ("x2", "constant")]
+# torch-choice's post-estimation tutorial (issue 14): globs name a block of several columns
+TUTORIAL_ITEM = [
+    ("1", "constant"),
+    ("1", "item"),
+    ("1", "user"),
+    ("user_obs_*", "item"),
+    ("item_obs_*", "constant"),
+    ("session_obs_*", "user"),
+    ("itemsession_obs_*", "item"),
+    ("itemsession_obs_*", "user"),
+]
+TUTORIAL_NEST = [("1", "user"), ("1", "item"), ("nest_obs_*", "user")]
+LARGE_ITEM = [("1", "item"), ("x1", "constant"), ("x2", "constant"), ("x3", "user")]
+LARGE_NEST = [("1", "item"), ("1", "user"), ("z", "user")]
 FIT_TOOLS = ["choice", "newton", "xlogit", "biogeme", "tc_recipe", "tc_lbfgs"]
 LOAD_TOOLS = ["choice_parquet", "polars_parquet", "choice_csv", "polars_csv"]
 LL_TARGET = 1e-8
@@ -63,6 +78,12 @@ class Scenario:
     description: str
     terms: list[tuple[str, str]] = field(default_factory=lambda: CL22)
     nest: str | None = None
+    nest_terms: list[tuple[str, str]] = field(default_factory=list)  # --nest-formula
+    lambda_bounds: str | None = None  # --lambda-bounds LOW,HIGH (choice alone)
+    session: bool = False  # pass --session session
+    timeout: float | None = None  # seconds per tool run, below --timeout
+    runaway: bool = False  # no optimum: choice should stop with exit 3, quickly
+    reference_tool: str = "newton"  # whose log-likelihood the gaps are measured against
     kind: str = "fit"  # or "load"
     projected: dict[str, str] = field(default_factory=dict)  # skipped unless --all
     unsupported: dict[str, str] = field(default_factory=dict)
@@ -71,9 +92,11 @@ class Scenario:
 
     @property
     def used_columns(self) -> list[str]:
-        """Every column the choice command reads: roles, formula variables, nests."""
+        """Every column the choice command reads: roles, formula variables (globs as written),
+        nests."""
         roles = ["case", "item", "choice"] + (["user"] if self.has_users else [])
-        variables = [v for v, _ in self.terms if v != "1"]
+        roles += ["session"] if self.session else []
+        variables = [v for v, _ in self.terms + self.nest_terms if v != "1"]
         return list(dict.fromkeys(roles + variables + ([self.nest] if self.nest else [])))
 
     @property
@@ -81,13 +104,30 @@ class Scenario:
         return " + ".join(f"({v}|{k})" for v, k in self.terms)
 
     @property
+    def nest_formula(self) -> str:
+        return " + ".join(f"({v}|{k})" for v, k in self.nest_terms)
+
+    @property
     def has_users(self) -> bool:
-        return any(k == "user" for _, k in self.terms)
+        return any(k == "user" for _, k in self.terms + self.nest_terms)
 
 
 NO_NESTED_USERS = "no nested logit or user-specific coefficients"
 TOO_LARGE_FOR_PEERS = "90M rows: run for choice on a GPU alone"
 CHOICE_ONLY = "memory scenario: choice alone, its peak RSS against one copy of the data"
+NO_REFERENCE = (
+    "unidentified and nest-level terms are beyond the numpy reference; gaps are against tc_lbfgs"
+)
+TUTORIAL_DATA = (
+    "10k cases x 25 items (every one offered) in 5 nests of 5, 100 users, 500 sessions; "
+    "observables N(0, 1): 8 user, 4 item, 3 session, 2 item-session, 4 nest"
+)
+TUTORIAL_PEERS = {
+    "newton": NO_REFERENCE,
+    "xlogit": NO_NESTED_USERS,
+    "biogeme": "per-user coefficients need an indicator term per user; not run",
+    "tc_recipe": "lr 0.01 without line search: 75-100 s and short of the optimum (PEERS.md)",
+}
 SCENARIOS = {
     s.name: s
     for s in [
@@ -145,6 +185,75 @@ SCENARIOS = {
             targets={"fit": 3.0},
         ),
         Scenario(
+            "tutorial_cl",
+            "tutorial_random",
+            "torch-choice tutorial, conditional logit: " + TUTORIAL_DATA + "; random choices; "
+            "about 470 estimable coefficients (the rest reported unidentified)",
+            terms=TUTORIAL_ITEM,
+            session=True,
+            unsupported=TUTORIAL_PEERS,
+            reference_tool="tc_lbfgs",
+            targets={"fit": 1.5, "whole": 4.0},
+        ),
+        Scenario(
+            "tutorial_nested",
+            "tutorial_random",
+            "torch-choice tutorial, nested logit with --lambda-bounds 0.01,1: "
+            + TUTORIAL_DATA
+            + "; random choices; about 1,400 coefficients and 5 lambdas",
+            terms=TUTORIAL_ITEM,
+            nest="nest",
+            nest_terms=TUTORIAL_NEST,
+            lambda_bounds="0.01,1",
+            session=True,
+            unsupported=TUTORIAL_PEERS
+            | {"tc_lbfgs": "no bounds on lambda (its unbounded fit is tutorial_runaway)"},
+            targets={"fit": 5.0, "whole": 8.0},
+        ),
+        Scenario(
+            "tutorial_runaway",
+            "tutorial_random",
+            "torch-choice tutorial, nested logit without bounds: no optimum (the likelihood "
+            "rises as lambdas grow); choice should stop with exit 3 and say so; timeout 300 s",
+            terms=TUTORIAL_ITEM,
+            nest="nest",
+            nest_terms=TUTORIAL_NEST,
+            session=True,
+            unsupported=TUTORIAL_PEERS,
+            timeout=300.0,
+            runaway=True,
+            reference_tool="",
+            targets={"whole": 30.0},
+        ),
+        Scenario(
+            "tutorial_nested_sim",
+            "tutorial_sim",
+            "tutorial-shaped nested logit simulated from known coefficients (per-user terms at "
+            "both levels, lambdas 0.5 to 0.8: an interior optimum): "
+            + TUTORIAL_DATA
+            + "; the tutorial's formulas, about 1,400 coefficients and 5 lambdas",
+            terms=TUTORIAL_ITEM,
+            nest="nest",
+            nest_terms=TUTORIAL_NEST,
+            session=True,
+            unsupported=TUTORIAL_PEERS,
+            reference_tool="tc_lbfgs",
+            targets={"fit": 5.0, "whole": 8.0},
+        ),
+        Scenario(
+            "nested_100k_users",
+            "nested_100k",
+            "nested logit simulated: 100k cases x 25 items (every one offered) in 5 nests of 5, "
+            "1,000 users; about 3,000 coefficients (1,000 of them the nest-level (1|user), "
+            "which cancels) and 5 lambdas; peak RSS checked",
+            terms=LARGE_ITEM,
+            nest="nest",
+            nest_terms=LARGE_NEST,
+            unsupported=TUTORIAL_PEERS | {"tc_recipe": "~270 s at 100k x 10 already (PEERS.md)"},
+            reference_tool="tc_lbfgs",
+            targets={"fit": 60.0, "rss_gb": 4.0},
+        ),
+        Scenario(
             "mem_10m",
             "cl_10m",
             "memory: 1.1M cases x 10 alternatives (10% missing, 10M rows), 22 parameters",
@@ -180,6 +289,13 @@ DEFAULT = [
     "load_1m",
 ]
 QUICK = ["cl_10k", "load_10k"]
+TUTORIAL = [
+    "tutorial_cl",
+    "tutorial_nested",
+    "tutorial_runaway",
+    "tutorial_nested_sim",
+    "nested_100k_users",
+]
 GPU_EXTRA = ["cl_10m_cases"]  # default scenarios added with --device cuda
 
 
@@ -191,6 +307,7 @@ class Row:
     status: str  # ok, not-converged, error, timeout, projected, unsupported, skipped
     fit_seconds: float | None = None
     whole_seconds: float | None = None
+    cpu_seconds: float | None = None  # user + system CPU time of the whole process
     peak_rss_mb: float | None = None
     log_likelihood: float | None = None
     iterations: int | None = None
@@ -258,6 +375,7 @@ def run_process(cmd: list[str], timeout: float, env: dict, cwd: Path) -> dict:
         return {
             "wall": wall,
             "rss_mb": usage.ru_maxrss / 1024,  # Linux: KiB
+            "cpu": usage.ru_utime + usage.ru_stime,
             "code": proc.returncode,
             "timed_out": timed_out,
             "stdout": out.read().decode(errors="replace"),
@@ -280,7 +398,7 @@ def tail(text: str, lines: int = 3) -> str:
 
 
 def peer_command(tool: str, scenario: Scenario, data: Path) -> list[str]:
-    spec = {"terms": scenario.terms, "nest": scenario.nest}
+    spec = {"terms": scenario.terms, "nest": scenario.nest, "nest_terms": scenario.nest_terms}
     script, extra = {
         "newton": ("newton_reference.py", []),
         "xlogit": ("xlogit_runner.py", []),
@@ -316,8 +434,12 @@ def choice_command(
     ]
     if scenario.has_users:
         cmd += ["--user", "user"]
+    if scenario.session:
+        cmd += ["--session", "session"]
     if scenario.nest:
-        cmd += ["--nests", f"col:{scenario.nest}", "--nest-formula", ""]
+        cmd += ["--nests", f"col:{scenario.nest}", "--nest-formula", scenario.nest_formula]
+    if scenario.lambda_bounds:
+        cmd += ["--lambda-bounds", scenario.lambda_bounds]
     return cmd + ["--device", device, "--model", str(model_dir), "--quiet"]
 
 
@@ -344,11 +466,12 @@ def repeated(run_once, repeat: int) -> Row:
 
     def figures(run: Row) -> dict:
         return {"fit_seconds": run.fit_seconds, "whole_seconds": run.whole_seconds,
-                "rss_mb": run.peak_rss_mb}  # fmt: skip
+                "cpu_seconds": run.cpu_seconds, "rss_mb": run.peak_rss_mb}  # fmt: skip
 
     runs = [figures(r) for r in rows]  # before `row` (the first timed run) takes the medians
     row.fit_seconds = median([r.fit_seconds for r in rows])
     row.whole_seconds = median([r.whole_seconds for r in rows])
+    row.cpu_seconds = median([r.cpu_seconds for r in rows])
     row.peak_rss_mb = max(r.peak_rss_mb for r in [first, *rows])
     row.extra["runs"] = runs
     row.extra["warm_up"] = figures(first)
@@ -373,10 +496,12 @@ def run_tool_once(tool: str, scenario: Scenario, data: Path, args, env: dict) ->
             else peer_command(tool, scenario, data)
         )
         settle(data)
-        result = run_process(cmd, args.timeout, env, Path(scratch))
+        timeout = min(args.timeout, scenario.timeout or math.inf)
+        result = run_process(cmd, timeout, env, Path(scratch))
         row = Row(tool, "ok", whole_seconds=result["wall"], peak_rss_mb=result["rss_mb"])
+        row.cpu_seconds = result["cpu"]
         if result["timed_out"]:
-            row.status, row.note = "timeout", f"killed after {args.timeout:.0f} s"
+            row.status, row.note = "timeout", f"killed after {timeout:.0f} s"
             return row
         if tool == "choice":
             return read_choice(row, result, model_dir)
@@ -406,14 +531,14 @@ def read_choice(row: Row, result: dict, model_dir: Path) -> Row:
         row.fit_seconds = float(fit["seconds"])
         row.log_likelihood = float(fit["log_likelihood"])
         row.iterations = fit.get("iterations")
-        row.extra = {
-            k: fit.get(k) for k in ("converged", "parameters", "cases", "device") if k in fit
-        }
+        keys = ("converged", "n_parameters", "n_cases", "device", "method", "message")
+        row.extra = {k: fit.get(k) for k in keys if k in fit}
     except (OSError, KeyError, TypeError, ValueError) as exc:
         row.status, row.note = "error", f"model.json unreadable: {exc!r}"[:300]
         return row
     if result["code"] == 3 or fit.get("converged") is False:
         row.status = "not-converged"
+        row.note = f"exit {result['code']}: {fit.get('message') or tail(result['stderr'])}"[:300]
     return row
 
 
@@ -422,10 +547,20 @@ def data_copy_mb(scenario: Scenario, data: Path) -> float:
     import pyarrow.parquet as pq
 
     metadata = pq.read_metadata(data)
-    missing = set(scenario.used_columns) - set(metadata.schema.names)
+    columns = expand(scenario.used_columns, metadata.schema.names)
+    missing = set(columns) - set(metadata.schema.names)
     if missing:
         raise ValueError(f"{data.name} lacks the columns {sorted(missing)}")
-    return metadata.num_rows * len(scenario.used_columns) * 8 / 2**20
+    return metadata.num_rows * len(columns) * 8 / 2**20
+
+
+def expand(names: list[str], columns: list[str]) -> list[str]:
+    """Names with each glob replaced by the columns it matches, in table order."""
+    out: list[str] = []
+    for name in names:
+        matches = [c for c in columns if fnmatch.fnmatchcase(c, name)] if "*" in name else []
+        out += matches or [name]
+    return list(dict.fromkeys(out))
 
 
 def baseline_rss_mb(scenario: Scenario, data: Path, args, env: dict) -> float | None:
@@ -472,6 +607,7 @@ def run_load_once(tool: str, scenario: Scenario, files: dict, args, env: dict) -
         settle(data)
         result = run_process(cmd, args.timeout, env, Path(scratch))
     row = Row(tool, "ok", whole_seconds=result["wall"], peak_rss_mb=result["rss_mb"])
+    row.cpu_seconds = result["cpu"]
     record = last_json(result["stdout"])
     if result["timed_out"]:
         row.status, row.note = "timeout", f"killed after {args.timeout:.0f} s"
@@ -507,7 +643,13 @@ def run_scenario(scenario: Scenario, args, env: dict) -> dict:
         if scenario.memory and tool == "choice" and rows[-1].status in ("ok", "not-converged"):
             add_memory(rows[-1], scenario, files["parquet"], args, env)
     reference = next(
-        (r.log_likelihood for r in rows if r.tool == "newton" and r.log_likelihood is not None),
+        (
+            r.log_likelihood
+            for r in rows
+            if r.tool == scenario.reference_tool
+            and r.status == "ok"
+            and r.log_likelihood is not None
+        ),
         None,
     )
     if reference is not None:
@@ -521,7 +663,10 @@ def run_scenario(scenario: Scenario, args, env: dict) -> dict:
         "memory": scenario.memory,
         "used_columns": scenario.used_columns,
         "formula": scenario.formula,
+        "nest_formula": scenario.nest_formula,
+        "lambda_bounds": scenario.lambda_bounds,
         "nests": scenario.nest,
+        "reference_tool": scenario.reference_tool,
         "dataset": scenario.dataset,
         "reference_ll": reference,
         "targets": scenario.targets,
@@ -536,7 +681,7 @@ def check_targets(scenario: Scenario, rows: list[Row]) -> list[str]:
     if scenario.kind != "fit" or row is None:
         return []
     if row.status not in ("ok", "not-converged"):
-        return [f"FAIL choice did not run ({row.status})"]
+        return [f"FAIL choice did not run ({row.status}{': ' + row.note if row.note else ''})"]
     checks = [
         ("fit", row.fit_seconds, scenario.targets.get("fit"), "fit {:.2f} s <= {} s"),
         ("whole", row.whole_seconds, scenario.targets.get("whole"), "whole {:.2f} s <= {} s"),
@@ -559,7 +704,10 @@ def check_targets(scenario: Scenario, rows: list[Row]) -> list[str]:
         if limit is None or value is None:
             continue
         out.append(("PASS " if value <= limit else "FAIL ") + text.format(value, limit))
-    if row.status == "not-converged":
+    if scenario.runaway:
+        stopped = row.status == "not-converged"
+        out.append(("PASS " if stopped else "FAIL ") + "stops with exit 3 (no optimum)")
+    elif row.status == "not-converged":
         out.append("FAIL converged")
     return out
 
@@ -578,7 +726,8 @@ def progress_line(row: Row) -> str:
     status = row.status if row.status != "ok" else ""
     return (
         f"{row.tool:15s} fit {fmt(row.fit_seconds, '8.2f'):>8s} s  whole "
-        f"{fmt(row.whole_seconds, '7.2f'):>7s} s  rss {fmt(row.peak_rss_mb, '6.0f'):>6s} MB  "
+        f"{fmt(row.whole_seconds, '7.2f'):>7s} s  cpu {fmt(row.cpu_seconds, '7.2f'):>7s} s  "
+        f"rss {fmt(row.peak_rss_mb, '6.0f'):>6s} MB  "
         f"LL {fmt(row.log_likelihood, '.6f')}  {status} {row.note}"
     )
 
@@ -588,6 +737,7 @@ FIT_HEAD = [
     "status",
     "fit s",
     "whole s",
+    "cpu s",
     "peak RSS MB",
     "log-likelihood",
     "rel LL gap",
@@ -596,7 +746,17 @@ FIT_HEAD = [
     "whole / choice",
     "note",
 ]
-LOAD_HEAD = ["tool", "status", "load s", "whole s", "peak RSS MB", "rows", "load / polars", "note"]
+LOAD_HEAD = [
+    "tool",
+    "status",
+    "load s",
+    "whole s",
+    "cpu s",
+    "peak RSS MB",
+    "rows",
+    "load / polars",
+    "note",
+]
 MEMORY_HEAD = ["baseline RSS MB", "data copy MB", "(peak - baseline) / copy"]
 
 
@@ -622,6 +782,7 @@ def measured_cells(r: dict, seconds: str) -> list[str]:
         r["status"],
         fmt(r["fit_seconds"], seconds),
         fmt(r["whole_seconds"], ".2f"),
+        fmt(r.get("cpu_seconds"), ".2f"),
         fmt(r["peak_rss_mb"], ".0f"),
     ]
 
@@ -692,18 +853,23 @@ def markdown(report: dict) -> str:
         + ".",
         "",
         "fit s: the tool's own fit time; whole s: the whole process (start-up, reading, "
-        f"fit, output) timed by the harness; {repeats}"
+        "fit, output) timed by the harness; cpu s: that process's user + system CPU time "
+        f"(steadier than wall time on a shared machine); {repeats}"
         "rel LL gap: |LL - LL_newton| / |LL_newton| "
-        "against the float64 Newton reference; ratios: peer / choice (higher is slower).",
+        "against the float64 Newton reference (or the tool a scenario names); ratios: peer / "
+        "choice (higher is slower).",
         "",
     ]
     for s in report["scenarios"]:
         lines += [f"## {s['name']}: {s['description']}", ""]
         if s["kind"] == "fit":
+            reference_tool = s.get("reference_tool", "newton") or "none"
             lines += [
                 f"Formula `{s['formula']}`"
                 + (f", nests `col:{s['nests']}`" if s["nests"] else "")
-                + f"; reference LL {fmt(s['reference_ll'], '.6f')}.",
+                + (f", nest formula `{s['nest_formula']}`" if s.get("nest_formula") else "")
+                + (f", `--lambda-bounds {s['lambda_bounds']}`" if s.get("lambda_bounds") else "")
+                + f"; reference LL ({reference_tool}) {fmt(s['reference_ll'], '.6f')}.",
                 "",
             ]
         if s.get("memory"):
@@ -793,6 +959,11 @@ def main() -> None:
     parser.add_argument("--scenarios", help="comma-separated: " + ",".join(SCENARIOS))
     parser.add_argument("--quick", action="store_true", help="smoke run: " + ",".join(QUICK))
     parser.add_argument(
+        "--tutorial",
+        action="store_true",
+        help="torch-choice's tutorial models (issue 14): " + ",".join(TUTORIAL),
+    )
+    parser.add_argument(
         "--tools",
         help="comma-separated subset of: "
         + ",".join(FIT_TOOLS + LOAD_TOOLS)
@@ -827,6 +998,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     names = QUICK if args.quick else DEFAULT + (GPU_EXTRA if args.device != "cpu" else [])
+    names = TUTORIAL if args.tutorial else names
     if args.scenarios:
         names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
     unknown = [n for n in names if n not in SCENARIOS]
@@ -854,7 +1026,7 @@ def main() -> None:
     for s in report["scenarios"]:
         print(f"\n## {s['name']}: {s['description']}")
         if s["reference_ll"] is not None:
-            print(f"reference LL (float64 Newton): {s['reference_ll']:.6f}")
+            print(f"reference LL ({s.get('reference_tool') or 'none'}): {s['reference_ll']:.6f}")
         print(plain_table(table_head(s), table_rows(s)))
         for check in s["target_check"]:
             print("  target:", check)

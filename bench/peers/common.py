@@ -13,9 +13,10 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUME
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
+import fnmatch  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
@@ -25,25 +26,34 @@ import polars as pl  # noqa: E402
 class Spec:
     """The model to fit, as run_bench.py describes it.
 
-    terms: (variable, variation) pairs in formula order; variable '1' is the intercept and
-    variation is 'item', 'constant' or 'user'. nest: the column holding each alternative's nest
-    (nested logit, one lambda per nest, empty nest formula) or None.
+    terms: (variable, variation) pairs in formula order; variable '1' is the intercept, a
+    glob ('user_obs_*') names a block of columns, and variation is 'item', 'constant' or 'user'.
+    nest: the column holding each alternative's nest (nested logit, one lambda per nest) or
+    None; nest_terms: the nest-level formula's terms ('item' meaning nest), columns constant
+    within (case, nest). groups: each glob's columns, filled by parse_args from the file.
     """
 
     terms: list[tuple[str, str]]
     nest: str | None = None
+    nest_terms: list[tuple[str, str]] = field(default_factory=list)
     case: str = "case"
     item: str = "item"
     choice: str = "choice"
     user: str = "user"
+    groups: dict[str, list[str]] = field(default_factory=dict)
+
+    def columns_of(self, variable: str) -> list[str]:
+        """The columns a term's variable names (a glob's matches, or itself)."""
+        return self.groups.get(variable, [variable])
 
     @property
     def columns(self) -> list[str]:
-        return list(dict.fromkeys(v for v, _ in self.terms if v != "1"))
+        variables = [v for v, _ in self.terms + self.nest_terms if v != "1"]
+        return list(dict.fromkeys(c for v in variables for c in self.columns_of(v)))
 
     @property
     def has_user_terms(self) -> bool:
-        return any(variation == "user" for _, variation in self.terms)
+        return any(variation == "user" for _, variation in self.terms + self.nest_terms)
 
 
 @dataclass
@@ -74,7 +84,12 @@ def parse_args(description: str, extra: list[tuple[str, dict]] | None = None) ->
     args = parser.parse_args()
     raw = json.loads(args.spec)
     raw["terms"] = [tuple(t) for t in raw["terms"]]
+    raw["nest_terms"] = [tuple(t) for t in raw.get("nest_terms") or []]
     args.spec = Spec(**raw)
+    names = pl.read_parquet_schema(args.data).names()
+    for variable, _ in args.spec.terms + args.spec.nest_terms:
+        if "*" in variable:
+            args.spec.groups[variable] = [c for c in names if fnmatch.fnmatchcase(c, variable)]
     return args
 
 
@@ -130,6 +145,36 @@ def case_constant(x: np.ndarray, avail: np.ndarray) -> bool:
     high = np.where(avail, x, -np.inf).max(axis=1)
     low = np.where(avail, x, np.inf).min(axis=1)
     return bool(np.all(high == low))
+
+
+def constant_within(x: np.ndarray, avail: np.ndarray, group: np.ndarray) -> bool:
+    """True when a case-constant column takes one value within each group of cases (N,)."""
+    value = per_case(x, avail)  # (N,)
+    first = np.full(int(group.max()) + 1, np.nan)
+    first[group[::-1]] = value[::-1]  # the value of each group's first case
+    return bool(np.all(first[group] == value))
+
+
+def item_constant(x: np.ndarray, avail: np.ndarray) -> bool:
+    """True when a column takes one value per alternative across every case."""
+    high = np.where(avail, x, -np.inf).max(axis=0)
+    low = np.where(avail, x, np.inf).min(axis=0)
+    return bool(np.all((high == low) | ~avail.any(axis=0)))
+
+
+def per_item(x: np.ndarray, avail: np.ndarray) -> np.ndarray:
+    """(J,) value of an item-constant column."""
+    return np.where(avail, x, -np.inf).max(axis=0)
+
+
+def per_nest(x: np.ndarray, avail: np.ndarray, nest_of_item: np.ndarray) -> np.ndarray:
+    """(N, K) value of a column constant within (case, nest); 0 for a nest absent from a case."""
+    K = int(nest_of_item.max()) + 1
+    out = np.full((x.shape[0], K), -np.inf)
+    for k in range(K):  # loop over nests, not rows
+        members = nest_of_item == k
+        out[:, k] = np.where(avail[:, members], x[:, members], -np.inf).max(axis=1)
+    return np.where(np.isfinite(out), out, 0.0)
 
 
 def per_case(x: np.ndarray, avail: np.ndarray) -> np.ndarray:

@@ -26,28 +26,71 @@ import torch
 warnings.filterwarnings("ignore")
 
 
+def short_name(variable: str) -> str:
+    """A Python-identifier form of a term's variable ('user_obs_*' -> 'user_obs')."""
+    base = "".join(c if c.isalnum() else "_" for c in variable.replace("*", "")).strip("_")
+    return base or "x"
+
+
+def item_observable(data: common.Dense, spec: common.Spec, variable: str):
+    """(name, tensor) of an item-level term's columns, named by torch-choice's prefix for how
+    they vary, as its tutorial passes them: item_ (J, C) when constant within item, user_
+    (U, C) when constant within user, session_ (N, C) when constant within case (each case is
+    its own session), else itemsession_ (N, J, C)."""
+    columns = [data.x[c] for c in spec.columns_of(variable)]  # C arrays of (N, J)
+    base = short_name(variable)
+    if all(common.item_constant(x, data.avail) for x in columns):
+        return f"item_{base}", np.stack([common.per_item(x, data.avail) for x in columns], 1)
+    if all(common.case_constant(x, data.avail) for x in columns):
+        per_case = np.stack([common.per_case(x, data.avail) for x in columns], 1)  # (N, C)
+        if spec.has_user_terms and all(
+            common.constant_within(x, data.avail, data.user) for x in columns
+        ):
+            per_user = np.zeros((data.n_users, len(columns)))
+            per_user[data.user[::-1]] = per_case[::-1]  # each user's first case
+            return f"user_{base}", per_user
+        return f"session_{base}", per_case
+    return f"itemsession_{base}", np.stack(columns, axis=2)
+
+
+def nest_observable(data: common.Dense, spec: common.Spec, variable: str):
+    """(name, tensor) of a nest-level term's columns: itemsession_ (N, K, C) in the nest
+    dataset (the columns are constant within case x nest; each case is its own session)."""
+    columns = [
+        common.per_nest(data.x[c], data.avail, data.nest_of_item) for c in spec.columns_of(variable)
+    ]
+    return f"itemsession_{short_name(variable)}", np.stack(columns, axis=2)
+
+
+def formula_and_observables(terms, observable) -> tuple[str, dict]:
+    """torch-choice's formula for a list of terms, and the observables it names."""
+    observables, parts = {}, []
+    for variable, variation in terms:
+        if variable == "1":
+            parts.append(f"(intercept|{variation})")
+            continue
+        name, value = observable(variable)
+        observables[name] = torch.tensor(value)
+        parts.append(f"({name}|{variation})")
+    dtype = torch.get_default_dtype()
+    return " + ".join(parts), {k: v.to(dtype) for k, v in observables.items()}
+
+
 def build(data: common.Dense, spec: common.Spec):
-    """ChoiceDataset (or JointDataset) and formula; observables named by torch-choice prefix."""
+    """ChoiceDataset (or JointDataset) and formulas (item level, nest level); observables
+    named by torch-choice prefix."""
     from torch_choice.data import ChoiceDataset, JointDataset
 
     N, J = data.shape
-    observables, terms = {}, []
-    for var, variation in spec.terms:
-        if var == "1":
-            terms.append(f"(intercept|{variation})")
-            continue
-        if common.case_constant(data.x[var], data.avail):
-            name = f"session_{var}"  # (N, 1): constant within case
-            observables[name] = torch.tensor(common.per_case(data.x[var], data.avail)[:, None])
-        else:
-            name = f"itemsession_{var}"  # (N, J, 1)
-            observables[name] = torch.tensor(data.x[var][:, :, None])
-        terms.append(f"({name}|{variation})")
-    dtype = torch.get_default_dtype()
-    observables = {k: v.to(dtype) for k, v in observables.items()}
+    formula, observables = formula_and_observables(
+        spec.terms, lambda v: item_observable(data, spec, v)
+    )
     extra = {"user_index": torch.tensor(data.user)} if spec.has_user_terms else {}
+    extra |= {"num_users": data.n_users} if spec.has_user_terms else {}
+    extra["num_sessions"] = N  # given, so torch-choice does not count them on every forward
     items = ChoiceDataset(
         item_index=torch.tensor(data.chosen),
+        num_items=J,
         session_index=torch.arange(N),
         item_availability=torch.tensor(data.avail),
         **extra,
@@ -55,12 +98,22 @@ def build(data: common.Dense, spec: common.Spec):
     )
     for name, value in observables.items():
         setattr(items, name, value)  # ChoiceDataset casts observables to float32: undo that
-    formula = " + ".join(terms)
     if not spec.nest:
-        return items, formula
+        return items, (formula, "")
+    nest_formula, nest_observables = formula_and_observables(
+        spec.nest_terms, lambda v: nest_observable(data, spec, v)
+    )
     nest_of_chosen = torch.tensor(data.nest_of_item[data.chosen])
-    nests = ChoiceDataset(item_index=nest_of_chosen, session_index=torch.arange(N), **extra)
-    return JointDataset(item=items, nest=nests), formula
+    nests = ChoiceDataset(
+        item_index=nest_of_chosen,
+        num_items=len(data.nests),
+        session_index=torch.arange(N),
+        **extra,
+        **nest_observables,
+    )
+    for name, value in nest_observables.items():
+        setattr(nests, name, value)
+    return JointDataset(item=items, nest=nests), (formula, nest_formula)
 
 
 def batch_of(dataset):
@@ -68,9 +121,12 @@ def batch_of(dataset):
     return dataset.datasets if hasattr(dataset, "datasets") else dataset
 
 
-def make_model(data: common.Dense, spec: common.Spec, dataset, formula: str, mask: str):
+def make_model(
+    data: common.Dense, spec: common.Spec, dataset, formulas: tuple[str, str], mask: str
+):
     from torch_choice.model import ConditionalLogitModel, NestedLogitModel
 
+    formula, nest_formula = formulas
     users = data.n_users if spec.has_user_terms else None
     if not spec.nest:
         return ConditionalLogitModel(
@@ -83,7 +139,7 @@ def make_model(data: common.Dense, spec: common.Spec, dataset, formula: str, mas
     return cls(
         nest_to_item=nest_to_item,
         item_formula=formula,
-        nest_formula="",
+        nest_formula=nest_formula,
         dataset=dataset,
         num_users=users,
         shared_lambda=False,
@@ -107,6 +163,8 @@ def FixedMaskNested():  # noqa: N802 - returns a class
             Y = torch.zeros(T, self.num_items)
             if any(self.is_intercept_term(v) for v in self.item_coef_variation_dict):
                 item_x_dict["intercept"] = torch.ones((T, self.num_items, 1))
+            if any(self.is_intercept_term(v) for v in self.nest_coef_variation_dict):
+                nest_x_dict["intercept"] = torch.ones((T, self.num_nests, 1))
             for var_type, coef in self.item_coef_dict.items():
                 Y = Y + coef(item_x_dict[var_type.split("[")[0]], user_index)
             for var_type, coef in self.nest_coef_dict.items():
@@ -163,8 +221,8 @@ def lbfgs(model, dataset, max_iter: int) -> int:
 def float64_ll(model, data: common.Dense, spec: common.Spec, mask: str) -> float:
     """The log-likelihood at the fitted coefficients, evaluated in float64."""
     torch.set_default_dtype(torch.float64)
-    dataset, formula = build(data, spec)
-    twin = make_model(data, spec, dataset, formula, mask)
+    dataset, formulas = build(data, spec)
+    twin = make_model(data, spec, dataset, formulas, mask)
     state = {k: v.double() for k, v in model.state_dict().items() if k != "lambdas"}
     twin.load_state_dict(state)  # "lambdas" is an alias of lambda_weight set in forward
     with torch.no_grad():
@@ -190,8 +248,8 @@ def main() -> None:
     torch.set_default_dtype(getattr(torch, dtype))
     spec = args.spec
     data = common.to_dense(common.read_long(args.data, spec), spec)
-    dataset, formula = build(data, spec)
-    model = make_model(data, spec, dataset, formula, args.nested_mask)
+    dataset, formulas = build(data, spec)
+    model = make_model(data, spec, dataset, formulas, args.nested_mask)
 
     start = time.perf_counter()
     if args.mode == "recipe" and not spec.nest:
@@ -225,7 +283,8 @@ def main() -> None:
             model.negative_log_likelihood(batch_of(dataset), labels(dataset), is_train=False)
         )
     ll = float64_ll(model, data, spec, args.nested_mask)
-    common.emit(seconds, ll, iterations, own_ll=own, dtype=dtype, mode=args.mode)
+    fitted = {"lambdas": model.lambda_weight.tolist()} if spec.nest else {}
+    common.emit(seconds, ll, iterations, own_ll=own, dtype=dtype, mode=args.mode, **fitted)
 
 
 if __name__ == "__main__":
