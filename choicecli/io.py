@@ -17,6 +17,7 @@ from pathlib import Path
 import polars as pl
 
 from choicecli.errors import DataError, OutputError, UsageError
+from choicecli.process import deferred_signals, reached
 
 PARQUET_MAGIC = b"PAR1"
 CSV_NULLS = ("", "NA", "NaN", "nan", "null", "NULL")
@@ -346,12 +347,16 @@ def atomic_directory(path: Path) -> Iterator[Path]:
     try:
         yield temp
         old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / "previous")
-        os.replace(temp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        with deferred_signals():  # a signal waits until the swap is done
+            if path.exists():
+                old = Path(
+                    tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent)
+                )
+                os.replace(path, old / "previous")
+            reached("swap")
+            os.replace(temp, path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
         shutil.rmtree(temp, ignore_errors=True)
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
