@@ -579,6 +579,18 @@ main()
 """
 
 
+# Starts a command with the given dispositions for the ending signals, whatever the test run's
+# own are (a shell script's background job ignores SIGINT, nohup ignores SIGHUP): the signals
+# named in argv[1] are ignored, the others get the default, which exec keeps.
+_WITH_SIGNALS = """
+import os, signal, sys
+ignored = {getattr(signal, name) for name in sys.argv[1].split(",") if name}
+for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(number, signal.SIG_IGN if number in ignored else signal.SIG_DFL)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
 @dataclass
 class Run:
     """A command started in the background, with a previously fitted model beside it."""
@@ -642,7 +654,9 @@ def background(tmp_path_factory) -> dict[str, Run]:
             model = folder / "fresh"  # must never be created
         else:
             assert fit(data, model).exit_code == 0
-        command = [str(part).format(data=data, bad=bad) for part in argv]
+        ignoring = "" if ignored is None else ignored.name
+        command = [PYTHON, "-c", _WITH_SIGNALS, ignoring]
+        command += [str(part).format(data=data, bad=bad) for part in argv]
         command += ["--model", str(model), "--device", "cpu"]
         env = subprocess_env()
         if stage is not None:
@@ -656,9 +670,6 @@ def background(tmp_path_factory) -> dict[str, Run]:
             stdout=stdout,
             stderr=stderr,
             env=env,
-            preexec_fn=(lambda number=ignored: signal.signal(number, signal.SIG_IGN))
-            if ignored is not None
-            else None,
         )
         runs[name] = Run(process, data, model, snapshot(model), folder)
     yield runs
