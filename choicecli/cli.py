@@ -319,18 +319,20 @@ def main() -> NoReturn:
     process.configure_allocator()
     process.repair_streams()
     process.install_signal_handlers()
+    code: int | str | None = 1
     try:
         app()  # standalone: it ends in SystemExit with the command's code
+        code = 0
     except SystemExit as done:
         code = done.code
     except process.Interrupted as stop:  # came outside a command (parsing, after it returned)
-        code = say_interrupted(stop.number)
+        code = 128 + stop.number
+        say_interrupted(stop.number)
     except ChoiceError as error:  # outside a command: help text to a stdout that is closed
-        say_error(str(error))
         code = error.exit_code
-    else:
-        code = 0
-    process.exit_now(code)
+        say_error(str(error))
+    finally:  # also when a signal lands while a line above is printed: no traceback
+        process.exit_now(code)
 
 
 if __name__ == "__main__":
