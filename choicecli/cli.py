@@ -321,18 +321,22 @@ def main() -> NoReturn:
     process.install_signal_handlers()
     code: int | str | None = 1
     try:
-        app()  # standalone: it ends in SystemExit with the command's code
-        code = 0
-    except SystemExit as done:
-        code = done.code
-    except process.Interrupted as stop:  # came outside a command (parsing, after it returned)
-        code = 128 + stop.number
-        say_interrupted(stop.number)
-    except ChoiceError as error:  # outside a command: help text to a stdout that is closed
-        code = error.exit_code
-        say_error(str(error))
-    finally:  # also when a signal lands while a line above is printed: no traceback
-        process.exit_now(code)
+        try:
+            app()  # standalone: it ends in SystemExit with the command's code
+            code = 0
+        except SystemExit as done:
+            code = done.code
+        except process.Interrupted as stop:  # outside a command (parsing, after it returned)
+            code = 128 + stop.number
+            say_interrupted(stop.number)
+        except ChoiceError as error:  # outside a command: help text to a closed stdout
+            if "--debug" in sys.argv or os.environ.get("CHOICE_DEBUG") == "1":
+                raise  # a command's error re-raised for its traceback
+            code = error.exit_code
+            say_error(str(error))
+    except process.Interrupted:  # the first signal, while a line above was printed
+        pass
+    process.exit_now(code)
 
 
 if __name__ == "__main__":
