@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import functools
 import os
+import signal
 import sys
 from collections.abc import Callable
 from enum import StrEnum
@@ -15,6 +14,7 @@ from typing import Annotated, NoReturn
 import typer
 from rich.console import Console
 
+from choicecli import process
 from choicecli.errors import ChoiceError
 
 app = typer.Typer(
@@ -25,18 +25,6 @@ app = typer.Typer(
     help="Fit conditional and nested logit models to long-format tables (Parquet or CSV).",
 )
 DEFAULT_MODEL = "choice_model"
-EXIT_INTERRUPTED = 130
-EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a command the signal stopped
-# polars' allocator (jemalloc) hands the pages it frees back to the system only after 0.5 s,
-# and then lazily (they count as resident until the system runs short): its background thread
-# hands them back within 0.1 s and for good, at no cost to the command's own thread
-ALLOCATOR_VARIABLE = "_RJEM_MALLOC_CONF"
-ALLOCATOR_SETTINGS = "background_thread:true,dirty_decay_ms:100,muzzy_decay_ms:0"
-# polars, when imported, writes its defaults before the variable's value and leaves them in the
-# environment: a parent process that imported polars (a Python pipeline) passes them on, and
-# after ours they would win. Seen at the start of an inherited value, they are polars', not
-# the user's. At 10M rows they added about 100 MB to the peak.
-POLARS_ALLOCATOR_DEFAULTS = "dirty_decay_ms:500,muzzy_decay_ms:1000"
 
 
 class Missing(StrEnum):
@@ -92,8 +80,15 @@ def say_error(message: str) -> None:
     stderr_console().print(f"Error: {message}", markup=False, highlight=False, soft_wrap=True)
 
 
+def say_interrupted(number: int) -> int:
+    """The one line of an interrupted command; returns its exit code, 128 + the signal."""
+    stderr_console().print(process.interruption_message(number), markup=False, highlight=False)
+    return 128 + number
+
+
 def handles_errors(command: Callable) -> Callable:
-    """Turn library errors into one stderr line and an exit code; Ctrl-C into 130."""
+    """Turn library errors into one stderr line and an exit code; a signal into 128 + its
+    number (Ctrl-C 130, SIGTERM 143, SIGHUP 129) once the cleanup on the way out has run."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -105,13 +100,13 @@ def handles_errors(command: Callable) -> Callable:
                 raise
             say_error(str(error))
             raise typer.Exit(error.exit_code) from None
-        except KeyboardInterrupt:
-            stderr_console().print("Interrupted; nothing was written.", highlight=False)
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except process.Interrupted as stop:
+            raise typer.Exit(say_interrupted(stop.number)) from None
+        except KeyboardInterrupt:  # SIGINT where our handler is not installed (in-process)
+            raise typer.Exit(say_interrupted(signal.SIGINT)) from None
         except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly
-            with contextlib.suppress(OSError):  # later flushes must not fail again
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            raise typer.Exit(EXIT_BROKEN_PIPE) from None
+            process.silence_stdout()  # later flushes must not fail again
+            raise typer.Exit(process.EXIT_BROKEN_PIPE) from None
         except (typer.Exit, typer.Abort):
             raise
         except Exception as error:  # a bug: say so in one line, never a traceback
@@ -326,54 +321,29 @@ def plot(
     commands.run_plot(term, level.value, model, output, shares, dpi, title)
 
 
-def allocator_settings(inherited: str | None) -> str:
-    """Our settings for polars' allocator followed by the user's own, which win where they
-    overlap (the last value of an option counts); polars' defaults that a parent process left
-    at the start of the inherited value are dropped."""
-    own = inherited or ""
-    while own == POLARS_ALLOCATOR_DEFAULTS or own.startswith(POLARS_ALLOCATOR_DEFAULTS + ","):
-        own = own[len(POLARS_ALLOCATOR_DEFAULTS) + 1 :]  # one copy per parent that imported it
-    return ",".join(part for part in (ALLOCATOR_SETTINGS, own) if part)
-
-
-def configure_allocator() -> None:
-    """Set polars' allocator to hand freed memory back; only before polars loads (it reads
-    the settings then), so a command that imports polars later gets them."""
-    if "polars" not in sys.modules:
-        os.environ[ALLOCATOR_VARIABLE] = allocator_settings(os.environ.get(ALLOCATOR_VARIABLE))
-
-
 def main() -> NoReturn:
     """Console-script entry point (also `python -m choicecli`)."""
-    configure_allocator()
+    process.configure_allocator()
+    process.repair_streams()
+    process.install_signal_handlers()
+    code: int | str | None = 1
     try:
-        app()  # standalone: it ends in SystemExit with the command's code
-    except SystemExit as done:
-        exit_now(done.code)
-    exit_now(0)
-
-
-def exit_now(code: int | str | None) -> NoReturn:
-    """End the process as `sys.exit(code)` would, without the interpreter's teardown.
-
-    With torch loaded, tearing the interpreter down (freeing every module and tensor, running
-    libraries' destructors) took 0.4 to 0.9 s here, about as long as a 100k-case fit; the
-    system frees it all at once anyway. Every output file is closed by now (written to a temporary
-    file, then renamed); atexit handlers run and the standard streams are flushed here.
-    """
-    if code is None:
-        code = 0
-    elif not isinstance(code, int):  # sys.exit("message"): the message, then status 1
-        print(code, file=sys.stderr)
-        code = 1
-    atexit._run_exitfuncs()
-    try:
-        sys.stdout.flush()
-    except OSError:  # the reader went away (`| head`): as a command killed by SIGPIPE
-        code = code or EXIT_BROKEN_PIPE
-    with contextlib.suppress(OSError):
-        sys.stderr.flush()
-    os._exit(code)
+        try:
+            app()  # standalone: it ends in SystemExit with the command's code
+            code = 0
+        except SystemExit as done:
+            code = done.code
+        except process.Interrupted as stop:  # outside a command (parsing, after it returned)
+            code = 128 + stop.number
+            say_interrupted(stop.number)
+        except ChoiceError as error:  # outside a command: help text to a closed stdout
+            if "--debug" in sys.argv or os.environ.get("CHOICE_DEBUG") == "1":
+                raise  # a command's error re-raised for its traceback
+            code = error.exit_code
+            say_error(str(error))
+    except process.Interrupted:  # the first signal, while a line above was printed
+        pass
+    process.exit_now(code)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Kept apart from cli.py so every command runs (and is tested) without Typer.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import math
 import platform
@@ -15,7 +16,7 @@ from pathlib import Path
 import polars as pl
 from rich.console import Console
 
-from choicecli import __version__
+from choicecli import __version__, process
 from choicecli.errors import FormulaError, UsageError
 
 EXIT_NOT_CONVERGED = 3
@@ -126,6 +127,7 @@ def run_fit(request: FitRequest, console: Console) -> int:
         select=lambda columns: table_columns(spec, columns),
         separator=request.separator,
     )
+    process.reached("read")
     options = FitOptions(
         estimate=EstimateOptions(
             method=request.method,
@@ -141,17 +143,17 @@ def run_fit(request: FitRequest, console: Console) -> int:
         import torch
 
         torch.set_num_threads(request.threads)
-    if console.is_terminal and not console.quiet:
-        with console.status("fitting ...") as status:
+    with contextlib.ExitStack() as stack:
+        status = None
+        if console.is_terminal and not console.quiet:
+            status = stack.enter_context(console.status("fitting ..."))
 
-            def progress(iteration: int, value: float, norm: float) -> None:
+        def progress(iteration: int, value: float, norm: float) -> None:
+            process.reached("optimiser")
+            if status is not None:
                 status.update(f"iteration {iteration}: log-likelihood {value:.6f}")
 
-            result, _ = fit_model(
-                frame, spec, options, where=where, progress=progress, consume=True
-            )
-    else:
-        result, _ = fit_model(frame, spec, options, where=where, consume=True)
+        result, _ = fit_model(frame, spec, options, where=where, progress=progress, consume=True)
     result.provenance = {
         "input": str(Path(request.data).resolve()) if request.data != "-" else "-",
         "input_sha256": digest,

@@ -144,20 +144,3 @@ def subprocess_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("CHOICE_DEBUG", "CHOICE_MODEL")}
     env["NO_COLOR"] = "1"
     return env
-
-
-def big_parquet_bytes(n_cases: int = 200_000, n_items: int = 10) -> bytes:
-    """A table large enough that a fit runs for several seconds (n_cases * n_items rows)."""
-    import io
-
-    case = np.repeat(np.arange(n_cases), n_items)
-    item = np.tile(np.arange(n_items), n_cases)
-    price = ((case * 7919 + item * 104729) % 1000) / 250.0  # (R,)
-    x = ((case * 31 + item * 17) % 97) / 50.0
-    utility = -price + 0.1 * item + ((case * 13 + item * 29) % 101) / 30.0
-    best = utility.reshape(n_cases, n_items).argmax(axis=1)
-    choice = (item == np.repeat(best, n_items)).astype(np.int64)
-    frame = pl.DataFrame({"case": case, "item": item, "choice": choice, "price": price, "x": x})
-    buffer = io.BytesIO()
-    frame.write_parquet(buffer)
-    return buffer.getvalue()

@@ -11,13 +11,13 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from choicecli.cli import (
+from choicecli.cli import app
+from choicecli.process import (
     ALLOCATOR_SETTINGS,
     ALLOCATOR_VARIABLE,
     EXIT_BROKEN_PIPE,
     POLARS_ALLOCATOR_DEFAULTS,
     allocator_settings,
-    app,
 )
 from choicecli.results import COEFFICIENT_COLUMNS
 from conftest import CHOICE_EXECUTABLE, SAMPLE_DATA, reference_file
@@ -287,7 +287,7 @@ def _allocator_report(entry: str) -> str:
 def test_exit_now_ends_as_sys_exit_would_with_handlers_run_and_output_flushed(code, status, stderr):
     program = (
         "import atexit\n"
-        "from choicecli.cli import exit_now\n"
+        "from choicecli.process import exit_now\n"
         "atexit.register(print, 'handler ran')\n"
         "print('buffered', end=' ')\n"
         f"exit_now({code})\n"

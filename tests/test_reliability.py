@@ -2,8 +2,9 @@
 
 Every data error is one 'Error:' line on stderr naming the first offending case, row or value
 and a count, exit code 1, and nothing written. Every warning is printed, recorded in model.json,
-and turned into an error by --strict. Interrupted fits (Ctrl-C, SIGKILL) leave the previous model
-directory byte for byte as it was, and the next run leaves no temporaries behind.
+and turned into an error by --strict. Interrupted fits (Ctrl-C, SIGTERM, SIGHUP, SIGKILL) leave the
+previous model directory byte for byte as it was (or, once the swap has begun, the complete new
+one), and the next run leaves no temporaries behind.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from reliability_helpers import (
     CHOICE,
     FORMULA,
     PYTHON,
-    big_parquet_bytes,
     coefficients,
     error_line,
     fit,
@@ -46,6 +46,7 @@ from choicecli.data import Roles
 from choicecli.errors import DataError
 from choicecli.models import segment_logsumexp
 from choicecli.problem import ModelSpec, build_problem
+from choicecli.process import STOP_AT_VARIABLE, STOP_FILE_VARIABLE
 
 BAD_CASES = [5, 9, 14]  # the offending cases; 5 is the first in file order and in sorted order
 IN_BAD = pl.col("case").is_in(BAD_CASES)
@@ -553,10 +554,15 @@ def test_failed_fit_leaves_the_previous_model_byte_identical(
 
 
 # --------------------------------------------------------------------------------------------
-# Killing a running fit: SIGINT (Ctrl-C) and SIGKILL, mid-way and mid-write.
+# Killing a running fit: each command stops at a named stage (after reading, inside the
+# optimiser, between the two renames of the model swap), says so through a file and waits;
+# the test then sends its signal. No sleeps, no payload sizes.
 # --------------------------------------------------------------------------------------------
 
-BIG_FORMULA = "(price|constant) + (1|item) + (x|item)"
+STAGES = ("read", "optimiser", "swap")
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL)
+NEW_FORMULA = "(price|constant)"  # one parameter: the previous model (FORMULA) has three
+STAGE_TIMEOUT = 240  # seconds for a command to start (importing torch) and reach its stage
 
 _DIE_WHILE_SAVING = """
 import os, signal, sys
@@ -571,17 +577,16 @@ sys.argv = ["choice", *sys.argv[1:]]
 main()
 """
 
-_DIE_BETWEEN_RENAMES = """
+
+# Starts a command with the given dispositions for the ending signals, whatever the test run's
+# own are (a shell script's background job ignores SIGINT, nohup ignores SIGHUP): the signals
+# named in argv[1] are ignored, the others get the default, which exec keeps.
+_WITH_SIGNALS = """
 import os, signal, sys
-real_replace = os.replace
-def replace_then_die(source, target, *args, **kwargs):
-    real_replace(source, target, *args, **kwargs)
-    if os.path.basename(os.fspath(target)) == "previous":  # old model moved aside, new not in
-        os.kill(os.getpid(), signal.SIGKILL)
-os.replace = replace_then_die
-from choicecli.cli import main
-sys.argv = ["choice", *sys.argv[1:]]
-main()
+ignored = {getattr(signal, name) for name in sys.argv[1].split(",") if name}
+for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(number, signal.SIG_IGN if number in ignored else signal.SIG_DFL)
+os.execv(sys.argv[2], sys.argv[2:])
 """
 
 
@@ -595,6 +600,20 @@ class Run:
     before: dict[str, bytes]
     folder: Path
 
+    @property
+    def stop_file(self) -> Path:
+        return self.folder / "stage.txt"
+
+    def wait_for_stage(self, stage: str) -> None:
+        """Return once the command says it waits at `stage`; fail if it ends or never does."""
+        deadline = time.monotonic() + STAGE_TIMEOUT
+        while not (self.stop_file.exists() and self.stop_file.read_text() == stage):
+            if self.process.poll() is not None:
+                pytest.fail(f"the command ended before {stage!r}: {self.finish()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"the command did not reach {stage!r} in {STAGE_TIMEOUT} s")
+            time.sleep(0.02)  # polling the file, not timing the signal
+
     def finish(self, timeout: float = 120) -> tuple[int, str, str]:
         returncode = self.process.wait(timeout=timeout)
         stdout = (self.folder / "stdout.txt").read_text()
@@ -602,29 +621,29 @@ class Run:
         return returncode, stdout, stderr
 
 
+def _kill_scenario(stage: str, sig: signal.Signals) -> str:
+    return f"{stage}-{sig.name}"
+
+
 @pytest.fixture(scope="module", autouse=True)
 def background(tmp_path_factory) -> dict[str, Run]:
     """Start every subprocess scenario when the module starts.
 
     Each costs a few seconds of start-up (importing torch), which then overlaps with the
-    in-process tests. The big fits read their table from stdin: they wait, idle, until their
-    test feeds it, and a finished write to the pipe proves the command is inside `fit`.
+    in-process tests; the killed ones wait at their stage until their test signals them.
     """
     root = tmp_path_factory.mktemp("background")
     runs: dict[str, Run] = {}
-    small = "(price|constant)"
+    fit_new = [CHOICE, "fit", "{data}", "--formula", NEW_FORMULA]
     scenarios = {
-        "SIGINT": ([CHOICE, "fit", "-", "--input-format", "parquet", "--formula", BIG_FORMULA],
-                   True),
-        "SIGKILL": ([CHOICE, "fit", "-", "--input-format", "parquet", "--formula", BIG_FORMULA],
-                    True),
-        "saving": ([PYTHON, "-c", _DIE_WHILE_SAVING, "fit", "{data}", "--formula", small], False),
-        "renames": ([PYTHON, "-c", _DIE_BETWEEN_RENAMES, "fit", "{data}", "--formula", small],
-                    False),
-        "error": ([CHOICE, "fit", "{bad}", "--formula", FORMULA], False),
-    }  # fmt: skip
+        _kill_scenario(stage, sig): (fit_new, stage, None) for stage in STAGES for sig in SIGNALS
+    }
+    scenarios["nohup"] = (fit_new, "read", signal.SIGHUP)  # started with SIGHUP ignored
+    scenarios["saving"] = ([PYTHON, "-c", _DIE_WHILE_SAVING, "fit", "{data}", "--formula",
+                            NEW_FORMULA], None, None)  # fmt: skip
+    scenarios["error"] = ([CHOICE, "fit", "{bad}", "--formula", FORMULA], None, None)
     handles = []
-    for name, (argv, reads_stdin) in scenarios.items():
+    for name, (argv, stage, ignored) in scenarios.items():
         folder = root / name
         folder.mkdir()
         data = write(long_table(), folder / "data.csv")
@@ -634,17 +653,22 @@ def background(tmp_path_factory) -> dict[str, Run]:
             model = folder / "fresh"  # must never be created
         else:
             assert fit(data, model).exit_code == 0
-        command = [str(part).format(data=data, bad=bad) for part in argv]
+        ignoring = "" if ignored is None else ignored.name
+        command = [PYTHON, "-c", _WITH_SIGNALS, ignoring]
+        command += [str(part).format(data=data, bad=bad) for part in argv]
         command += ["--model", str(model), "--device", "cpu"]
+        env = subprocess_env()
+        if stage is not None:
+            env |= {STOP_AT_VARIABLE: stage, STOP_FILE_VARIABLE: str(folder / "stage.txt")}
         stdout = (folder / "stdout.txt").open("wb")
         stderr = (folder / "stderr.txt").open("wb")
         handles += [stdout, stderr]
         process = subprocess.Popen(
             command,
-            stdin=subprocess.PIPE if reads_stdin else subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
             stdout=stdout,
             stderr=stderr,
-            env=subprocess_env(),
+            env=env,
         )
         runs[name] = Run(process, data, model, snapshot(model), folder)
     yield runs
@@ -652,8 +676,6 @@ def background(tmp_path_factory) -> dict[str, Run]:
         if run.process.poll() is None:
             run.process.kill()
             run.process.wait()
-        if run.process.stdin is not None and not run.process.stdin.closed:
-            run.process.stdin.close()
     for handle in handles:
         handle.close()
 
@@ -672,32 +694,89 @@ def test_subprocess_data_error_is_one_line_without_traceback(background):
     assert leftovers(run.model) == []
 
 
-@pytest.fixture(scope="module")
-def big_payload() -> bytes:
-    return big_parquet_bytes()
+def _csv_terms(text: str) -> list[str]:
+    return pl.read_csv(text.encode())["term"].to_list()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def assert_interrupted(returncode: int, stdout: str, stderr: str, sig: signal.Signals) -> None:
+    """128 + the signal's number and one line naming it, or, for SIGKILL, nothing at all."""
+    if sig == signal.SIGKILL:
+        assert (returncode, stdout, stderr) == (-signal.SIGKILL, "", "")
+        return
+    assert returncode == 128 + sig, (returncode, stderr)
+    assert stdout == ""
+    assert stderr.splitlines() == [f"Interrupted by {sig.name}; no half-written file was left."], (
+        stderr
+    )
+
+
+@pytest.mark.parametrize("sig", SIGNALS, ids=[sig.name for sig in SIGNALS])
+@pytest.mark.parametrize("stage", ["read", "optimiser"])
 def test_killed_fit_keeps_the_previous_model_and_next_run_leaves_no_temporaries(
-    background, big_payload, sig
+    background, stage, sig
 ):
-    run = background[sig.name]
-    run.process.stdin.write(big_payload)  # returns once the command has read its input
-    run.process.stdin.close()
-    time.sleep(0.4)  # inside the fit: reading, checking or optimising
-    assert run.process.poll() is None, "the fit ended before it could be killed: enlarge the data"
+    run = background[_kill_scenario(stage, sig)]
+    run.wait_for_stage(stage)
     run.process.send_signal(sig)
-    returncode, _, stderr = run.finish(timeout=60)
-    if sig == signal.SIGINT:
-        assert returncode == 130, stderr
-        assert "Traceback" not in stderr
-        assert "Interrupted" in stderr.splitlines()[-1]
-        assert leftovers(run.model) == []  # Ctrl-C cleans up after itself
-    else:
-        assert returncode == -signal.SIGKILL
+    assert_interrupted(*run.finish(), sig)
     assert snapshot(run.model) == run.before
+    assert leftovers(run.model) == []  # nothing had been written yet
 
     assert_next_fit_replaces_the_model(run)
+
+
+@pytest.mark.parametrize(
+    "sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"]
+)
+def test_kill_during_the_swap_waits_for_it_and_leaves_the_complete_new_model(background, sig):
+    """A signal between the two renames is held until the new model is in place; the command
+    then stops as interrupted, and what is on disk is the complete new model, nothing else."""
+    run = background[_kill_scenario("swap", sig)]
+    run.wait_for_stage("swap")
+    run.process.send_signal(sig)
+    assert_interrupted(*run.finish(), sig)
+    assert leftovers(run.model) == []
+    assert listing(run.model) == ["coefficients.parquet", "model.json", "params.safetensors"]
+    assert model_document(run.model)["spec"]["formula"] == NEW_FORMULA
+    assert coefficients(run.model)["term"].to_list() == ["price[constant]"]
+    shown = invoke("coef", "--model", run.model, "--format", "csv")  # all three files agree
+    assert shown.exit_code == 0, shown.stderr
+    assert _csv_terms(shown.stdout) == ["price[constant]"]
+
+
+def test_sigkill_during_the_swap_keeps_both_models_whole_and_the_next_run_repairs(background):
+    run = background[_kill_scenario("swap", signal.SIGKILL)]
+    run.wait_for_stage("swap")
+    run.process.send_signal(signal.SIGKILL)
+    assert_interrupted(*run.finish(), signal.SIGKILL)
+    # the previous model moved aside whole, the new one complete beside it, nothing mixed
+    aside = [run.model.parent / name for name in leftovers(run.model) if name.endswith(".old")]
+    fresh = [run.model.parent / name for name in leftovers(run.model) if name.endswith(".tmp")]
+    assert len(aside) == 1 and len(fresh) == 1, leftovers(run.model)
+    assert snapshot(aside[0] / "previous") == run.before
+    assert model_document(fresh[0])["spec"]["formula"] == NEW_FORMULA
+
+    previous_terms = coefficients(aside[0] / "previous")["term"].to_list()
+    shown = invoke("coef", "--model", run.model, "--format", "csv")  # readers see the previous
+    assert shown.exit_code == 0, shown.stderr
+    assert _csv_terms(shown.stdout) == previous_terms
+
+    failed = fit(run.data, run.model, formula="(nope|constant)")  # even a failing run repairs
+    assert failed.exit_code == 1
+    assert snapshot(run.model) == run.before
+    assert leftovers(run.model) == []
+
+    assert_next_fit_replaces_the_model(run)
+
+
+def test_kill_with_sighup_ignored_by_the_parent_keeps_it_ignored(background):
+    """`nohup choice fit ...`: a SIGHUP the parent ignores does not stop the command."""
+    run = background["nohup"]
+    run.wait_for_stage("read")
+    run.process.send_signal(signal.SIGHUP)  # ignored: discarded as it is sent
+    run.process.send_signal(signal.SIGTERM)
+    assert_interrupted(*run.finish(), signal.SIGTERM)
+    assert snapshot(run.model) == run.before
 
 
 def test_sigkill_while_writing_the_model_keeps_the_previous_one(background):
@@ -710,26 +789,12 @@ def test_sigkill_while_writing_the_model_keeps_the_previous_one(background):
     assert_next_fit_replaces_the_model(run)
 
 
-def test_sigkill_between_the_renames_is_repaired_by_the_next_run(background):
-    run = background["renames"]
-    returncode, _, stderr = run.finish()
-    assert returncode == -signal.SIGKILL, stderr
-    assert leftovers(run.model), "expected the moved-aside model and the new one beside it"
-
-    failed = fit(run.data, run.model, formula="(nope|constant)")  # even a failing run repairs
-    assert failed.exit_code == 1
-    assert snapshot(run.model) == run.before
-    assert leftovers(run.model) == []
-
-    assert_next_fit_replaces_the_model(run)
-
-
 def assert_next_fit_replaces_the_model(run) -> None:
     """The next fit succeeds, leaves no temporary behind and writes its own model."""
-    result = fit(run.data, run.model, formula="(price|constant)")
+    result = fit(run.data, run.model, formula=NEW_FORMULA)
     assert result.exit_code == 0, result.stderr
     assert leftovers(run.model) == []
-    assert model_document(run.model)["spec"]["formula"] == "(price|constant)"
+    assert model_document(run.model)["spec"]["formula"] == NEW_FORMULA
 
 
 DEAD_PID = 4_194_305  # above Linux's largest pid (2**22): temporaries of a process that is gone
