@@ -319,6 +319,39 @@ def plot(
     commands.run_plot(term, level.value, model, output, shares, dpi, title)
 
 
+OutputFormat = Annotated[
+    CoefFormat | None,
+    typer.Option(
+        "--format",
+        help="table, csv, json or parquet (default: table on a terminal, CSV when piped, "
+        "or the -o suffix).",
+    ),
+]
+Output = Annotated[str, typer.Option("--output", "-o", help="File, or - for stdout.")]
+
+
+@app.command()
+@handles_errors
+def compare(
+    models: Annotated[list[Path], typer.Argument(help="Two or more model directories.")],
+    tests: Annotated[
+        bool, typer.Option("--tests", help="Write the likelihood-ratio tests, not the models.")
+    ] = False,
+    format: OutputFormat = None,
+    output: Output = "-",
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Compare fitted models: log-likelihood, parameters, AIC, BIC, adjusted rho-squared, and
+    likelihood-ratio tests where one model nests another on the same data.
+
+    Example: choice compare small_model big_model
+    """
+    from choicecli import commands
+
+    commands.run_compare(models, tests, format and format.value, output, stderr_console(quiet))
+
+
 def allocator_settings(inherited: str | None) -> str:
     """Our settings for polars' allocator followed by the user's own, which win where they
     overlap (the last value of an option counts); polars' defaults that a parent process left

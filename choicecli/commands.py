@@ -299,3 +299,68 @@ def run_plot(
     plot.draw_coefficients(
         table, term, level, output, title=title or result.spec["formula"], dpi=dpi
     )
+
+
+def _emit(
+    frame: pl.DataFrame,
+    renderable,
+    fmt: str | None,
+    output: str,
+    metadata: dict[str, str],
+) -> None:
+    """Write a post-estimation table as coef does: a rich table on a terminal, CSV when piped,
+    or the format --format or the -o suffix names (Parquet to stdout too)."""
+    from choicecli.io import output_format, write_table
+
+    if fmt is None and output == "-":
+        fmt = "table" if sys.stdout.isatty() else "csv"
+    fmt = output_format(output, fmt, "csv")
+    if fmt == "table":
+        if output != "-":
+            raise UsageError("--format table prints to the terminal; use csv, json or parquet")
+        Console(width=None if sys.stdout.isatty() else 200).print(renderable)
+        return
+    if fmt == "parquet" and output == "-":
+        import io
+
+        buffer = io.BytesIO()
+        frame.write_parquet(buffer)
+        sys.stdout.buffer.write(buffer.getvalue())
+        sys.stdout.flush()
+        return
+    write_table(frame, output, fmt, metadata)
+
+
+def _is_table(fmt: str | None, output: str) -> bool:
+    from choicecli.io import output_format
+
+    if fmt is None and output == "-":
+        return sys.stdout.isatty()
+    return output_format(output, fmt, "csv") == "table"
+
+
+def run_compare(
+    models: list[Path], tests_only: bool, fmt: str | None, output: str, console: Console
+) -> None:
+    """Fit statistics of several saved models side by side, with LR tests of nested pairs."""
+    import json
+
+    from choicecli.compare import compare_models, comparison_renderable
+    from choicecli.results import load_result
+
+    if len(models) < 2:
+        raise UsageError("compare needs two or more model directories, e.g. choice compare m1 m2")
+    results = [load_result(model) for model in models]
+    comparison = compare_models(results, [str(model) for model in models])
+    frame = comparison.tests if tests_only else comparison.models
+    renderable = comparison_renderable(comparison, tests_only)
+    if not _is_table(fmt, output):
+        for note in comparison.notes:  # the table carries them; files and pipes get them here
+            console.print(f"Note: {note}", markup=False, highlight=False, soft_wrap=True)
+    _emit(
+        frame,
+        renderable,
+        fmt,
+        output,
+        {"choice.models": json.dumps(comparison.models["model"].to_list())},
+    )

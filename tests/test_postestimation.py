@@ -1,0 +1,157 @@
+"""Post-estimation commands (compare, summary, coef --describe, wtp) on real fitted models,
+through the CLI in-process (CliRunner) and as a subprocess of the installed `choice`."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+
+import polars as pl
+import pytest
+from reliability_helpers import CLEAN_ENV, long_table, subprocess_env
+from typer.testing import CliRunner
+
+from choicecli.cli import app
+from choicecli.compare import chi_squared_upper
+from conftest import CHOICE_EXECUTABLE, MODE_CANADA_FORMULA
+
+MODE_CANADA_SMALL = MODE_CANADA_FORMULA.replace(" + (ivt|item-full)", "")
+MODE_CANADA_ROLES = ["--case", "case", "--item", "alt", "--choice", "choice"]
+
+
+def invoke(*arguments: str):
+    return CliRunner().invoke(app, [str(a) for a in arguments], env=CLEAN_ENV)
+
+
+def fit(data, model, formula: str, *roles: str) -> None:
+    result = invoke("fit", data, "--formula", formula, *roles, "-m", model, "-q")
+    assert result.exit_code == 0, result.stderr
+
+
+def one_error_line(result, code: int, *words: str) -> None:
+    assert result.exit_code == code, result.stderr
+    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word in result.stderr
+
+
+@pytest.fixture(scope="module")
+def mode_canada_models(mode_canada_parquet, tmp_path_factory):
+    """ModeCanada with and without (ivt|item-full)."""
+    root = tmp_path_factory.mktemp("mc_models")
+    fit(mode_canada_parquet, root / "full", MODE_CANADA_FORMULA, *MODE_CANADA_ROLES)
+    fit(mode_canada_parquet, root / "small", MODE_CANADA_SMALL, *MODE_CANADA_ROLES)
+    return root / "small", root / "full"
+
+
+def model_fit(model) -> dict:
+    return json.loads((model / "model.json").read_text())["fit"]
+
+
+# ---------------------------------------------------------------- compare
+
+
+def test_chi_squared_upper_tail_matches_closed_forms():
+    for statistic in (0.5, 3.0, 17.25, 314.0):
+        assert chi_squared_upper(statistic, 2) == pytest.approx(math.exp(-statistic / 2), rel=1e-12)
+        assert chi_squared_upper(statistic, 4) == pytest.approx(
+            math.exp(-statistic / 2) * (1 + statistic / 2), rel=1e-12
+        )
+    assert chi_squared_upper(3.841458820694124, 1) == pytest.approx(0.05, rel=1e-9)
+    assert chi_squared_upper(0.0, 3) == 1.0
+
+
+def test_compare_mode_canada_with_and_without_ivt(mode_canada_models):
+    small, full = mode_canada_models
+    result = invoke("compare", small, full, "--tests", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == ""
+    (test,) = json.loads(result.stdout)
+    difference = model_fit(full)["log_likelihood"] - model_fit(small)["log_likelihood"]
+    assert test["restricted"] == str(small) and test["full"] == str(full)
+    assert test["lr_statistic"] == 2 * difference
+    assert test["lr_statistic"] == pytest.approx(
+        314.095, abs=1e-3
+    )  # mlogit's -1874.34 and -2031.39
+    assert test["df"] == 4
+    statistic = test["lr_statistic"]
+    assert test["p_value"] == pytest.approx(
+        math.exp(-statistic / 2) * (1 + statistic / 2), rel=1e-9
+    )
+    # the models table: one row per model, in the order given, with the fit's own statistics
+    models = json.loads(invoke("compare", full, small, "--format", "json").stdout)
+    assert [row["model"] for row in models] == [str(full), str(small)]
+    for row, model in zip(models, (full, small), strict=True):
+        statistics = model_fit(model)
+        for key in ("log_likelihood", "n_parameters", "aic", "bic", "adjusted_rho_squared"):
+            assert row[key] == statistics[key]
+    assert [row["n_parameters"] for row in models] == [13, 9]
+
+
+def test_compare_table_and_parquet_outputs(mode_canada_models, tmp_path):
+    small, full = mode_canada_models
+    shown = invoke("compare", small, full, "--format", "table")
+    assert shown.exit_code == 0, shown.stderr
+    for text in ("log-likelihood", "AIC", "BIC", "adj. rho-squared", "likelihood-ratio tests",
+                 "-1874.3427", "-2031.3902", "314.0950"):  # fmt: skip
+        assert text in shown.stdout
+    target = tmp_path / "comparison.parquet"
+    written = invoke("compare", small, full, "-o", target)
+    assert written.exit_code == 0 and written.stdout == ""
+    frame = pl.read_parquet(target)
+    assert frame.get_column("model").to_list() == [str(small), str(full)]
+    assert frame.get_column("n_cases").to_list() == [2779, 2779]
+    tests = invoke("compare", small, full, "--tests", "--format", "csv")
+    assert tests.stdout.splitlines()[0] == "restricted,full,lr_statistic,df,p_value"
+
+
+def test_compare_says_when_the_data_differ(mode_canada_models, mode_canada_parquet, tmp_path):
+    small, _ = mode_canada_models
+    part = tmp_path / "part.parquet"
+    pl.read_parquet(mode_canada_parquet).filter(pl.col("case") < 300).write_parquet(part)
+    fit(part, tmp_path / "part", MODE_CANADA_SMALL, *MODE_CANADA_ROLES)
+    completed = subprocess.run(
+        [str(CHOICE_EXECUTABLE), "compare", str(small), str(tmp_path / "part"), "--tests"],
+        capture_output=True, text=True, env=subprocess_env(), timeout=120,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout == "restricted,full,lr_statistic,df,p_value\n"  # no test
+    (line,) = completed.stderr.splitlines()
+    assert line.startswith("Note: ") and "not fit on the same data" in line
+    assert "SHA-256" in line
+    shown = invoke("compare", small, tmp_path / "part", "--format", "table")
+    assert "not fit on the same data" in shown.stdout and shown.stderr == ""
+
+
+def test_compare_nesting_is_a_subset_of_estimated_parameters(tmp_path):
+    frame = long_table(60)
+    data = tmp_path / "toy.parquet"
+    frame.write_parquet(data)
+    models = {}
+    for name, formula in (("both", "(price|constant) + (1|item)"), ("price", "(price|constant)"),
+                          ("intercepts", "(1|item)")):  # fmt: skip
+        models[name] = tmp_path / name
+        fit(data, models[name], formula)
+    result = invoke("compare", models["price"], models["intercepts"], models["both"], "--tests",
+                    "--format", "json")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    tests = json.loads(result.stdout)
+    assert [(t["restricted"], t["full"], t["df"]) for t in tests] == [
+        (str(models["price"]), str(models["both"]), 2),  # the two intercepts (base fixed)
+        (str(models["intercepts"]), str(models["both"]), 1),
+    ]
+    (note,) = result.stderr.splitlines()
+    assert "neither nests the other" in note
+    # a model beside itself: the same parameters, no test
+    same = invoke("compare", models["both"], models["both"], "--tests", "--format", "json")
+    assert json.loads(same.stdout) == [] and "the same parameters" in same.stderr
+
+
+def test_compare_usage_and_model_errors(mode_canada_models, tmp_path):
+    small, _ = mode_canada_models
+    one_error_line(invoke("compare", small), 2, "two or more")
+    one_error_line(invoke("compare", small, tmp_path / "nothing"), 1, "nothing", "choice fit")
+    one_error_line(invoke("compare", small, small, "--format", "table", "-o", tmp_path / "x"), 2)
+    assert not (tmp_path / "x").exists()
