@@ -237,6 +237,7 @@ def coef(
         ),  # fmt: skip
     ] = None,
     output: Annotated[str, typer.Option("--output", "-o", help="File, or - for stdout.")] = "-",
+    describe: Annotated[bool, typer.Option(help="Summarise user terms over users.")] = False,
     debug: Debug = False,
 ) -> None:
     """Show coefficients from a fitted model.
@@ -245,6 +246,8 @@ def coef(
     """
     from choicecli import commands
 
+    if describe:
+        return commands.run_describe(term, level.value, model, format and format.value, output)
     commands.run_coef(term, level.value, model, format and format.value, output)
 
 
@@ -350,6 +353,23 @@ def compare(
     from choicecli import commands
 
     commands.run_compare(models, tests, format and format.value, output, stderr_console(quiet))
+
+
+@app.command()
+@handles_errors
+def summary(
+    model: ModelDir = Path(DEFAULT_MODEL),
+    format: OutputFormat = None,
+    output: Output = "-",
+    debug: Debug = False,
+) -> None:
+    """Show the fit summary of a saved model again (what fit printed), or its statistics.
+
+    Example: choice summary -m choice_model --format json
+    """
+    from choicecli import commands
+
+    commands.run_summary(model, format and format.value, output)
 
 
 def allocator_settings(inherited: str | None) -> str:

@@ -364,3 +364,32 @@ def run_compare(
         output,
         {"choice.models": json.dumps(comparison.models["model"].to_list())},
     )
+
+
+def run_summary(model: Path, fmt: str | None, output: str) -> None:
+    """The fit summary again, from the saved model: what `fit` printed, or one row of
+    statistics in csv, json or parquet."""
+    from rich.console import Group
+    from rich.text import Text
+
+    from choicecli.describe import fit_statistics_frame
+    from choicecli.report import fit_summary
+    from choicecli.results import load_result
+
+    result = load_result(model)
+    warnings = [Text(f"Warning: {warning}", style="yellow") for warning in result.warnings]
+    renderable = Group(*warnings, fit_summary(result))
+    metadata = {"choice.formula": result.spec["formula"]}
+    _emit(fit_statistics_frame(result), renderable, fmt, output, metadata)
+
+
+def run_describe(term: str | None, level: str, model: Path, fmt: str | None, output: str) -> None:
+    """`coef TERM --describe`: the spread of a user-varying term's coefficients over users."""
+    from choicecli.describe import describe_user_terms, description_renderable
+    from choicecli.results import load_result
+
+    result = load_result(model)
+    table = select_terms(result.coefficient_table(), term, level)
+    described = describe_user_terms(table, term)
+    metadata = {"choice.formula": result.spec["formula"]}
+    _emit(described, description_renderable(described), fmt, output, metadata)

@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 
+import numpy as np
 import polars as pl
 import pytest
 from reliability_helpers import CLEAN_ENV, long_table, subprocess_env
@@ -14,7 +15,7 @@ from typer.testing import CliRunner
 
 from choicecli.cli import app
 from choicecli.compare import chi_squared_upper
-from conftest import CHOICE_EXECUTABLE, MODE_CANADA_FORMULA
+from conftest import CHOICE_EXECUTABLE, MODE_CANADA_FORMULA, SAMPLE_DATA
 
 MODE_CANADA_SMALL = MODE_CANADA_FORMULA.replace(" + (ivt|item-full)", "")
 MODE_CANADA_ROLES = ["--case", "case", "--item", "alt", "--choice", "choice"]
@@ -155,3 +156,106 @@ def test_compare_usage_and_model_errors(mode_canada_models, tmp_path):
     one_error_line(invoke("compare", small, tmp_path / "nothing"), 1, "nothing", "choice fit")
     one_error_line(invoke("compare", small, small, "--format", "table", "-o", tmp_path / "x"), 2)
     assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- summary, coef --describe
+
+TRANSPORT = [
+    "--formula", "(time|constant) + (1|item) + (income|item) + (cost|user)",
+    "--case", "case_id", "--item", "mode", "--choice", "chosen", "--user", "user_id",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def transport_fit(tmp_path_factory):
+    """The sample transport data with a cost coefficient per user; the fit's own printout."""
+    model = tmp_path_factory.mktemp("transport") / "model"
+    result = invoke("fit", SAMPLE_DATA / "transport.parquet", *TRANSPORT, "-m", model)
+    assert result.exit_code == 0, result.stderr
+    return model, result.stderr
+
+
+@pytest.mark.parametrize("command", ["compare", "summary"])
+def test_new_commands_have_help_with_an_example(command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0
+    assert "Example: choice" in result.stdout
+
+
+def test_summary_prints_what_fit_printed(transport_fit):
+    model, printed = transport_fit
+    shown = invoke("summary", "-m", model, "--format", "table")
+    assert shown.exit_code == 0, shown.stderr
+    assert shown.stderr == ""
+    fitted = printed.split()
+    assert fitted[-4:-1] == ["model", "written", "to"]
+    assert shown.stdout.split() == fitted[:-4]  # the same words, whatever the line width
+
+
+def test_summary_statistics_in_every_format(transport_fit, tmp_path):
+    model, _ = transport_fit
+    statistics = model_fit(model)
+    (row,) = json.loads(invoke("summary", "-m", model, "--format", "json").stdout)
+    for key in ("log_likelihood", "null_log_likelihood", "aic", "bic", "n_cases", "n_parameters",
+                "adjusted_rho_squared", "converged", "method"):  # fmt: skip
+        assert row[key] == statistics[key]
+    assert row["observed_share_bike"] == statistics["observed_shares"]["bike"]
+    assert row["formula"] == TRANSPORT[1] and row["kind"] == "conditional logit"
+    assert invoke("summary", "-m", model, "-o", tmp_path / "s.parquet").exit_code == 0
+    frame = pl.read_parquet(tmp_path / "s.parquet")
+    assert frame.height == 1 and frame["log_likelihood"][0] == statistics["log_likelihood"]
+    assert frame.schema["rho_squared_shares"] == pl.Float64  # null here: still a number column
+    completed = subprocess.run(
+        [str(CHOICE_EXECUTABLE), "summary", "-m", str(model)],
+        capture_output=True, text=True, env=subprocess_env(), timeout=120,
+    )  # fmt: skip
+    assert completed.returncode == 0 and completed.stderr == ""
+    assert pl.read_csv(completed.stdout.encode())["n_cases"][0] == 2000  # CSV when piped
+
+
+def test_summary_of_a_missing_model(tmp_path):
+    one_error_line(invoke("summary", "-m", tmp_path / "none"), 1, "none", "choice fit")
+
+
+def test_coef_describe_summarises_users(transport_fit, tmp_path):
+    model, _ = transport_fit
+    result = invoke("coef", "cost[user]", "--describe", "-m", model, "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    (row,) = json.loads(result.stdout)
+    users = pl.read_parquet(model / "coefficients.parquet").filter(pl.col("term") == "cost[user]")
+    estimates = users["estimate"].to_numpy()
+    assert row["count"] == 150 == users.height and row["not_estimated"] == 0
+    assert row["mean"] == pytest.approx(estimates.mean(), rel=1e-12)
+    assert row["sd"] == pytest.approx(estimates.std(ddof=1), rel=1e-12)
+    for name, q in (("q05", 0.05), ("q25", 0.25), ("median", 0.5), ("q75", 0.75), ("q95", 0.95)):
+        assert row[name] == pytest.approx(np.quantile(estimates, q), rel=1e-12)
+    assert (row["min"], row["max"]) == (estimates.min(), estimates.max())
+    share = float((np.abs(users["z_value"].to_numpy()) > 1.959963984540054).mean())
+    assert row["share_significant"] == pytest.approx(share, rel=1e-12)
+    assert 0 < share < 1
+    # every format; no TERM describes every user term
+    shown = invoke("coef", "--describe", "-m", model, "--format", "table")
+    assert "cost[user]" in shown.stdout and "|z| > 1.96" in shown.stdout and "150" in shown.stdout
+    completed = subprocess.run(
+        [str(CHOICE_EXECUTABLE), "coef", "cost[user]", "--describe", "-m", str(model), "-o",
+         str(tmp_path / "d.parquet")],
+        capture_output=True, text=True, env=subprocess_env(), timeout=120,
+    )  # fmt: skip
+    assert completed.returncode == 0 and completed.stderr == "" and completed.stdout == ""
+    assert pl.read_parquet(tmp_path / "d.parquet").to_dicts() == [row]
+    csv = invoke("coef", "cost[user]", "--describe", "-m", model, "--format", "csv")
+    assert pl.read_csv(csv.stdout.encode())["count"][0] == 150
+
+
+def test_coef_describe_per_alternative_and_errors(tmp_path, transport_fit):
+    data = tmp_path / "toy.parquet"
+    long_table(60).write_parquet(data)
+    fit(data, tmp_path / "m", "(price|constant) + (1|user-item)", "--user", "user")
+    result = invoke("coef", "intercept[user-item]", "--describe", "-m", tmp_path / "m",
+                      "--format", "json")  # fmt: skip
+    rows = json.loads(result.stdout)
+    assert [row["item"] for row in rows] == ["b", "c"]  # the base alternative a is fixed
+    assert sum(row["count"] + row["not_estimated"] for row in rows) == 12  # 6 users x 2
+    model, _ = transport_fit
+    one_error_line(invoke("coef", "time[constant]", "--describe", "-m", model), 2, "by user")
+    one_error_line(invoke("coef", "nope[user]", "--describe", "-m", model), 1, "nope[user]")
