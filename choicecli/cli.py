@@ -372,6 +372,34 @@ def summary(
     commands.run_summary(model, format and format.value, output)
 
 
+@app.command()
+@handles_errors
+def wtp(
+    price: Annotated[str, typer.Option("--price", help="The price term, e.g. 'cost[constant]'.")],
+    level: Annotated[Level, typer.Option(help="Level of the price term: item or nest.")] = (
+        Level.item
+    ),
+    model: ModelDir = Path(DEFAULT_MODEL),
+    describe: Annotated[
+        bool, typer.Option(help="Summarise per-user willingness to pay over users.")
+    ] = False,
+    format: OutputFormat = None,
+    output: Output = "-",
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Willingness to pay: every coefficient divided by minus the price coefficient, with
+    delta-method standard errors, 95% intervals and Fieller intervals.
+
+    Example: choice wtp --price 'cost[constant]' --format csv
+    """
+    from choicecli import commands
+
+    commands.run_wtp(
+        price, level.value, model, describe, format and format.value, output, stderr_console(quiet)
+    )
+
+
 def allocator_settings(inherited: str | None) -> str:
     """Our settings for polars' allocator followed by the user's own, which win where they
     overlap (the last value of an option counts); polars' defaults that a parent process left

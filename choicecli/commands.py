@@ -393,3 +393,26 @@ def run_describe(term: str | None, level: str, model: Path, fmt: str | None, out
     described = describe_user_terms(table, term)
     metadata = {"choice.formula": result.spec["formula"]}
     _emit(described, description_renderable(described), fmt, output, metadata)
+
+
+def run_wtp(
+    price: str,
+    level: str,
+    model: Path,
+    describe: bool,
+    fmt: str | None,
+    output: str,
+    console: Console,
+) -> None:
+    """Willingness to pay: every coefficient over minus the price coefficient, with errors."""
+    from choicecli.results import load_result
+    from choicecli.wtp import describe_users, willingness_to_pay, wtp_renderable
+
+    result = load_result(model)
+    answer = willingness_to_pay(result, price, level)
+    frame = describe_users(answer.table) if describe else answer.table
+    if not _is_table(fmt, output):
+        for note in answer.notes:
+            console.print(f"Note: {note}", markup=False, highlight=False, soft_wrap=True)
+    metadata = {"choice.formula": result.spec["formula"], "choice.price": price}
+    _emit(frame, wtp_renderable(answer, price), fmt, output, metadata)

@@ -10,6 +10,7 @@ import subprocess
 import numpy as np
 import polars as pl
 import pytest
+import torch
 from reliability_helpers import CLEAN_ENV, long_table, subprocess_env
 from typer.testing import CliRunner
 
@@ -175,7 +176,7 @@ def transport_fit(tmp_path_factory):
     return model, result.stderr
 
 
-@pytest.mark.parametrize("command", ["compare", "summary"])
+@pytest.mark.parametrize("command", ["compare", "summary", "wtp"])
 def test_new_commands_have_help_with_an_example(command):
     result = invoke(command, "--help")
     assert result.exit_code == 0
@@ -259,3 +260,162 @@ def test_coef_describe_per_alternative_and_errors(tmp_path, transport_fit):
     model, _ = transport_fit
     one_error_line(invoke("coef", "time[constant]", "--describe", "-m", model), 2, "by user")
     one_error_line(invoke("coef", "nope[user]", "--describe", "-m", model), 1, "nope[user]")
+
+
+# ---------------------------------------------------------------- wtp
+
+
+def parameter_keys(result) -> list[tuple]:
+    return [(p.level, p.term, p.feature, p.item, p.user) for p in result.parameters]
+
+
+def row_key(row: dict) -> tuple:
+    return (row["level"], row["term"], row["feature"], row["item"], row["user"])
+
+
+def wtp_rows(model, price: str, *extra: str) -> list[dict]:
+    result = invoke("wtp", "--price", price, "-m", model, "--format", "json", *extra)
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def bootstrap_draws(result, n_draws: int = 2000, seed: int = 0) -> torch.Tensor:
+    """Parametric bootstrap: parameters drawn from N(estimate, covariance). (D, P)"""
+    index = result.estimated_index
+    factor = torch.linalg.cholesky(result.covariance.double())  # (k, k)
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n_draws, index.numel(), generator=generator, dtype=torch.float64)
+    draws = result.estimate.double().repeat(n_draws, 1)  # (D, P)
+    draws[:, index] = result.estimate.double()[index] + noise @ factor.T
+    return draws
+
+
+def test_wtp_is_the_coefficient_ratio_with_delta_method_errors(mode_canada_models):
+    from choicecli.results import load_result
+
+    _, full = mode_canada_models
+    result = load_result(full)
+    keys = parameter_keys(result)
+    estimate = result.estimate.double()
+    price = keys.index(("item", "cost[constant]", "cost", None, None))
+    rows = wtp_rows(full, "cost[constant]")
+    # every estimated coefficient but the price itself: 13 - 1 (base rows fixed, not listed)
+    assert len(rows) == 12
+    assert {row_key(r) for r in rows} == {
+        k for k, p in zip(keys, result.parameters, strict=True) if not p.fixed
+    } - {keys[price]}
+    position = {int(j): i for i, j in enumerate(result.estimated_index)}
+    covariance = result.covariance.double()
+    for row in rows:
+        b = keys.index(row_key(row))
+        assert row["wtp"] == -float(estimate[b]) / float(estimate[price])  # exactly the ratio
+        assert row["coefficient"] == float(estimate[b])
+        # the delta method through autograd: J Sigma J' with J the gradient of -b/p
+        pair = torch.tensor([position[b], position[price]])
+        theta = estimate[[b, price]].clone().requires_grad_(True)
+        (-theta[0] / theta[1]).backward()
+        variance = theta.grad @ covariance[pair][:, pair] @ theta.grad
+        assert row["std_error"] == pytest.approx(float(variance.sqrt()), rel=1e-12)
+        assert row["ci_low"] == pytest.approx(row["wtp"] - 1.959963984540054 * row["std_error"])
+        # Fieller: the bounds solve (b - r q)^2 = z^2 Var(b - r q), q = -p, around the estimate
+        q = -float(estimate[price])
+        v_b, v_q = float(covariance[pair[0], pair[0]]), float(covariance[pair[1], pair[1]])
+        c_bq = -float(covariance[pair[0], pair[1]])
+        for r in (row["fieller_low"], row["fieller_high"]):
+            gap = (row["coefficient"] - r * q) ** 2
+            spread = 1.959963984540054**2 * (v_b - 2 * r * c_bq + r**2 * v_q)
+            assert gap == pytest.approx(spread, rel=1e-8)
+        assert row["fieller_low"] < row["wtp"] < row["fieller_high"]
+
+
+@pytest.mark.parametrize(
+    ("which", "price", "measure"),
+    [
+        ("transport", "time[constant]", "sd"),  # price z = -15.5
+        ("mode_canada", "cost[constant]", "central"),  # price z = -4.7
+    ],
+)
+def test_wtp_errors_agree_with_a_parametric_bootstrap(
+    which, price, measure, transport_fit, mode_canada_models
+):
+    """2,000 draws from the saved covariance, the ratio in each: its spread is the delta-method
+    error to within 10%. With ModeCanada's cost coefficient only 4.7 errors from zero, the
+    ratio's tails are long (1/p): its standard deviation is 6-16% above the delta method's
+    first-order error (measured), so the test there uses the half-width of the central 68.3%
+    of draws, the spread the 95% interval's construction rests on."""
+    from choicecli.results import load_result
+
+    model = transport_fit[0] if which == "transport" else mode_canada_models[1]
+    result = load_result(model)
+    keys = parameter_keys(result)
+    price_index = next(i for i, k in enumerate(keys) if k[1] == price)
+    draws = bootstrap_draws(result)  # (D, P)
+    rows = [r for r in wtp_rows(model, price) if r["user"] is None]
+    assert len(rows) >= 8
+    for row in rows:
+        ratio = -draws[:, keys.index(row_key(row))] / draws[:, price_index]  # (D,)
+        if measure == "sd":
+            spread = float(ratio.std())
+        else:
+            low, high = torch.quantile(ratio, torch.tensor([0.158655, 0.841345], dtype=ratio.dtype))
+            spread = float(high - low) / 2
+        assert spread == pytest.approx(row["std_error"], rel=0.10), row_key(row)
+
+
+def test_wtp_with_a_price_per_user(transport_fit, tmp_path):
+    from choicecli.results import load_result
+
+    model, _ = transport_fit
+    result = load_result(model)
+    keys = parameter_keys(result)
+    estimate = result.estimate.double()
+    rows = wtp_rows(model, "cost[user]")
+    time_rows = [r for r in rows if r["term"] == "time[constant]"]
+    assert len(time_rows) == 150 and len(rows) == 150 * 9  # time and 8 alternative terms
+    time = float(estimate[keys.index(("item", "time[constant]", "time", None, None))])
+    for row in time_rows:
+        cost = float(estimate[keys.index(("item", "cost[user]", "cost", None, row["user"]))])
+        assert row["wtp"] == -time / cost and row["price_coefficient"] == cost
+    described = wtp_rows(model, "cost[user]", "--describe")
+    by_term = {(d["term"], d["item"]): d for d in described}
+    assert by_term[("time[constant]", None)]["count"] == 150
+    values = np.array([r["wtp"] for r in time_rows])
+    assert by_term[("time[constant]", None)]["median"] == pytest.approx(np.median(values))
+    shown = invoke("wtp", "--price", "cost[user]", "-m", model, "--format", "table")
+    assert "per user, over users" in shown.stdout and "Note:" in shown.stdout
+    completed = subprocess.run(
+        [str(CHOICE_EXECUTABLE), "wtp", "--price", "cost[user]", "-m", str(model), "-o",
+         str(tmp_path / "wtp.parquet")],
+        capture_output=True, text=True, env=subprocess_env(), timeout=120,
+    )  # fmt: skip
+    assert completed.returncode == 0 and completed.stdout == ""
+    (note,) = completed.stderr.splitlines()  # some users' cost is not significant
+    assert note.startswith("Note: ") and "of 150 users' price coefficients" in note
+    assert pl.read_parquet(tmp_path / "wtp.parquet").height == len(rows)
+
+
+def test_wtp_notes_an_insignificant_price(tmp_path):
+    data = tmp_path / "toy.parquet"
+    long_table(60).write_parquet(data)
+    fit(data, tmp_path / "m", "(price|constant) + (1|item)")
+    completed = subprocess.run(
+        [str(CHOICE_EXECUTABLE), "wtp", "--price", "price[constant]", "-m", str(tmp_path / "m")],
+        capture_output=True, text=True, env=subprocess_env(), timeout=120,
+    )  # fmt: skip
+    assert completed.returncode == 0
+    notes = completed.stderr.splitlines()
+    assert len(notes) == 2 and "not significantly different from zero" in notes[0]
+    assert "positive" in notes[1]
+    frame = pl.read_csv(completed.stdout.encode())
+    assert frame.height == 2 and frame["fieller_low"].null_count() == 2  # unbounded
+    assert frame["std_error"].null_count() == 0
+
+
+def test_wtp_errors(transport_fit, tmp_path):
+    model, _ = transport_fit
+    one_error_line(invoke("wtp", "--price", "prize[constant]", "-m", model), 1, "prize",
+                   "time[constant]")  # fmt: skip
+    one_error_line(invoke("wtp", "--price", "intercept[item]", "-m", model), 2, "varies by item")
+    one_error_line(invoke("wtp", "--price", "time[constant]", "-m", tmp_path / "no"), 1, "no")
+    missing = invoke("wtp", "-m", model)
+    assert missing.exit_code == 2 and "--price" in missing.stderr
