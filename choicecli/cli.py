@@ -400,6 +400,52 @@ def wtp(
     )
 
 
+class EffectKind(StrEnum):
+    elasticity = "elasticity"
+    semi_elasticity = "semi-elasticity"
+    marginal = "marginal"
+
+
+@app.command()
+@handles_errors
+def effects(
+    data: Annotated[str, typer.Argument(help="Parquet or CSV file in long format, or -.")],
+    variable: Annotated[str, typer.Option("--variable", help="The column that changes.")],
+    kind: Annotated[
+        EffectKind, typer.Option(help="elasticity, semi-elasticity or marginal.")
+    ] = EffectKind.elasticity,
+    model: ModelDir = Path(DEFAULT_MODEL),
+    case: Annotated[str | None, typer.Option(help="Override the fitted case column.")] = None,
+    item: Annotated[str | None, typer.Option(help="Override the fitted item column.")] = None,
+    user: Annotated[str | None, typer.Option(help="Override the fitted user column.")] = None,
+    input_format: Annotated[str | None, typer.Option(help="parquet or csv.")] = None,
+    format: OutputFormat = None,
+    output: Output = "-",
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Own and cross effects of one column on the choice probabilities (J x J), averaged over
+    cases two ways, with delta-method standard errors.
+
+    Example: choice effects mc.parquet --variable cost --kind elasticity --format table
+    """
+    from choicecli import commands
+
+    commands.run_effects(
+        commands.EffectsRequest(
+            data=data,
+            variable=variable,
+            kind=kind.value,
+            model=model,
+            roles={"case": case, "item": item, "user": user},
+            input_format=input_format,
+            format=format and format.value,
+            output=output,
+        ),
+        stderr_console(quiet),
+    )
+
+
 def allocator_settings(inherited: str | None) -> str:
     """Our settings for polars' allocator followed by the user's own, which win where they
     overlap (the last value of an option counts); polars' defaults that a parent process left

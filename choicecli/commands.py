@@ -416,3 +416,39 @@ def run_wtp(
             console.print(f"Note: {note}", markup=False, highlight=False, soft_wrap=True)
     metadata = {"choice.formula": result.spec["formula"], "choice.price": price}
     _emit(frame, wtp_renderable(answer, price), fmt, output, metadata)
+
+
+@dataclass(frozen=True)
+class EffectsRequest:
+    data: str
+    variable: str
+    kind: str
+    model: Path
+    roles: dict
+    input_format: str | None
+    format: str | None
+    output: str
+
+
+def run_effects(request: EffectsRequest, console: Console) -> None:
+    """Elasticities, semi-elasticities or marginal effects of one column, J x J, averaged."""
+    from choicecli.effects import compute_effects, effects_renderable
+    from choicecli.io import read_table
+    from choicecli.results import load_result
+
+    result = load_result(request.model)
+    frame, digest = read_table(request.data, request.input_format)
+    where = "<stdin>" if request.data == "-" else request.data
+    overrides = {k: v for k, v in request.roles.items() if v is not None}
+    effects = compute_effects(
+        result, frame, request.variable, request.kind, where=where, roles=overrides
+    )
+    if not _is_table(request.format, request.output):
+        for note in effects.notes:
+            console.print(f"Note: {note}", markup=False, highlight=False, soft_wrap=True)
+    metadata = {
+        "choice.formula": result.spec["formula"],
+        "choice.input_sha256": digest,
+        "choice.variable": request.variable,
+    }
+    _emit(effects.table, effects_renderable(effects), request.format, request.output, metadata)

@@ -176,7 +176,7 @@ def transport_fit(tmp_path_factory):
     return model, result.stderr
 
 
-@pytest.mark.parametrize("command", ["compare", "summary", "wtp"])
+@pytest.mark.parametrize("command", ["compare", "summary", "wtp", "effects"])
 def test_new_commands_have_help_with_an_example(command):
     result = invoke(command, "--help")
     assert result.exit_code == 0
@@ -419,3 +419,213 @@ def test_wtp_errors(transport_fit, tmp_path):
     one_error_line(invoke("wtp", "--price", "time[constant]", "-m", tmp_path / "no"), 1, "no")
     missing = invoke("wtp", "-m", model)
     assert missing.exit_code == 2 and "--price" in missing.stderr
+
+
+# ---------------------------------------------------------------- effects
+
+HC_NESTS = "cooling=gcc,ecc,erc,hpc;other=gc,ec,er"
+HC_ROLES = ["--case", "idx.id1", "--item", "idx.id2", "--choice", "depvar"]
+
+
+def effects_rows(data, model, variable: str, kind: str = "elasticity") -> list[dict]:
+    result = invoke("effects", data, "--variable", variable, "--kind", kind, "-m", model,
+                    "--format", "json")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def as_matrix(rows: list[dict], column: str, labels: list[str]) -> np.ndarray:
+    """(J, J): row j responds, column i changes."""
+    position = {label: k for k, label in enumerate(labels)}
+    matrix = np.full((len(labels), len(labels)), np.nan)
+    for row in rows:
+        matrix[position[row["item"]], position[row["changed"]]] = row[column]
+    return matrix
+
+
+def mode_canada_grids(data, model, column: str):
+    """Probabilities and one column as (N, J) grids (every case offers all four modes)."""
+    scored = invoke("predict", data, "-m", model, "--format", "csv")
+    assert scored.exit_code == 0, scored.stderr
+    frame = pl.read_csv(scored.stdout.encode()).join(
+        pl.read_parquet(data).select("case", "alt", column), on=["case", "alt"]
+    )
+    frame = frame.sort("case", "alt")
+    labels = sorted(frame["alt"].unique().to_list())
+    shape = (-1, len(labels))
+    return (frame["probability"].to_numpy().reshape(shape),
+            frame[column].to_numpy().reshape(shape), labels)  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["elasticity", "semi-elasticity", "marginal"])
+@pytest.mark.parametrize("variable", ["cost", "ivt"])
+def test_conditional_logit_effects_equal_the_closed_form(
+    kind, variable, mode_canada_models, mode_canada_parquet
+):
+    """d P_j / d x_i = beta_i P_j (1[i = j] - P_i): own beta x (1 - P), cross -beta P_i x_i."""
+    _, full = mode_canada_models
+    probability, values, labels = mode_canada_grids(mode_canada_parquet, full, variable)
+    table = pl.read_parquet(full / "coefficients.parquet")
+    rows = table.filter(pl.col("variable") == variable)
+    beta = np.array([rows["estimate"][0]] * 4 if rows.height == 1 else rows["estimate"].to_list())
+    identity = np.eye(len(labels))
+    # (N, j, i): each case's effect on j of a change in x_i
+    log_derivative = beta[None, None, :] * (identity[None] - probability[:, None, :])
+    if kind == "elasticity":
+        per_case = log_derivative * values[:, None, :]
+    elif kind == "semi-elasticity":
+        per_case = log_derivative
+    else:
+        per_case = probability[:, :, None] * log_derivative
+    weight = probability[:, :, None] if kind != "marginal" else np.ones_like(per_case)
+    aggregate = (weight * per_case).sum(axis=0) / weight.sum(axis=0)
+    average = per_case.mean(axis=0)
+    effects = effects_rows(mode_canada_parquet, full, variable, kind)
+    assert len(effects) == 16 and all(row["n_cases"] == 2779 for row in effects)
+    np.testing.assert_allclose(as_matrix(effects, "aggregate", labels), aggregate, rtol=1e-9)
+    np.testing.assert_allclose(as_matrix(effects, "average", labels), average, rtol=1e-9)
+    assert [row["own"] for row in effects] == [j == i for j in range(4) for i in range(4)]
+
+
+def test_effect_errors_agree_with_a_parametric_bootstrap(mode_canada_models, mode_canada_parquet):
+    """2,000 draws from the saved covariance, the cost elasticities (closed form) in each:
+    their standard deviation is the delta-method error to within 10%."""
+    from choicecli.predict import spec_from_result
+    from choicecli.problem import build_problem
+    from choicecli.results import load_result
+
+    _, full = mode_canada_models
+    result = load_result(full)
+    frame = pl.read_parquet(mode_canada_parquet)
+    problem = build_problem(frame, spec_from_result(result, {}), "mc",
+                            item_labels=result.labels["items"])  # fmt: skip
+    assert parameter_keys(result) == [
+        (p.level, p.term, p.feature, p.item, p.user) for p in problem.parameters
+    ]
+    model = problem.model(torch.device("cpu"))
+    data = problem.data
+    cost = data.columns["cost"].reshape(-1, 4)  # (N, J) rows sorted by case, then alternative
+    beta_index = parameter_keys(result).index(("item", "cost[constant]", "cost", None, None))
+    draws = torch.nan_to_num(bootstrap_draws(result), nan=0.0)  # (D, P)
+    own_average, own_aggregate = [], []
+    for theta in draws:  # 2,000 evaluations of the model, each over all cases at once
+        probability = model.row_log_probabilities(theta).exp().reshape(-1, 4)  # (N, J)
+        own = theta[beta_index] * cost * (1 - probability)  # (N, J)
+        own_average.append(own.mean(dim=0))
+        own_aggregate.append((probability * own).sum(dim=0) / probability.sum(dim=0))
+    spread = {"average": torch.stack(own_average).std(dim=0),
+              "aggregate": torch.stack(own_aggregate).std(dim=0)}  # fmt: skip
+    labels = [str(label) for label in result.labels["items"]]
+    effects = [r for r in effects_rows(mode_canada_parquet, full, "cost") if r["own"]]
+    for row in effects:
+        for name in ("average", "aggregate"):
+            expected = float(spread[name][labels.index(row["item"])])
+            assert row[f"{name}_std_error"] == pytest.approx(expected, rel=0.10), (row, name)
+
+
+@pytest.fixture(scope="module")
+def hc_nested(tmp_path_factory):
+    from conftest import HC_FORMULA, shared_file
+
+    model = tmp_path_factory.mktemp("hc") / "model"
+    data = shared_file("HC.csv")
+    fit(data, model, HC_FORMULA, *HC_ROLES, "--nests", HC_NESTS)
+    return data, model
+
+
+def test_nested_logit_effects_equal_finite_differences(hc_nested):
+    from choicecli.io import read_table
+    from choicecli.predict import predict_frame
+    from choicecli.results import load_result
+
+    data, model = hc_nested
+    result = load_result(model)
+    frame, _ = read_table(str(data))  # as choice reads it (HC.csv pads its numbers)
+    labels = [str(label) for label in result.labels["items"]]
+    effects = effects_rows(data, model, "ich")
+    step = 1e-6
+
+    def shifted_probabilities(item: str, factor: float) -> np.ndarray:
+        changed = frame.with_columns(
+            pl.when(pl.col("idx.id2") == item).then(pl.col("ich") * factor)
+            .otherwise(pl.col("ich")).alias("ich")
+        )  # fmt: skip
+        scored, _ = predict_frame(result, changed, where="HC.csv")
+        return scored.sort("idx.id1", "idx.id2")["probability"].to_numpy()
+
+    items = frame.sort("idx.id1", "idx.id2")["idx.id2"].to_numpy()
+    aggregate = np.zeros((7, 7))
+    average = np.zeros((7, 7))
+    for i, label in enumerate(labels):
+        up, down = shifted_probabilities(label, 1 + step), shifted_probabilities(label, 1 - step)
+        for j, other in enumerate(labels):
+            mine = items == other
+            middle = (up[mine] + down[mine]) / 2
+            aggregate[j, i] = (up[mine].sum() - down[mine].sum()) / (2 * step * middle.sum())
+            average[j, i] = np.mean((np.log(up[mine]) - np.log(down[mine])) / (2 * step))
+    np.testing.assert_allclose(as_matrix(effects, "aggregate", labels), aggregate, rtol=1e-5,
+                               atol=1e-9)  # fmt: skip
+    np.testing.assert_allclose(as_matrix(effects, "average", labels), average, rtol=1e-5,
+                               atol=1e-9)  # fmt: skip
+    # within a nest, cross effects differ from those across nests (equal under IIA)
+    matrix = as_matrix(effects, "average", labels)
+    gcc = labels.index("gcc")
+    same_nest, other_nest = matrix[labels.index("ecc"), gcc], matrix[labels.index("gc"), gcc]
+    assert abs(same_nest - other_nest) > 0.05 * abs(other_nest)
+    assert all(row["average_std_error"] > 0 for row in effects)
+
+
+def test_effects_respect_case_weights(tmp_path):
+    """Integer weights give what copying each case that many times gives."""
+    frame = long_table(60).with_columns(((pl.col("case") % 3) + 1).cast(pl.Float64).alias("w"))
+    weighted = tmp_path / "weighted.parquet"
+    frame.write_parquet(weighted)
+    fit(weighted, tmp_path / "m", "(price|constant) + (1|item)", "--weights", "w")
+    repeat = np.repeat(np.arange(frame.height), frame["w"].cast(pl.Int64).to_numpy())
+    copies = (
+        frame[repeat]
+        .with_columns(
+            (pl.col("case") * 10 + pl.int_range(pl.len()).over("case", "item")).alias("case")
+        )
+        .drop("w")
+    )
+    copied = tmp_path / "copies.parquet"
+    copies.write_parquet(copied)
+    assert copies.height == int(frame["w"].sum())
+    for kind in ("elasticity", "marginal"):
+        one, other = (
+            effects_rows(weighted, tmp_path / "m", "price", kind),
+            effects_rows(copied, tmp_path / "m", "price", kind),
+        )
+        for a, b in zip(one, other, strict=True):
+            assert a["aggregate"] == pytest.approx(b["aggregate"], rel=1e-10)
+            assert a["average"] == pytest.approx(b["average"], rel=1e-10)
+
+
+def test_effects_through_the_cli(mode_canada_models, mode_canada_parquet, hc_nested, tmp_path):
+    _, full = mode_canada_models
+    target = tmp_path / "effects.parquet"
+    completed = subprocess.run(
+        [str(CHOICE_EXECUTABLE), "effects", str(mode_canada_parquet), "--variable", "cost",
+         "-m", str(full), "-o", str(target)],
+        capture_output=True, text=True, env=subprocess_env(), timeout=300,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout == "" and completed.stderr.startswith("Note: aggregate")
+    assert pl.read_parquet(target).height == 16
+    shown = invoke("effects", mode_canada_parquet, "--variable", "cost", "-m", full,
+                   "--format", "table")  # fmt: skip
+    for text in ("aggregate: effect on the predicted share", "average over cases", "train"):
+        assert text in shown.stdout
+    one_error_line(invoke("effects", mode_canada_parquet, "--variable", "costs", "-m", full), 1,
+                   "costs", "cost, freq")  # fmt: skip
+    one_error_line(invoke("effects", tmp_path / "none.parquet", "--variable", "cost", "-m", full),
+                   1, "none.parquet")  # fmt: skip
+    data, _ = hc_nested
+    from conftest import HC_FORMULA
+
+    fit(data, tmp_path / "upper", HC_FORMULA, *HC_ROLES, "--nests", HC_NESTS, "--nest-formula",
+        "(income|item)")  # fmt: skip
+    one_error_line(invoke("effects", data, "--variable", "income", "-m", tmp_path / "upper"), 1,
+                   "nest formula")  # fmt: skip
+    assert invoke("effects", data, "--variable", "ich", "--kind", "odd", "-m", full).exit_code == 2
