@@ -419,6 +419,13 @@ def effects(
     item: Annotated[str | None, typer.Option(help="Override the fitted item column.")] = None,
     user: Annotated[str | None, typer.Option(help="Override the fitted user column.")] = None,
     input_format: Annotated[str | None, typer.Option(help="parquet or csv.")] = None,
+    std_errors: Annotated[
+        bool | None,
+        typer.Option(
+            "--std-errors/--no-std-errors",
+            help="Delta-method errors (default: unless they would take long on large data).",
+        ),
+    ] = None,
     format: OutputFormat = None,
     output: Output = "-",
     quiet: Quiet = False,
@@ -441,6 +448,7 @@ def effects(
             input_format=input_format,
             format=format and format.value,
             output=output,
+            std_errors=std_errors,
         ),
         stderr_console(quiet),
     )

@@ -428,6 +428,7 @@ class EffectsRequest:
     input_format: str | None
     format: str | None
     output: str
+    std_errors: bool | None = None  # None: while the delta method's passes stay within budget
 
 
 def run_effects(request: EffectsRequest, console: Console) -> None:
@@ -441,8 +442,9 @@ def run_effects(request: EffectsRequest, console: Console) -> None:
     where = "<stdin>" if request.data == "-" else request.data
     overrides = {k: v for k, v in request.roles.items() if v is not None}
     effects = compute_effects(
-        result, frame, request.variable, request.kind, where=where, roles=overrides
-    )
+        result, frame, request.variable, request.kind, where=where, roles=overrides,
+        std_errors=request.std_errors,
+    )  # fmt: skip
     if not _is_table(request.format, request.output):
         for note in effects.notes:
             console.print(f"Note: {note}", markup=False, highlight=False, soft_wrap=True)

@@ -35,7 +35,9 @@ from choicecli.results import FitResult
 
 KINDS = ("elasticity", "semi-elasticity", "marginal")
 EFFECT_COLUMN = "__choice_effect_shift"
-MAX_ENTRIES_WITH_ERRORS = 2_000  # 2 J^2 backward passes for the delta method
+# the delta method takes 2 J^2 second-order gradient passes over the R rows: by default only
+# while 2 J^2 R stays below this (ModeCanada: 32 x 11,116; about 8 us per row and pass here)
+MAX_ROW_PASSES = 20_000_000
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,10 @@ def compute_effects(
     *,
     where: str,
     roles: dict[str, str] | None = None,
+    std_errors: bool | None = None,
 ) -> Effects:
-    """The J x J table of effects of `variable`, both averages, with delta-method errors."""
+    """The J x J table of effects of `variable`, both averages, with delta-method errors
+    (std_errors: always, never, or None: while the passes they take stay within budget)."""
     from choicecli.predict import spec_from_result
     from choicecli.problem import build_problem
 
@@ -103,6 +107,20 @@ def compute_effects(
     h = torch.zeros(n_items, dtype=torch.float64, requires_grad=True)  # (J,)
     model = problem.model(torch.device("cpu"))
     notes: list[str] = []
+    passes = 2 * n_items**2
+    if std_errors is None:
+        std_errors = passes * data.n_rows <= MAX_ROW_PASSES
+        if not std_errors:
+            notes.append(
+                f"no standard errors: the delta method takes {passes} second-order gradient "
+                f"passes over {data.n_rows:,} rows here; --std-errors computes them anyway"
+            )
+    if not by_item and std_errors:
+        notes.append(
+            f"no standard errors: the coefficient of {variable!r} varies by user, and the "
+            "delta method here needs it constant within each alternative"
+        )
+    std_errors = std_errors and by_item
     with torch.enable_grad():
         point = _placed(result, problem.parameters, estimated).index_put((effect_position,), h)
         log_p = model.row_log_probabilities(point)  # (R,)
@@ -114,8 +132,8 @@ def compute_effects(
         item = data.item_index  # (R,)
         total = torch.zeros(n_items, dtype=torch.float64).index_add(0, item, weights * log_p.exp())
         log_total = torch.zeros(n_items, dtype=torch.float64).index_add(0, item, weights * log_p)
-        d_total = torch.stack([_grad(total[j], h) for j in range(n_items)])  # (J, J)
-        d_log = torch.stack([_grad(log_total[j], h) for j in range(n_items)])  # (J, J)
+        d_total = torch.stack([_grad(total[j], h, std_errors) for j in range(n_items)])  # (J, J)
+        d_log = torch.stack([_grad(log_total[j], h, std_errors) for j in range(n_items)])
         if by_item:
             d_total, d_log = d_total * per_item[None, :], d_log * per_item[None, :]
         both = _offered_together(data, weights)  # (J, J) weight of cases offering i and j
@@ -129,14 +147,11 @@ def compute_effects(
         aggregate = torch.where(counts > 0, aggregate, torch.nan)  # (J, J)
         average = torch.where(counts > 0, average, torch.nan)  # (J, J)
         tables = torch.stack([aggregate, average])  # (2, J, J)
-        if by_item:
-            errors = _delta_method(result, estimated, tables, notes)
-        else:
-            errors = torch.full_like(tables, math.nan)
-            notes.append(
-                f"no standard errors: the coefficient of {variable!r} varies by user, and the "
-                "delta method here needs it constant within each alternative"
-            )
+        errors = (
+            _delta_method(result, estimated, tables, notes)
+            if std_errors
+            else torch.full_like(tables, math.nan)
+        )
     table = _table(result, variable, kind, aggregate.detach(), average.detach(), errors, counts)
     if kind in ("elasticity", "semi-elasticity"):
         notes.insert(
@@ -147,11 +162,13 @@ def compute_effects(
     return Effects(table=table, notes=notes)
 
 
-def _grad(value: torch.Tensor, wrt: torch.Tensor) -> torch.Tensor:
-    """d value / d wrt, itself differentiable (for the delta method). (J,)"""
+def _grad(value: torch.Tensor, wrt: torch.Tensor, differentiable: bool) -> torch.Tensor:
+    """d value / d wrt; differentiable again for the delta method. (J,)"""
     if not value.requires_grad:
         return torch.zeros_like(wrt)
-    (gradient,) = torch.autograd.grad(value, wrt, create_graph=True, allow_unused=True)
+    (gradient,) = torch.autograd.grad(
+        value, wrt, create_graph=differentiable, retain_graph=True, allow_unused=True
+    )
     return torch.zeros_like(wrt) if gradient is None else gradient
 
 
@@ -229,11 +246,6 @@ def _delta_method(result, estimated: torch.Tensor, tables: torch.Tensor, notes: 
     errors = torch.full_like(flat, math.nan)
     if covariance.numel() == 0:
         notes.append("the model holds no covariance matrix, so there are no standard errors")
-        return errors.reshape(tables.shape)
-    if flat.numel() > MAX_ENTRIES_WITH_ERRORS:
-        notes.append(
-            f"no standard errors: {flat.numel():,} entries would take as many gradient passes"
-        )
         return errors.reshape(tables.shape)
     for entry in range(flat.numel()):  # 2 J^2 gradients: a few dozen, not one per row or case
         if not torch.isfinite(flat[entry]) or not flat[entry].requires_grad:
@@ -314,6 +326,7 @@ def effects_renderable(effects: Effects):
                 )
             view.add_row(Text(str(label)), *cells)
         parts.append(view)
-    parts.append(Text("(delta-method standard errors in parentheses)"))
+    if table.get_column("aggregate_std_error").null_count() < table.height:
+        parts.append(Text("(delta-method standard errors in parentheses)"))
     parts += [Text(f"Note: {note}") for note in effects.notes]
     return Group(*parts)

@@ -629,3 +629,53 @@ def test_effects_through_the_cli(mode_canada_models, mode_canada_parquet, hc_nes
     one_error_line(invoke("effects", data, "--variable", "income", "-m", tmp_path / "upper"), 1,
                    "nest formula")  # fmt: skip
     assert invoke("effects", data, "--variable", "ich", "--kind", "odd", "-m", full).exit_code == 2
+
+
+def test_effects_with_a_coefficient_per_user_and_varying_choice_sets(transport_fit):
+    """Own elasticities beta_u x (1 - P) where the cost coefficient is each user's own and
+    cases offer different alternatives; the delta method is not offered there."""
+    model, _ = transport_fit
+    data = SAMPLE_DATA / "transport.parquet"
+    scored = invoke("predict", data, "-m", model, "--format", "csv")
+    frame = pl.read_csv(scored.stdout.encode()).join(
+        pl.read_parquet(data).select("case_id", "mode", "cost"), on=["case_id", "mode"]
+    )
+    users = pl.read_parquet(model / "coefficients.parquet").filter(pl.col("term") == "cost[user]")
+    frame = frame.join(
+        users.select(pl.col("user").alias("user_id"), pl.col("estimate").alias("beta")),
+        on=pl.col("user_id").cast(pl.String),
+    ).with_columns((pl.col("beta") * pl.col("cost") * (1 - pl.col("probability"))).alias("own"))
+    expected = frame.group_by("mode").agg(
+        pl.col("own").mean().alias("average"),
+        ((pl.col("probability") * pl.col("own")).sum() / pl.col("probability").sum()).alias(
+            "aggregate"
+        ),
+        pl.len().alias("n_cases"),
+    )
+    result = invoke("effects", data, "--variable", "cost", "-m", model, "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    own = {row["item"]: row for row in json.loads(result.stdout) if row["own"]}
+    for row in expected.iter_rows(named=True):
+        assert own[row["mode"]]["average"] == pytest.approx(row["average"], rel=1e-9)
+        assert own[row["mode"]]["aggregate"] == pytest.approx(row["aggregate"], rel=1e-9)
+        assert own[row["mode"]]["n_cases"] == row["n_cases"]
+        assert own[row["mode"]]["average_std_error"] is None
+    assert "varies by user" in result.stderr
+
+
+def test_effects_standard_errors_can_be_skipped(
+    mode_canada_models, mode_canada_parquet, monkeypatch
+):
+    _, full = mode_canada_models
+    common = ["effects", mode_canada_parquet, "--variable", "cost", "-m", full, "--format", "json"]
+    skipped = invoke(*common, "--no-std-errors")
+    assert skipped.exit_code == 0 and "no standard errors" not in skipped.stderr
+    rows = json.loads(skipped.stdout)
+    assert all(row["aggregate_std_error"] is None for row in rows)
+    monkeypatch.setattr("choicecli.effects.MAX_ROW_PASSES", 1000)  # as on a large table
+    budget = invoke(*common)
+    assert "32 second-order gradient passes over 11,116 rows" in budget.stderr
+    assert all(row["average_std_error"] is None for row in json.loads(budget.stdout))
+    forced = json.loads(invoke(*common, "--std-errors").stdout)
+    assert all(row["average_std_error"] > 0 for row in forced)
+    assert [row["average"] for row in forced] == [row["average"] for row in rows]
