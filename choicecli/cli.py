@@ -419,6 +419,9 @@ def effects(
     item: Annotated[str | None, typer.Option(help="Override the fitted item column.")] = None,
     user: Annotated[str | None, typer.Option(help="Override the fitted user column.")] = None,
     input_format: Annotated[str | None, typer.Option(help="parquet or csv.")] = None,
+    by: Annotated[
+        str | None, typer.Option(help="Segment column (constant within cases): a table each.")
+    ] = None,
     std_errors: Annotated[
         bool | None,
         typer.Option(
@@ -449,6 +452,7 @@ def effects(
             format=format and format.value,
             output=output,
             std_errors=std_errors,
+            by=by,
         ),
         stderr_console(quiet),
     )

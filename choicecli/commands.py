@@ -429,6 +429,7 @@ class EffectsRequest:
     format: str | None
     output: str
     std_errors: bool | None = None  # None: while the delta method's passes stay within budget
+    by: str | None = None
 
 
 def run_effects(request: EffectsRequest, console: Console) -> None:
@@ -443,7 +444,7 @@ def run_effects(request: EffectsRequest, console: Console) -> None:
     overrides = {k: v for k, v in request.roles.items() if v is not None}
     effects = compute_effects(
         result, frame, request.variable, request.kind, where=where, roles=overrides,
-        std_errors=request.std_errors,
+        std_errors=request.std_errors, by=request.by,
     )  # fmt: skip
     if not _is_table(request.format, request.output):
         for note in effects.notes:
@@ -453,4 +454,5 @@ def run_effects(request: EffectsRequest, console: Console) -> None:
         "choice.input_sha256": digest,
         "choice.variable": request.variable,
     }
-    _emit(effects.table, effects_renderable(effects), request.format, request.output, metadata)
+    renderable = effects_renderable(effects, request.by)
+    _emit(effects.table, renderable, request.format, request.output, metadata)

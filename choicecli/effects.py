@@ -61,6 +61,7 @@ def compute_effects(
     where: str,
     roles: dict[str, str] | None = None,
     std_errors: bool | None = None,
+    by: str | None = None,
 ) -> Effects:
     """The J x J table of effects of `variable`, both averages, with delta-method errors
     (std_errors: always, never, or None: while the passes they take stay within budget)."""
@@ -76,6 +77,7 @@ def compute_effects(
     }
     spec = replace(spec, roles=replace(spec.roles, session=None, **present))
     labels = {"item_labels": result.labels["items"], "user_labels": result.labels.get("users")}
+    segment_codes, segment_labels = _segments(frame, by, where)  # (rows of frame,), (G,)
     base = build_problem(frame, spec, where, drop_single_alternative=False, **labels)
     free = result.estimated_index.long()  # (k,) in the saved layout
     estimated = result.estimate.double()[free].clone().requires_grad_(True)  # (k,)
@@ -96,6 +98,8 @@ def compute_effects(
     del base, shifted
     data = problem.data
     n_items = data.n_items
+    n_segments = len(segment_labels)
+    segment = _segment_of_case(data, segment_codes, by)  # (N,)
     layout = {_key(p): index for index, p in enumerate(problem.parameters)}
     effect_term = f"{EFFECT_COLUMN}[item-full]"
     effect_position = torch.tensor(
@@ -107,7 +111,7 @@ def compute_effects(
     h = torch.zeros(n_items, dtype=torch.float64, requires_grad=True)  # (J,)
     model = problem.model(torch.device("cpu"))
     notes: list[str] = []
-    passes = 2 * n_items**2
+    passes = 2 * n_segments * n_items**2
     if std_errors is None:
         std_errors = passes * data.n_rows <= MAX_ROW_PASSES
         if not std_errors:
@@ -129,30 +133,41 @@ def compute_effects(
             if data.case_weights is not None
             else torch.ones(data.n_rows, dtype=torch.float64)
         )  # (R,)
-        item = data.item_index  # (R,)
-        total = torch.zeros(n_items, dtype=torch.float64).index_add(0, item, weights * log_p.exp())
-        log_total = torch.zeros(n_items, dtype=torch.float64).index_add(0, item, weights * log_p)
-        d_total = torch.stack([_grad(total[j], h, std_errors) for j in range(n_items)])  # (J, J)
-        d_log = torch.stack([_grad(log_total[j], h, std_errors) for j in range(n_items)])
+        group = segment[data.case_index] * n_items + data.item_index  # (R,) segment, item
+        size = n_segments * n_items
+        total = torch.zeros(size, dtype=torch.float64).index_add(0, group, weights * log_p.exp())
+        log_total = torch.zeros(size, dtype=torch.float64).index_add(0, group, weights * log_p)
+        d_total = torch.stack([_grad(total[g], h, std_errors) for g in range(size)])  # (G*J, J)
+        d_log = torch.stack([_grad(log_total[g], h, std_errors) for g in range(size)])
+        d_total = d_total.view(n_segments, n_items, n_items)  # (G, J, J)
+        d_log = d_log.view(n_segments, n_items, n_items)  # (G, J, J)
         if by_item:
-            d_total, d_log = d_total * per_item[None, :], d_log * per_item[None, :]
-        both = _offered_together(data, weights)  # (J, J) weight of cases offering i and j
-        counts = _offered_together(data, torch.ones_like(weights))  # (J, J)
+            d_total, d_log = d_total * per_item, d_log * per_item  # C_i along the last axis
+        case_weights = _case_weights(data)  # (N,)
+        both = _offered_together(data, case_weights, segment, n_segments)  # (G, J, J)
+        counts = _offered_together(data, torch.ones_like(case_weights), segment, n_segments)
         if kind == "marginal":
-            aggregate = d_total / float(_case_weights(data).sum())
+            segment_weight = torch.zeros(n_segments, dtype=torch.float64).index_add(
+                0, segment, case_weights
+            )  # (G,)
+            aggregate = d_total / segment_weight[:, None, None]
             average = d_total / both
         else:
-            aggregate = d_total / total[:, None]
+            aggregate = d_total / total.view(n_segments, n_items, 1)
             average = d_log / both
-        aggregate = torch.where(counts > 0, aggregate, torch.nan)  # (J, J)
-        average = torch.where(counts > 0, average, torch.nan)  # (J, J)
-        tables = torch.stack([aggregate, average])  # (2, J, J)
+        aggregate = torch.where(counts > 0, aggregate, torch.nan)  # (G, J, J)
+        average = torch.where(counts > 0, average, torch.nan)  # (G, J, J)
+        tables = torch.stack([aggregate, average])  # (2, G, J, J)
         errors = (
             _delta_method(result, estimated, tables, notes)
             if std_errors
             else torch.full_like(tables, math.nan)
         )
     table = _table(result, variable, kind, aggregate.detach(), average.detach(), errors, counts)
+    if by is not None:
+        table = pl.DataFrame(
+            {by: [label for label in segment_labels for _ in range(n_items**2)]}
+        ).hstack(table)
     if kind in ("elasticity", "semi-elasticity"):
         notes.insert(
             0,
@@ -230,13 +245,47 @@ def _case_weights(data) -> torch.Tensor:  # (N,)
     return torch.ones(data.n_cases, dtype=torch.float64)
 
 
-def _offered_together(data, row_weights: torch.Tensor) -> torch.Tensor:
-    """Weight of the cases that offer both i and j. (J, J)"""
+def _offered_together(
+    data, case_weights: torch.Tensor, segment: torch.Tensor, n_segments: int
+) -> torch.Tensor:
+    """Weight of the cases of each segment that offer both i and j. (G, J, J)"""
     offered = torch.zeros(data.n_cases, data.n_items, dtype=torch.float64)  # (N, J)
     offered[data.case_index, data.item_index] = 1.0
-    case_weight = torch.zeros(data.n_cases, dtype=torch.float64)
-    case_weight[data.case_index] = row_weights.detach()  # (N,)
-    return (offered * case_weight[:, None]).T @ offered  # (J, J)
+    member = torch.zeros(data.n_cases, n_segments, dtype=torch.float64)  # (N, G)
+    member[torch.arange(data.n_cases), segment] = case_weights.detach()
+    return torch.einsum("ng,nj,ni->gji", member, offered, offered)
+
+
+def _segments(frame: pl.DataFrame, by: str | None, where: str) -> tuple[torch.Tensor, list]:
+    """The segment code of every input row and the segment labels, sorted. (rows,), (G,)"""
+    from choicecli.data import check_columns
+    from choicecli.errors import DataError
+
+    if by is None:
+        return torch.zeros(frame.height, dtype=torch.long), [None]
+    check_columns(frame, [by], where)
+    column = frame.get_column(by)
+    if column.null_count():
+        raise DataError(f"{where}: --by {by!r} has {column.null_count()} empty cells; fill them")
+    codes = column.rank("dense").cast(pl.Int64).to_numpy() - 1
+    labels = column.unique().sort().to_list()
+    return torch.from_numpy(codes), labels
+
+
+def _segment_of_case(data, codes: torch.Tensor, by: str | None) -> torch.Tensor:
+    """Each case's segment; a segment column must be constant within cases. (N,)"""
+    from choicecli.errors import DataError
+
+    per_row = codes[data.source_row]  # (R,)
+    segment = torch.zeros(data.n_cases, dtype=torch.long).index_copy(0, data.case_index, per_row)
+    changes = per_row != segment[data.case_index]  # (R,)
+    if bool(changes.any()):
+        first = int(data.case_index[changes.nonzero()[0, 0]])
+        raise DataError(
+            f"--by {by!r} changes within case {data.case_labels[first]!r}: a segment must be "
+            "the same on every row of a case"
+        )
+    return segment
 
 
 def _delta_method(result, estimated: torch.Tensor, tables: torch.Tensor, notes: list[str]):
@@ -261,18 +310,20 @@ def _delta_method(result, estimated: torch.Tensor, tables: torch.Tensor, notes: 
 
 
 def _table(result, variable, kind, aggregate, average, errors, counts) -> pl.DataFrame:
-    """Long form: one row per (item j responding, alternative i changed)."""
+    """Long form: one row per (segment, item j responding, alternative i changed)."""
     labels = [str(label) for label in result.labels["items"]]
     n_items = len(labels)
+    n_rows = aggregate.numel()  # G J^2
     responding = [labels[j] for j in range(n_items) for _ in range(n_items)]
     changed = [labels[i] for _ in range(n_items) for i in range(n_items)]
+    repeat = n_rows // n_items**2
     return pl.DataFrame(
         {
-            "variable": [variable] * n_items**2,
-            "kind": [kind] * n_items**2,
-            "item": responding,
-            "changed": changed,
-            "own": [j == i for j in range(n_items) for i in range(n_items)],
+            "variable": [variable] * n_rows,
+            "kind": [kind] * n_rows,
+            "item": responding * repeat,
+            "changed": changed * repeat,
+            "own": [j == i for j in range(n_items) for i in range(n_items)] * repeat,
             "aggregate": aggregate.reshape(-1).numpy(),
             "aggregate_std_error": errors[0].reshape(-1).detach().numpy(),
             "average": average.reshape(-1).numpy(),
@@ -285,14 +336,12 @@ def _table(result, variable, kind, aggregate, average, errors, counts) -> pl.Dat
     )
 
 
-def effects_renderable(effects: Effects):
-    """Two J x J matrices (aggregate, average): rows respond, columns change; the notes."""
+def effects_renderable(effects: Effects, by: str | None = None):
+    """Two J x J matrices (aggregate, average) per segment: rows respond, columns change."""
     from rich.console import Group
-    from rich.table import Table
     from rich.text import Text
 
     table = effects.table
-    labels = table.get_column("item").unique(maintain_order=True).to_list()
     variable, kind = table.get_column("variable")[0], table.get_column("kind")[0]
     parts = [
         Text(
@@ -300,16 +349,31 @@ def effects_renderable(effects: Effects):
             "of each column's alternative"
         )  # fmt: skip
     ]
+    if by is None:
+        parts += _matrices(table)
+    else:
+        for (label,), part in table.group_by(by, maintain_order=True):
+            parts.append(Text(f"{by} = {label}", style="bold"))
+            parts += _matrices(part)
+    if table.get_column("aggregate_std_error").null_count() < table.height:
+        parts.append(Text("(delta-method standard errors in parentheses)"))
+    parts += [Text(f"Note: {note}") for note in effects.notes]
+    return Group(*parts)
+
+
+def _matrices(table: pl.DataFrame) -> list:
+    """The aggregate and the average J x J matrix of one segment, estimates (errors)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    labels = table.get_column("item").unique(maintain_order=True).to_list()
+    views = []
     for column, title in (
         ("aggregate", "aggregate: effect on the predicted share"),
         ("average", "average over cases"),
     ):
-        view = Table(
-            title=Text(title),
-            title_justify="left",
-            show_edge=False,
-            header_style="bold",
-        )
+        view = Table(title=Text(title), title_justify="left", show_edge=False,
+                     header_style="bold")  # fmt: skip
         view.add_column("P(row)", no_wrap=True)
         for label in labels:
             view.add_column(Text(str(label)), justify="right", no_wrap=True)
@@ -325,8 +389,5 @@ def effects_renderable(effects: Effects):
                     else f"{value:.4g}" + ("" if error is None else f" ({error:.2g})")
                 )
             view.add_row(Text(str(label)), *cells)
-        parts.append(view)
-    if table.get_column("aggregate_std_error").null_count() < table.height:
-        parts.append(Text("(delta-method standard errors in parentheses)"))
-    parts += [Text(f"Note: {note}") for note in effects.notes]
-    return Group(*parts)
+        views.append(view)
+    return views

@@ -427,9 +427,9 @@ HC_NESTS = "cooling=gcc,ecc,erc,hpc;other=gc,ec,er"
 HC_ROLES = ["--case", "idx.id1", "--item", "idx.id2", "--choice", "depvar"]
 
 
-def effects_rows(data, model, variable: str, kind: str = "elasticity") -> list[dict]:
+def effects_rows(data, model, variable: str, kind: str = "elasticity", *extra) -> list[dict]:
     result = invoke("effects", data, "--variable", variable, "--kind", kind, "-m", model,
-                    "--format", "json")  # fmt: skip
+                    "--format", "json", *extra)  # fmt: skip
     assert result.exit_code == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -679,3 +679,36 @@ def test_effects_standard_errors_can_be_skipped(
     forced = json.loads(invoke(*common, "--std-errors").stdout)
     assert all(row["average_std_error"] > 0 for row in forced)
     assert [row["average"] for row in forced] == [row["average"] for row in rows]
+
+
+def test_effects_by_segment_equal_effects_on_each_segment(
+    mode_canada_models, mode_canada_parquet, tmp_path
+):
+    _, full = mode_canada_models
+    result = invoke("effects", mode_canada_parquet, "--variable", "cost", "-m", full, "--by",
+                    "urban", "--no-std-errors", "--format", "json")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads(result.stdout)
+    frame = pl.read_parquet(mode_canada_parquet)
+    segments = sorted(frame["urban"].unique().to_list())
+    assert [row["urban"] for row in rows] == [s for s in segments for _ in range(16)]
+    for segment in segments:
+        part = tmp_path / f"urban_{segment}.parquet"
+        frame.filter(pl.col("urban") == segment).write_parquet(part)
+        alone = effects_rows(part, full, "cost", "elasticity", "--no-std-errors")
+        mine = [row for row in rows if row["urban"] == segment]
+        for a, b in zip(mine, alone, strict=True):
+            assert (a["item"], a["changed"], a["n_cases"]) == (
+                b["item"],
+                b["changed"],
+                b["n_cases"],
+            )
+            assert a["aggregate"] == pytest.approx(b["aggregate"], rel=1e-10)
+            assert a["average"] == pytest.approx(b["average"], rel=1e-10)
+    shown = invoke("effects", mode_canada_parquet, "--variable", "cost", "-m", full, "--by",
+                   "urban", "--no-std-errors", "--format", "table")  # fmt: skip
+    assert "urban = 0" in shown.stdout and "urban = 1" in shown.stdout
+    one_error_line(invoke("effects", mode_canada_parquet, "--variable", "cost", "-m", full,
+                          "--by", "urbn"), 1, "did you mean 'urban'")  # fmt: skip
+    one_error_line(invoke("effects", mode_canada_parquet, "--variable", "cost", "-m", full,
+                          "--by", "ivt"), 1, "changes within case")  # fmt: skip
