@@ -354,16 +354,16 @@ def run_compare(
     comparison = compare_models(results, [str(model) for model in models])
     frame = comparison.tests if tests_only else comparison.models
     renderable = comparison_renderable(comparison, tests_only)
+    metadata = {"choice.models": json.dumps(comparison.models["model"].to_list())}
+    _emit(frame, renderable, fmt, output, metadata)
+    _say_notes(comparison.notes, fmt, output, console)
+
+
+def _say_notes(notes: list[str], fmt: str | None, output: str, console: Console) -> None:
+    """Notes on stderr once the output is written; a table on the terminal carries them."""
     if not _is_table(fmt, output):
-        for note in comparison.notes:  # the table carries them; files and pipes get them here
+        for note in notes:
             console.print(f"Note: {note}", markup=False, highlight=False, soft_wrap=True)
-    _emit(
-        frame,
-        renderable,
-        fmt,
-        output,
-        {"choice.models": json.dumps(comparison.models["model"].to_list())},
-    )
 
 
 def run_summary(model: Path, fmt: str | None, output: str) -> None:
@@ -411,11 +411,9 @@ def run_wtp(
     result = load_result(model)
     answer = willingness_to_pay(result, price, level)
     frame = describe_users(answer.table) if describe else answer.table
-    if not _is_table(fmt, output):
-        for note in answer.notes:
-            console.print(f"Note: {note}", markup=False, highlight=False, soft_wrap=True)
     metadata = {"choice.formula": result.spec["formula"], "choice.price": price}
     _emit(frame, wtp_renderable(answer, price), fmt, output, metadata)
+    _say_notes(answer.notes, fmt, output, console)
 
 
 @dataclass(frozen=True)
@@ -446,9 +444,6 @@ def run_effects(request: EffectsRequest, console: Console) -> None:
         result, frame, request.variable, request.kind, where=where, roles=overrides,
         std_errors=request.std_errors, by=request.by,
     )  # fmt: skip
-    if not _is_table(request.format, request.output):
-        for note in effects.notes:
-            console.print(f"Note: {note}", markup=False, highlight=False, soft_wrap=True)
     metadata = {
         "choice.formula": result.spec["formula"],
         "choice.input_sha256": digest,
@@ -456,3 +451,4 @@ def run_effects(request: EffectsRequest, console: Console) -> None:
     }
     renderable = effects_renderable(effects, request.by)
     _emit(effects.table, renderable, request.format, request.output, metadata)
+    _say_notes(effects.notes, request.format, request.output, console)

@@ -125,6 +125,9 @@ def test_compare_says_when_the_data_differ(mode_canada_models, mode_canada_parqu
     assert "SHA-256" in line
     shown = invoke("compare", small, tmp_path / "part", "--format", "table")
     assert "not fit on the same data" in shown.stdout and shown.stderr == ""
+    # an output that cannot be written: its error alone, no notes before it
+    blocked = invoke("compare", small, tmp_path / "part", "-o", tmp_path, "--format", "csv")
+    one_error_line(blocked, 1, str(tmp_path))
 
 
 def test_compare_nesting_is_a_subset_of_estimated_parameters(tmp_path):
