@@ -237,6 +237,7 @@ def coef(
         ),  # fmt: skip
     ] = None,
     output: Annotated[str, typer.Option("--output", "-o", help="File, or - for stdout.")] = "-",
+    describe: Annotated[bool, typer.Option(help="Summarise user terms over users.")] = False,
     debug: Debug = False,
 ) -> None:
     """Show coefficients from a fitted model.
@@ -245,6 +246,8 @@ def coef(
     """
     from choicecli import commands
 
+    if describe:
+        return commands.run_describe(term, level.value, model, format and format.value, output)
     commands.run_coef(term, level.value, model, format and format.value, output)
 
 
@@ -319,6 +322,142 @@ def plot(
     from choicecli import commands
 
     commands.run_plot(term, level.value, model, output, shares, dpi, title)
+
+
+OutputFormat = Annotated[
+    CoefFormat | None,
+    typer.Option(
+        "--format",
+        help="table, csv, json or parquet (default: table on a terminal, CSV when piped, "
+        "or the -o suffix).",
+    ),
+]
+Output = Annotated[str, typer.Option("--output", "-o", help="File, or - for stdout.")]
+
+
+@app.command()
+@handles_errors
+def compare(
+    models: Annotated[list[Path], typer.Argument(help="Two or more model directories.")],
+    tests: Annotated[
+        bool, typer.Option("--tests", help="Write the likelihood-ratio tests, not the models.")
+    ] = False,
+    format: OutputFormat = None,
+    output: Output = "-",
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Compare fitted models: log-likelihood, parameters, AIC, BIC, adjusted rho-squared, and
+    likelihood-ratio tests where one model nests another on the same data.
+
+    Example: choice compare small_model big_model
+    """
+    from choicecli import commands
+
+    commands.run_compare(models, tests, format and format.value, output, stderr_console(quiet))
+
+
+@app.command()
+@handles_errors
+def summary(
+    model: ModelDir = Path(DEFAULT_MODEL),
+    format: OutputFormat = None,
+    output: Output = "-",
+    debug: Debug = False,
+) -> None:
+    """Show the fit summary of a saved model again (what fit printed), or its statistics.
+
+    Example: choice summary -m choice_model --format json
+    """
+    from choicecli import commands
+
+    commands.run_summary(model, format and format.value, output)
+
+
+@app.command()
+@handles_errors
+def wtp(
+    price: Annotated[str, typer.Option("--price", help="The price term, e.g. 'cost[constant]'.")],
+    level: Annotated[Level, typer.Option(help="Level of the price term: item or nest.")] = (
+        Level.item
+    ),
+    model: ModelDir = Path(DEFAULT_MODEL),
+    describe: Annotated[
+        bool, typer.Option(help="Summarise per-user willingness to pay over users.")
+    ] = False,
+    format: OutputFormat = None,
+    output: Output = "-",
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Willingness to pay: every coefficient divided by minus the price coefficient, with
+    delta-method standard errors, 95% intervals and Fieller intervals.
+
+    Example: choice wtp --price 'cost[constant]' --format csv
+    """
+    from choicecli import commands
+
+    commands.run_wtp(
+        price, level.value, model, describe, format and format.value, output, stderr_console(quiet)
+    )
+
+
+class EffectKind(StrEnum):
+    elasticity = "elasticity"
+    semi_elasticity = "semi-elasticity"
+    marginal = "marginal"
+
+
+@app.command()
+@handles_errors
+def effects(
+    data: Annotated[str, typer.Argument(help="Parquet or CSV file in long format, or -.")],
+    variable: Annotated[str, typer.Option("--variable", help="The column that changes.")],
+    kind: Annotated[
+        EffectKind, typer.Option(help="elasticity, semi-elasticity or marginal.")
+    ] = EffectKind.elasticity,
+    model: ModelDir = Path(DEFAULT_MODEL),
+    case: Annotated[str | None, typer.Option(help="Override the fitted case column.")] = None,
+    item: Annotated[str | None, typer.Option(help="Override the fitted item column.")] = None,
+    user: Annotated[str | None, typer.Option(help="Override the fitted user column.")] = None,
+    input_format: Annotated[str | None, typer.Option(help="parquet or csv.")] = None,
+    by: Annotated[
+        str | None, typer.Option(help="Segment column (constant within cases): a table each.")
+    ] = None,
+    std_errors: Annotated[
+        bool | None,
+        typer.Option(
+            "--std-errors/--no-std-errors",
+            help="Delta-method errors (default: unless they would take long on large data).",
+        ),
+    ] = None,
+    format: OutputFormat = None,
+    output: Output = "-",
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Own and cross effects of one column on the choice probabilities (J x J), averaged over
+    cases two ways, with delta-method standard errors.
+
+    Example: choice effects mc.parquet --variable cost --kind elasticity --format table
+    """
+    from choicecli import commands
+
+    commands.run_effects(
+        commands.EffectsRequest(
+            data=data,
+            variable=variable,
+            kind=kind.value,
+            model=model,
+            roles={"case": case, "item": item, "user": user},
+            input_format=input_format,
+            format=format and format.value,
+            output=output,
+            std_errors=std_errors,
+            by=by,
+        ),
+        stderr_console(quiet),
+    )
 
 
 def main() -> NoReturn:

@@ -319,3 +319,149 @@ def run_plot(
         result.coefficient_table(), term, level, output, title=title or result.spec["formula"],
         dpi=dpi,
     )  # fmt: skip
+
+
+def _emit(
+    frame: pl.DataFrame,
+    renderable,
+    fmt: str | None,
+    output: str,
+    metadata: dict[str, str],
+) -> None:
+    """Write a post-estimation table as coef does: a rich table on a terminal, CSV when piped,
+    or the format --format or the -o suffix names (Parquet to stdout too)."""
+    from choicecli.output import check_destination, output_format, write_table
+
+    if fmt is None and output == "-":
+        fmt = "table" if sys.stdout is not None and sys.stdout.isatty() else "csv"
+    fmt = output_format(output, fmt, "csv")
+    if fmt == "table":
+        if output != "-":
+            raise UsageError("--format table prints to the terminal; use csv, json or parquet")
+        Console(width=None if sys.stdout.isatty() else 200).print(renderable)
+        return
+    check_destination(output)
+    write_table(frame, output, fmt, metadata)
+
+
+def _is_table(fmt: str | None, output: str) -> bool:
+    from choicecli.output import output_format
+
+    if fmt is None and output == "-":
+        return sys.stdout.isatty()
+    return output_format(output, fmt, "csv") == "table"
+
+
+def run_compare(
+    models: list[Path], tests_only: bool, fmt: str | None, output: str, console: Console
+) -> None:
+    """Fit statistics of several saved models side by side, with LR tests of nested pairs."""
+    import json
+
+    from choicecli.compare import compare_models, comparison_renderable
+    from choicecli.loader import load_result
+
+    if len(models) < 2:
+        raise UsageError("compare needs two or more model directories, e.g. choice compare m1 m2")
+    results = [load_result(model) for model in models]
+    comparison = compare_models(results, [str(model) for model in models])
+    frame = comparison.tests if tests_only else comparison.models
+    renderable = comparison_renderable(comparison, tests_only)
+    metadata = {"choice.models": json.dumps(comparison.models["model"].to_list())}
+    _emit(frame, renderable, fmt, output, metadata)
+    _say_notes(comparison.notes, fmt, output, console)
+
+
+def _say_notes(notes: list[str], fmt: str | None, output: str, console: Console) -> None:
+    """Notes on stderr once the output is written; a table on the terminal carries them."""
+    if not _is_table(fmt, output):
+        for note in notes:
+            console.print(f"Note: {note}", markup=False, highlight=False, soft_wrap=True)
+
+
+def run_summary(model: Path, fmt: str | None, output: str) -> None:
+    """The fit summary again, from the saved model: what `fit` printed, or one row of
+    statistics in csv, json or parquet."""
+    from rich.console import Group
+    from rich.text import Text
+
+    from choicecli.describe import fit_statistics_frame
+    from choicecli.loader import load_result
+    from choicecli.report import fit_summary
+
+    result = load_result(model)
+    warnings = [Text(f"Warning: {warning}", style="yellow") for warning in result.warnings]
+    renderable = Group(*warnings, fit_summary(result))
+    metadata = {"choice.formula": result.spec["formula"]}
+    _emit(fit_statistics_frame(result), renderable, fmt, output, metadata)
+
+
+def run_describe(term: str | None, level: str, model: Path, fmt: str | None, output: str) -> None:
+    """`coef TERM --describe`: the spread of a user-varying term's coefficients over users."""
+    from choicecli.describe import describe_user_terms, description_renderable
+    from choicecli.loader import load_result
+
+    result = load_result(model)
+    table = select_terms(result.coefficient_table(), term, level)
+    described = describe_user_terms(table, term)
+    metadata = {"choice.formula": result.spec["formula"]}
+    _emit(described, description_renderable(described), fmt, output, metadata)
+
+
+def run_wtp(
+    price: str,
+    level: str,
+    model: Path,
+    describe: bool,
+    fmt: str | None,
+    output: str,
+    console: Console,
+) -> None:
+    """Willingness to pay: every coefficient over minus the price coefficient, with errors."""
+    from choicecli.loader import load_result
+    from choicecli.wtp import describe_users, willingness_to_pay, wtp_renderable
+
+    result = load_result(model)
+    answer = willingness_to_pay(result, price, level)
+    frame = describe_users(answer.table) if describe else answer.table
+    metadata = {"choice.formula": result.spec["formula"], "choice.price": price}
+    _emit(frame, wtp_renderable(answer, price), fmt, output, metadata)
+    _say_notes(answer.notes, fmt, output, console)
+
+
+@dataclass(frozen=True)
+class EffectsRequest:
+    data: str
+    variable: str
+    kind: str
+    model: Path
+    roles: dict
+    input_format: str | None
+    format: str | None
+    output: str
+    std_errors: bool | None = None  # None: while the delta method's passes stay within budget
+    by: str | None = None
+
+
+def run_effects(request: EffectsRequest, console: Console) -> None:
+    """Elasticities, semi-elasticities or marginal effects of one column, J x J, averaged."""
+    from choicecli.effects import compute_effects, effects_renderable
+    from choicecli.io import read_table
+    from choicecli.loader import load_result
+
+    result = load_result(request.model)
+    frame, digest = read_table(request.data, request.input_format)
+    where = "<stdin>" if request.data == "-" else request.data
+    overrides = {k: v for k, v in request.roles.items() if v is not None}
+    effects = compute_effects(
+        result, frame, request.variable, request.kind, where=where, roles=overrides,
+        std_errors=request.std_errors, by=request.by,
+    )  # fmt: skip
+    metadata = {
+        "choice.formula": result.spec["formula"],
+        "choice.input_sha256": digest,
+        "choice.variable": request.variable,
+    }
+    renderable = effects_renderable(effects, request.by)
+    _emit(effects.table, renderable, request.format, request.output, metadata)
+    _say_notes(effects.notes, request.format, request.output, console)
