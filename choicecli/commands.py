@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import platform
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +78,7 @@ def run_fit(request: FitRequest, console: Console) -> int:
     from choicecli.fit import FitOptions, fit_model
     from choicecli.io import clean_stale_temporaries, read_table
     from choicecli.problem import ModelSpec, table_columns
-    from choicecli.report import fit_summary
+    from choicecli.report import estimate_warnings, fit_summary
 
     if request.max_iter < 1 or request.tol <= 0 or request.l2 < 0:
         raise UsageError("--max-iter must be >= 1, --tol > 0 and --l2 >= 0")
@@ -133,54 +134,111 @@ def run_fit(request: FitRequest, console: Console) -> int:
         "input_sha256": digest,
         "versions": versions(),
         "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": " ".join(request.argv),
+        "command": shlex.join(request.argv),  # runnable as is
     }
+    result.warnings.extend(estimate_warnings(result.coefficient_table(), result.spec))
     result.save(request.model)
     for warning in result.warnings:
         console.print(
             f"Warning: {warning}", markup=False, highlight=False, style="yellow", soft_wrap=True
         )
-    console.print(fit_summary(result))
+    print_lines(console, fit_summary(result, console_width(console)))
     console.print(f"model written to {request.model}/", highlight=False)
     return 0 if result.fit["converged"] else EXIT_NOT_CONVERGED
 
 
-def select_terms(table: pl.DataFrame, term: str | None, level: str) -> pl.DataFrame:
-    """Rows of one term (at a level), or all rows; an unknown term lists the known ones."""
+def print_lines(console: Console, lines: list) -> None:
+    """Print laid-out lines as they are: no wrapping, no padding, no highlighting."""
+    for line in lines:
+        console.print(line, soft_wrap=True, highlight=False, markup=False)
+
+
+def console_width(console: Console) -> int | None:
+    from choicecli.report import text_width
+
+    return text_width(console.is_terminal, console.width)
+
+
+def plain_console(stream=None) -> Console:
+    """A console for stdout (or `stream`): styles only on a terminal without NO_COLOR."""
+    import os
+
+    colour = None if os.environ.get("NO_COLOR") else "auto"
+    return Console(file=stream, color_system=colour, highlight=False)
+
+
+def warn_if_unreliable(result, console: Console | None) -> None:
+    """One stderr line when a model did not converge or was fitted with warnings."""
+    from choicecli.report import loaded_model_warning
+
+    line = loaded_model_warning(result)
+    if line and console is not None:
+        console.print(line, style="yellow", soft_wrap=True, highlight=False, markup=False)
+
+
+def select_terms(table: pl.DataFrame, term: str | None, level: str | None) -> pl.DataFrame:
+    """Rows of one term at a level, or every term at a level, or all rows (level None).
+
+    A term without a level is looked up at the item level, then the nest level. An unknown term
+    or level says what the model has at each level.
+    """
+    from choicecli.report import unknown_term_message
+
+    nested = (table.get_column("term") == "lambda").any()
+    if level == "nest" and not nested and not (table.get_column("level") == "nest").any():
+        asked = f"term {term!r} at level nest" if term else "--level nest"
+        raise FormulaError(f"{asked}: {unknown_term_message(table, None, 'nest')}")
     if term is None:
-        return table
+        return table if level is None else table.filter(pl.col("level") == level)
     if term == "lambda":
         chosen = table.filter(pl.col("term") == "lambda")
     else:
-        chosen = table.filter((pl.col("term") == term) & (pl.col("level") == level))
+        levels = [level] if level else ["item", "nest"]
+        chosen = table.filter(pl.col("term") == term)
+        for candidate in levels:
+            at_level = chosen.filter(pl.col("level") == candidate)
+            if at_level.height:
+                chosen = at_level
+                break
+        else:
+            chosen = chosen.clear()
     if chosen.height == 0:
-        known = (
-            table.filter(pl.col("level") == level).get_column("term").unique(maintain_order=True)
-        )
-        other = "nest" if level == "item" else "item"
-        elsewhere = table.filter((pl.col("term") == term) & (pl.col("level") == other)).height
-        hint = f" (it exists at --level {other})" if elsewhere else ""
-        raise FormulaError(
-            f"unknown term {term!r} at level {level}{hint}; the model's terms are: "
-            f"{', '.join(known.to_list())}"
-        )
+        raise FormulaError(unknown_term_message(table, term, level or "item"))
     return chosen
 
 
-def run_coef(term: str | None, level: str, model: Path, fmt: str | None, output: str) -> None:
-    from choicecli.io import output_format, write_table
-    from choicecli.report import coefficient_renderable
+def run_coef(
+    term: str | None,
+    level: str | None,
+    model: Path,
+    fmt: str | None,
+    output: str,
+    console: Console | None = None,
+) -> None:
+    from choicecli.io import atomic_file, output_format, write_table
+    from choicecli.report import coefficient_lines
     from choicecli.results import COEFFICIENTS_FILE, load_result
 
     result = load_result(model)
+    warn_if_unreliable(result, console)
     table = select_terms(_read_coefficients(model / COEFFICIENTS_FILE, result), term, level)
     if fmt is None and output == "-":
         fmt = "table" if sys.stdout.isatty() else "csv"
     fmt = output_format(output, fmt, "csv")
     if fmt == "table":
-        if output != "-":
-            raise UsageError("--format table prints to the terminal; use csv, json or parquet")
-        Console().print(coefficient_renderable(table))
+        if output == "-":
+            screen = plain_console()
+            print_lines(screen, coefficient_lines(table, console_width(screen)))
+            return
+        text = "\n".join(line.plain for line in coefficient_lines(table)) + "\n"
+        with atomic_file(Path(output)) as temp:  # a file: plain text, no width limit
+            temp.write_text(text)
+        return
+    if fmt == "json":
+        import json
+
+        document = {**_model_state(result), "coefficients": table.to_dicts()}
+        _write_text(json.dumps(document, indent=2, default=str) + "\n", output)
         return
     if fmt == "parquet" and output == "-":
         import io
@@ -191,6 +249,22 @@ def run_coef(term: str | None, level: str, model: Path, fmt: str | None, output:
         sys.stdout.flush()
         return
     write_table(table, output, fmt, {"choice.formula": result.spec["formula"]})
+
+
+def _model_state(result) -> dict:
+    """What JSON outputs say about the model they came from."""
+    return {"converged": bool(result.fit.get("converged")), "warnings": list(result.warnings)}
+
+
+def _write_text(text: str, output: str) -> None:
+    from choicecli.io import atomic_file
+
+    if output == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    with atomic_file(Path(output)) as temp:
+        temp.write_text(text)
 
 
 def _read_coefficients(path: Path, result) -> pl.DataFrame:
@@ -230,6 +304,7 @@ def run_predict(request: PredictRequest, console: Console) -> None:
     if request.batch_cases < 1:
         raise UsageError("--batch-cases must be at least 1")
     result = load_result(request.model)
+    warn_if_unreliable(result, console)
     frame, digest = scan_table(request.data, request.input_format)  # Parquet: read in batches
     if frame is None:
         frame, digest = read_table(request.data, request.input_format)
@@ -257,18 +332,11 @@ def run_predict(request: PredictRequest, console: Console) -> None:
         "choice.input_sha256": digest,
         "choice.versions": str(versions()),
     }
-    if fmt == "json" and report:
+    if fmt == "json":
         import json
 
-        document = {"report": report, "rows": table.to_dicts()}
-        text = json.dumps(document, indent=2, default=str) + "\n"
-        if request.output == "-":
-            sys.stdout.write(text)
-        else:
-            from choicecli.io import atomic_file
-
-            with atomic_file(Path(request.output)) as temp:
-                temp.write_text(text)
+        document = {**_model_state(result), "report": report or None, "rows": table.to_dicts()}
+        _write_text(json.dumps(document, indent=2, default=str) + "\n", request.output)
         return
     if fmt == "parquet" and request.output == "-":
         raise UsageError("parquet cannot go to stdout here; use -o FILE.parquet or --format csv")
@@ -283,6 +351,7 @@ def run_plot(
     shares: Path | None,
     dpi: int,
     title: str | None,
+    console: Console | None = None,
 ) -> None:
     from choicecli import plot
     from choicecli.io import read_table
@@ -292,10 +361,18 @@ def run_plot(
         raise UsageError(f"--dpi must be between 10 and 1200, not {dpi}")
     if shares is not None:
         frame, _ = read_table(str(shares))
-        plot.draw_shares(frame, output, title=title or f"Shares: {shares.name}", dpi=dpi)
+        plot.draw_shares(
+            frame, output, title=f"Shares: {shares.name}" if title is None else title, dpi=dpi
+        )
         return
     result = load_result(model)
+    warn_if_unreliable(result, console)
     table = _read_coefficients(model / COEFFICIENTS_FILE, result)
     plot.draw_coefficients(
-        table, term, level, output, title=title or result.spec["formula"], dpi=dpi
+        table,
+        term,
+        level,
+        output,
+        title=result.spec["formula"] if title is None else title,
+        dpi=dpi,
     )

@@ -25,6 +25,9 @@ MODEL_FILE = "model.json"
 PARAMS_FILE = "params.safetensors"
 COEFFICIENTS_FILE = "coefficients.parquet"
 Z_95 = 1.959963984540054
+LAMBDA_FLOOR = 1e-3  # the lower bound of lambda without --lambda-bounds (problem.py's default)
+# An estimate this close to a bound sits on it (the optimiser projects onto the bounds)
+BOUND_TOLERANCE = 1e-6
 COEFFICIENT_COLUMNS = {
     "level": pl.String,
     "term": pl.String,
@@ -41,6 +44,7 @@ COEFFICIENT_COLUMNS = {
     "ci_high": pl.Float64,
     "fixed": pl.Boolean,
     "identified": pl.Boolean,
+    "at_bound": pl.Boolean,
 }
 
 
@@ -61,18 +65,25 @@ class FitResult:
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def coefficient_table(self) -> pl.DataFrame:
-        """One row per parameter; z and p test 0, except for lambda, where they test 1."""
+        """One row per parameter; z and p test 0, except for lambda, where they test 1.
+
+        p is two-sided, from the normal tail in log space, so it stays exact down to the
+        smallest float (about 5e-324) instead of underflowing to 0 near 1e-16 or 1e-300.
+        `at_bound` marks a free estimate that sits on a bound of the optimiser (lambda's
+        floor or --lambda-bounds): its standard error and test assume an interior optimum.
+        """
         estimate = self.estimate.double().cpu()  # (P,) NaN where not estimated
         spread = self.std_error.double().cpu()  # (P,) NaN where not available
         spread = torch.where(spread > 0, spread, torch.full_like(spread, math.nan))
         null_value = torch.tensor([1.0 if p.term == "lambda" else 0.0 for p in self.parameters],
                                   dtype=torch.float64)  # fmt: skip
         z = (estimate - null_value) / spread
+        log_p = math.log(2.0) + torch.special.log_ndtr(-z.abs())  # (P,) log of 2 Phi(-|z|)
         numbers = {
             "estimate": estimate,
             "std_error": spread,
             "z_value": z,
-            "p_value": torch.special.erfc(z.abs() / math.sqrt(2.0)),
+            "p_value": log_p.exp().clamp_max(1.0),
             "ci_low": estimate - Z_95 * spread,
             "ci_high": estimate + Z_95 * spread,
         }
@@ -82,12 +93,28 @@ class FitResult:
         }
         columns.update({name: values.numpy() for name, values in numbers.items()})
         columns["identified"] = self.identified.cpu().numpy()
+        columns["at_bound"] = self._at_bound(estimate).numpy()
         frame = pl.DataFrame(columns).with_columns(
             [pl.col(name).fill_nan(None) for name in numbers]
         )
         return frame.select(
             [pl.col(name).cast(dtype) for name, dtype in COEFFICIENT_COLUMNS.items()]
         )
+
+    def _at_bound(self, estimate: torch.Tensor) -> torch.Tensor:
+        """(P,) bool: free lambdas on their lower or upper bound; other terms have no bounds."""
+        bounds = self.spec.get("lambda_bounds") or [LAMBDA_FLOOR, math.inf]
+        low, high = float(bounds[0]), float(bounds[1])
+        free_lambda = torch.tensor(
+            [p.term == "lambda" and not p.fixed for p in self.parameters], dtype=torch.bool
+        )  # (P,)
+        if self.spec.get("lambda_fixed"):
+            free_lambda[:] = False
+        on_bound = torch.zeros_like(free_lambda)  # (P,)
+        for bound in (low, high):
+            if math.isfinite(bound):
+                on_bound |= (estimate - bound).abs() <= BOUND_TOLERANCE * max(1.0, abs(bound))
+        return free_lambda & on_bound
 
     def model_document(self) -> dict[str, Any]:
         return {

@@ -219,10 +219,13 @@ def test_shares(tmp_path: Path, observed: str) -> None:
 
 
 def test_long_title_is_shortened() -> None:
-    text = "choice ~ " + " + ".join(f"x{i}[item]" for i in range(40))
-    short = shorten(text)
-    assert len(short) == 80 and short.endswith("\u2026")
+    """A long formula is cut between terms, never inside one; short ones are kept whole."""
+    text = "choice ~ " + " + ".join(f"(x{i}|item)" for i in range(40))
+    short = shorten(text, 80)
+    assert len(short) <= 80 and short.endswith(" + \u2026")
+    assert short == "choice ~ " + " + ".join(f"(x{i}|item)" for i in range(5)) + " + \u2026"
     assert shorten("a  b") == "a b"
+    assert shorten("(a|item) + (b|item)", 80) == "(a|item) + (b|item)"
 
 
 def test_importing_is_cheap() -> None:
