@@ -173,13 +173,14 @@ class _Line:
 
 
 def _coefficient_line(row: Mapping[str, Any], with_levels: bool, with_users: bool) -> _Line:
-    term = row["term"]
+    """A glob term's column (its feature) goes with the alternative: "user_obs_1: bus"."""
+    item = row["item"] or ""
     if row.get("feature") not in (None, "intercept", row.get("variable")):
-        term = f"{term} {row['feature']}"
-    cells: dict[str, tuple[str, str]] = {"term": (term, "")}
+        item = f"{row['feature']}: {item}" if item else row["feature"]
+    cells: dict[str, tuple[str, str]] = {"term": (row["term"], "")}
     if with_levels:
         cells["level"] = (row["level"] or "", "")
-    cells["item"] = (row["item"] or "", "")
+    cells["item"] = (item, "")
     if with_users:
         cells["user"] = (row["user"] or "", "")
     notes: list[str] = []
@@ -221,58 +222,81 @@ def _columns(table: pl.DataFrame) -> list[str]:
 
 
 def _layout(keys: list[str], lines: list[_Line], width: int | None) -> tuple[list[Text], list[str]]:
-    """Align `lines` in columns for `width`: drop CI, then z, then wrap each row in two.
+    """Align `lines` in columns for `width`: drop CI, then z; then a row whose labels are too
+    long for the room left of the numbers gets its labels on a line of their own, its numbers
+    below, still in their columns. Numbers are never cut.
 
     Returns the printed lines and the columns shown; columns no row fills are left out.
     """
     keys = [k for k in keys if k == "term" or any(line.cells.get(k, ("",))[0] for line in lines)]
+    header = _Line({k: (HEADERS[k], "bold") for k in HEADERS})
+    cells = [line for line in lines if line.span is None]
 
-    def widths_of(chosen: list[str]) -> dict[str, int]:
+    def widths_of(chosen: list[str], among: list[_Line]) -> dict[str, int]:
         return {
-            k: max([len(HEADERS[k])] + [len(line.cells.get(k, ("",))[0]) for line in lines])
-            for k in chosen
+            k: max(len(line.cells.get(k, ("",))[0]) for line in [header, *among]) for k in chosen
         }
 
-    def total(chosen: list[str]) -> int:
-        sizes = widths_of(chosen)
-        return sum(sizes.values()) + GAP * (len(chosen) - 1)
+    def spread(sizes: Mapping[str, int]) -> int:
+        return sum(sizes.values()) + GAP * (len(sizes) - 1) if sizes else 0
 
     for dropped in DROPPED_FIRST:
-        if width is None or total(keys) <= width:
+        if width is None or spread(widths_of(keys, lines)) <= width:
             break
         keys = [k for k in keys if k not in dropped]
     labels = [k for k in keys if k in LABELS]
     numbers = [k for k in keys if k not in LABELS]
-    wrapped = width is not None and total(keys) > width
-    sizes = widths_of(keys)
-    rows: list[Text] = []
-    header = {k: (HEADERS[k], "bold") for k in keys}
-    for cells, span in [(header, None)] + [(line.cells, line.span) for line in lines]:
-        if wrapped:
-            first = _join(labels, cells, sizes)
-            rows.append(first)
-            if span is not None:
-                rows.extend(
-                    Text(part) for part in _wrap(span, width, " " * WRAP_INDENT, " " * WRAP_INDENT)
-                )
-            else:
-                second = Text(" " * WRAP_INDENT) + _join(numbers, cells, sizes)
-                if second.plain.strip():
-                    rows.append(second)
-            continue
-        if span is not None:
-            start = _join(labels, cells, sizes)
-            lead = sum(sizes[k] for k in labels) + GAP * len(labels)
-            start.append(" " * (lead - len(start.plain)))
-            parts = _wrap(span, width, " " * lead)
-            start.append(parts[0].lstrip() if parts else "")
-            rows.append(start)
+    sizes = widths_of(keys, lines)
+    fitting = set(range(len(lines)))
+    if width is not None and spread(sizes) > width:
+        room = width - spread(widths_of(numbers, cells)) - GAP  # left of the numbers
+        fitting = _fitting_rows(lines, labels, room, widths_of(labels, []))
+        sizes = {**widths_of(labels, [lines[i] for i in fitting]), **widths_of(numbers, cells)}
+    lead = spread({k: sizes[k] for k in labels}) + GAP
+    rows: list[Text] = [_join(keys, header.cells, sizes)]
+    if not fitting:  # no room left of the numbers: every row on two lines, numbers indented
+        lead = WRAP_INDENT
+        rows = [
+            _join(labels, header.cells, sizes),
+            Text(" " * lead) + _join(numbers, header.cells, sizes),
+        ]
+    for index, line in enumerate(lines):
+        fits = index in fitting
+        if line.span is not None:
+            label = _join(labels, line.cells, sizes if fits else {k: 0 for k in labels})
+            label.rstrip()
+            first = label.plain + " " * max(GAP, lead - len(label.plain) if fits else GAP)
+            parts = _wrap(line.span, width, " " * WRAP_INDENT, first)
+            rows.append(label + Text(parts[0][len(label.plain) :]))
             rows.extend(Text(part) for part in parts[1:])
-            continue
-        rows.append(_join(keys, cells, sizes))
+        elif fits:
+            rows.append(_join(keys, line.cells, sizes))
+        else:
+            rows.append(
+                _join(labels, line.cells, {k: len(line.cells.get(k, ("",))[0]) for k in labels})
+            )
+            rows.append(Text(" " * lead) + _join(numbers, line.cells, sizes))
     for row in rows:
         row.rstrip()
-    return rows, keys
+    return [row for row in rows if row.plain], keys
+
+
+def _fitting_rows(
+    lines: list[_Line], labels: list[str], room: int, least: Mapping[str, int]
+) -> set[int]:
+    """The rows whose labels share columns that fit in `room`: the shortest labels first, as
+    many as fit (none when even the headers do not)."""
+    length = [sum(len(line.cells.get(k, ("",))[0]) for k in labels) for line in lines]
+    order = sorted(range(len(lines)), key=lambda i: length[i])
+    sizes = dict(least)
+    chosen: set[int] = set()
+    for index in order:
+        grown = {k: max(sizes[k], len(lines[index].cells.get(k, ("",))[0])) for k in labels}
+        if sum(grown.values()) + GAP * (len(labels) - 1) > room:
+            break
+        sizes = grown
+        chosen.add(index)
+    return chosen
 
 
 def _join(keys: list[str], cells: Mapping[str, tuple[str, str]], sizes: Mapping[str, int]) -> Text:
