@@ -143,7 +143,7 @@ def run_fit(request: FitRequest, console: Console) -> int:
             f"Warning: {warning}", markup=False, highlight=False, style="yellow", soft_wrap=True
         )
     print_lines(console, fit_summary(result, console_width(console)))
-    console.print(f"model written to {request.model}/", highlight=False)
+    console.print(f"model written to {request.model}/", highlight=False, soft_wrap=True)
     return 0 if result.fit["converged"] else EXIT_NOT_CONVERGED
 
 
@@ -317,10 +317,11 @@ def run_predict(request: PredictRequest, console: Console) -> None:
     )  # fmt: skip
     if report:
         console.print(
-            f"log-likelihood {report['log_likelihood']:.4f} over {report['n_cases']} cases "
+            f"log-likelihood {report['log_likelihood']:.4f} over {report['n_cases']:,} cases "
             f"(per case {report['mean_log_likelihood']:.4f}), hit rate {report['hit_rate']:.4f}, "
             f"equal-shares log-likelihood {report['null_log_likelihood']:.4f}",
             highlight=False,
+            soft_wrap=True,
         )
     table = share_table(scored, result, request.by) if request.shares else scored
     fmt = output_format(
