@@ -80,6 +80,7 @@ class _Row:
     group: str = ""
     significant: bool = False  # p < 0.05 (the interval leaves out the null value)
     at_bound: bool = False  # on a bound: the interval does not hold
+    by: str = ""  # what the term's coefficients vary by: alternative, nest, column (of a glob)
 
 
 def draw_coefficients(
@@ -194,16 +195,10 @@ def shorten(text: str, limit: int = TITLE_LIMIT) -> str:
 
 
 def _unknown_term_message(table: pl.DataFrame, term: str, level: str) -> str:
-    """One line naming the term, the level and the terms the model has there."""
-    at_level = _unique(table.filter(pl.col("level") == level).get_column("term").to_list())
-    if "lambda" in table.get_column("term").to_list() and "lambda" not in at_level:
-        at_level.append("lambda")
-    known = ", ".join(at_level) if at_level else "(none)"
-    message = f"unknown term {term!r} at level {level}; the model's terms are: {known}"
-    elsewhere = table.filter((pl.col("term") == term) & (pl.col("level") != level))
-    if elsewhere.height:
-        message += f" ({term!r} is a term at level {elsewhere.get_column('level')[0]})"
-    return message
+    """One line naming the term, the level and the terms the model has at each level."""
+    from choicecli.report import unknown_term_message
+
+    return unknown_term_message(table, term, level)
 
 
 def _varies_by_user(rows: pl.DataFrame) -> bool:
@@ -301,6 +296,7 @@ def _forest_rows(table: pl.DataFrame) -> list[_Row]:
                     high=_number(record["ci_high"]),
                     fixed=bool(record["fixed"]),
                     group=name,
+                    by=_by(record, several),
                     **_flags(record),
                 )
             )
@@ -338,12 +334,22 @@ def _size(row: _Row) -> float:
     return max(abs(value) for value in (row.estimate, row.low, row.high) if value is not None)
 
 
+def _by(record: dict[str, Any], several: bool) -> str:
+    """What one coefficient of a term stands for: its alternative or nest, and glob column."""
+    where = "" if record["item"] is None else "nest" if record["level"] == "nest" else "alternative"
+    if several:
+        return f"column and {where}" if where else "column"
+    return where
+
+
 def _panel_title(name: str, rows: list[_Row]) -> str:
     if name == "lambda":
+        if len(rows) == 1 and rows[0].label == "lambda":
+            return "lambda, shared by all nests (1 = no nesting)"
         return "lambda, one per nest (1 = no nesting)"
-    who = "nest" if name.endswith("(nest level)") else "alternative"
+    who = rows[0].by or ("nest" if name.endswith("(nest level)") else "alternative")
     title = f"{name}, one per {who}"
-    base = [row.label for row in rows if row.fixed]
+    base = _unique([row.label.rpartition(": ")[2] for row in rows if row.fixed])
     if base:
         title += f" ({', '.join(base)}: base, fixed at 0)"
     return title
@@ -476,12 +482,15 @@ def _draw_forest(fig: Figure, panels: list[_Panel], title: str) -> None:
         _plot_rows(ax, fig, panel.rows, positions=positions, reference=panel.reference, total=count)
         ax.axvline(panel.reference, color="black", linewidth=0.9, linestyle="--")
         if panel.title:
-            ax.set_title(panel.title, loc="left", fontsize=SUBTITLE_POINTS - 0.5)
+            text = _wrap(fig, panel.title, SUBTITLE_POINTS - 0.5, share=0.7)
+            ax.set_title(text, loc="left", fontsize=SUBTITLE_POINTS - 0.5)
     terms = len({row.group for panel in panels for row in panel.rows})
-    axes[-1].set_xlabel("estimate with 95% confidence interval (dashed line: 0; 1 for lambda)")
+    lambdas = any(panel.reference == 1.0 for panel in panels)
+    line = "dashed line: 0; 1 for lambda" if lambdas else "dashed line: 0"
+    axes[-1].set_xlabel(f"estimate with 95% confidence interval ({line})")
     _titles(fig, None, title)
     caption = f"{plural(count, 'coefficient')} of {plural(terms, 'term')}"
-    _legend(fig, [row for panel in panels for row in panel.rows], None,
+    _legend(fig, [row for panel in panels for row in panel.rows], None if lambdas else 0.0,
             caption + "; terms that vary by user are left out (plot them by name)")  # fmt: skip
 
 
@@ -489,12 +498,12 @@ def _legend(fig: Figure, rows: list[_Row], reference: float | None, caption: str
     """What the marks present mean: filled = significant at 5%, hollow = not, base, bound."""
     from matplotlib.lines import Line2D
 
-    null = "1" if reference == 1.0 else "0" if reference == 0.0 else "0 (lambda: 1)"
+    null = "1" if reference == 1.0 else "0" if reference == 0.0 else "0 (1 for lambda)"
     free = [row for row in rows if not row.fixed and not row.at_bound]
     handles = []
     if any(row.significant for row in free):
         handles.append(Line2D([], [], color=ESTIMATE_COLOR, marker="o", linestyle="none",
-                              label=f"differs from {null} (p < 0.05)"))  # fmt: skip
+                              label=f"differs from {null} at p < 0.05"))  # fmt: skip
     if any(not row.significant for row in free):
         handles.append(Line2D([], [], color=ESTIMATE_COLOR, marker="o", linestyle="none",
                               markerfacecolor="white", label="not significant"))  # fmt: skip
@@ -679,7 +688,9 @@ def _draw_user_term(
             ax.tick_params(labelsize=7, labelbottom=True)
         axes.flat[0].legend(loc="upper right", fontsize=6.5)
         note = f" (first {MAX_PANELS} of {MAX_PANELS + hidden} panels)" if hidden else ""
-        fig.supxlabel(f"user estimate of {term} ({level} level), per alternative{note}")
+        at_nest = " at nest level" if level == "nest" else ""
+        who = "nest" if level == "nest" else "alternative"
+        fig.supxlabel(f"estimate of {term}{at_nest} for each user, one panel per {who}{note}")
         fig.supylabel("users")
         _titles(fig, None, title)
 
@@ -701,7 +712,8 @@ def _draw_histogram(
     ax.axvline(mean, color=MEAN_COLOR, linewidth=1.5, label=f"mean {mean:.3g}")
     ax.axvline(0.0, color="black", linewidth=1.0, linestyle="--", label="zero")
     where = f" {label}" if label else ""
-    ax.set_xlabel(f"user estimate of {term}{where} ({level} level)")
+    at_nest = " at nest level" if level == "nest" else ""
+    ax.set_xlabel(f"estimate of {term}{where}{at_nest} for each user")
     ax.set_ylabel("users")
     caption = f"{term}{where}: {len(values):,} users"
     if missing:
@@ -819,37 +831,10 @@ def _draw_segments(
 ) -> Path:
     """One panel per segment value (labelled `column = value`), the same alternatives in the
     same order and the same share axis in every panel."""
-    keys = shares.select(segments).unique(maintain_order=True).sort(segments, nulls_last=True)
-    names = [
-        ", ".join(f"{column} = {_text(value)}" for column, value in zip(segments, key, strict=True))
-        for key in keys.iter_rows()
-    ]
-    overall = (
-        shares.group_by("item")
-        .agg(pl.col("predicted_share").mean())
-        .sort(["predicted_share", "item"])
-    )
-    items = [_text(value) for value in overall.get_column("item").to_list()]  # bottom to top
-    with_observed = (
-        "observed_share" in shares.columns
-        and shares.get_column("observed_share").is_not_null().any()
-    )
-    panels: list[tuple[str, list[float | None], list[float | None] | None]] = []
-    for name, key in zip(names, keys.iter_rows(), strict=True):
-        part = shares.filter(
-            pl.all_horizontal([pl.col(c).eq_missing(v) for c, v in zip(segments, key, strict=True)])
-        )
-        values = {_text(r["item"]): r for r in part.iter_rows(named=True)}
-        predicted = [_number(values[i]["predicted_share"]) if i in values else None for i in items]
-        observed = (
-            [_number(values[i]["observed_share"]) if i in values else None for i in items]
-            if with_observed
-            else None
-        )
-        panels.append((name, predicted, observed))
-    hidden = max(0, len(panels) - MAX_PANELS)
-    panels = panels[:MAX_PANELS]
-    columns = min(3, len(panels))
+    items, panels, segment_count = _segment_panels(shares, segments)
+    with_observed = any(observed is not None for _, _, observed in panels)
+    hidden = segment_count - len(panels)
+    columns = min(3, len(panels)) if len(panels) <= 9 else min(6, math.ceil(len(panels) ** 0.5))
     lines = math.ceil(len(panels) / columns)
     panel_height = 0.9 + ROW_INCHES * len(items) * (1.6 if with_observed else 1.0)
     default = (
@@ -857,7 +842,7 @@ def _draw_segments(
         round(min(MAX_HEIGHT, panel_height * lines + 1.8), 2),
     )
     caption = (
-        f"{plural(len(items), 'alternative')} in {plural(len(keys), 'segment')} of "
+        f"{plural(len(items), 'alternative')} in {plural(segment_count, 'segment')} of "
         f"{', '.join(segments)}" + (f" (first {MAX_PANELS} shown)" if hidden else "")
     )
 
@@ -900,3 +885,40 @@ def _draw_segments(
                    title_fontsize=SUBTITLE_POINTS - 1, fontsize=7.5)  # fmt: skip
 
     return _save(output, size or default, dpi, grid)
+
+
+def _segment_panels(
+    shares: pl.DataFrame, segments: list[str]
+) -> tuple[list[str], list[tuple[str, list[float | None], list[float | None] | None]], int]:
+    """The alternatives (smallest mean predicted share first: drawn bottom to top); for the
+    first MAX_PANELS segment values in sorted order, a label (`column = value`), predicted and
+    observed shares; and the number of segments."""
+    keys = shares.select(segments).unique(maintain_order=True).sort(segments, nulls_last=True)
+    names = [
+        ", ".join(f"{column} = {_text(value)}" for column, value in zip(segments, key, strict=True))
+        for key in keys.iter_rows()
+    ]
+    overall = (
+        shares.group_by("item")
+        .agg(pl.col("predicted_share").mean())
+        .sort(["predicted_share", "item"])
+    )
+    items = [_text(value) for value in overall.get_column("item").to_list()]  # bottom to top
+    with_observed = (
+        "observed_share" in shares.columns
+        and shares.get_column("observed_share").is_not_null().any()
+    )
+    panels: list[tuple[str, list[float | None], list[float | None] | None]] = []
+    for name, key in list(zip(names, keys.iter_rows(), strict=True))[:MAX_PANELS]:
+        part = shares.filter(
+            pl.all_horizontal([pl.col(c).eq_missing(v) for c, v in zip(segments, key, strict=True)])
+        )
+        values = {_text(r["item"]): r for r in part.iter_rows(named=True)}
+        predicted = [_number(values[i]["predicted_share"]) if i in values else None for i in items]
+        observed = (
+            [_number(values[i]["observed_share"]) if i in values else None for i in items]
+            if with_observed
+            else None
+        )
+        panels.append((name, predicted, observed))
+    return items, panels, len(names)
