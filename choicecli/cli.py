@@ -350,7 +350,13 @@ def plot(
     output: Annotated[Path, typer.Option("--output", "-o", help="PNG file to write.")] = Path(
         "coefficients.png"
     ),
-    level: Annotated[Level, typer.Option(help="item or nest.")] = Level.item,
+    level: Annotated[
+        Level | None,
+        typer.Option(
+            help="item or nest: the level of TERM (default item), or without TERM the only "
+            "level drawn (default: every level)."
+        ),
+    ] = None,
     model: ModelDir = Path(DEFAULT_MODEL),
     shares: Annotated[
         Path | None, typer.Option(help="Draw shares from a 'choice predict --shares' file.")
@@ -368,7 +374,9 @@ def plot(
     """
     from choicecli import commands
 
-    commands.run_plot(term, level.value, model, output, shares, dpi, title, stderr_console(quiet))
+    commands.run_plot(
+        term, level and level.value, model, output, shares, dpi, title, stderr_console(quiet)
+    )
 
 
 def allocator_settings(inherited: str | None) -> str:

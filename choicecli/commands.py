@@ -346,7 +346,7 @@ def run_predict(request: PredictRequest, console: Console) -> None:
 
 def run_plot(
     term: str | None,
-    level: str,
+    level: str | None,
     model: Path,
     output: Path,
     shares: Path | None,
@@ -369,10 +369,12 @@ def run_plot(
     result = load_result(model)
     warn_if_unreliable(result, console)
     table = _read_coefficients(model / COEFFICIENTS_FILE, result)
+    if term is None and level is not None:  # a forest plot of one level
+        table = select_terms(table, None, level)
     plot.draw_coefficients(
         table,
         term,
-        level,
+        level or "item",
         output,
         title=result.spec["formula"] if title is None else title,
         dpi=dpi,

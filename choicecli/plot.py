@@ -106,13 +106,13 @@ def draw_coefficients(
         raise UsageError(f"--level must be item or nest, not {level!r}")
     title = shorten(title)
     if term is None:
-        rows = _forest_rows(table)
-        if not rows:
+        panels = _forest_panels(_forest_rows(table))
+        if not panels:
             raise FormulaError(
                 "the model has no estimated coefficients that do not vary by user; "
                 "pass a term to plot its user estimates"
             )
-        panels = _forest_panels(rows)
+        rows = [row for panel in panels for row in panel.rows]
         default = _rows_size(rows, extra_rows=len(panels) * PANEL_INCHES / ROW_INCHES)
         return _save(output, size or default, dpi, lambda fig: _draw_forest(fig, panels, title))
     if term == "lambda":
@@ -305,7 +305,8 @@ def _forest_rows(table: pl.DataFrame) -> list[_Row]:
 
 def _forest_panels(rows: list[_Row]) -> list[_Panel]:
     """A panel per term with several coefficients; single coefficients share panels while
-    their sizes stay within SCALE_RATIO of each other, so no estimate is squashed onto zero."""
+    their sizes stay within SCALE_RATIO of each other, so no estimate is squashed onto zero.
+    A term with nothing estimated (its base alone) gets no panel."""
     groups: dict[str, list[_Row]] = {}
     for row in rows:
         groups.setdefault(row.group, []).append(row)
@@ -318,6 +319,8 @@ def _forest_panels(rows: list[_Row]) -> list[_Panel]:
             singles.clear()
 
     for name, group in groups.items():
+        if all(row.fixed for row in group):  # only a base: nothing was estimated to draw
+            continue
         if len(group) == 1 and name == group[0].label and name != "lambda":
             sizes = [_size(row) for row in [*singles, group[0]]]
             if singles and max(sizes) > SCALE_RATIO * max(min(sizes), 1e-300):
@@ -507,7 +510,7 @@ def _legend(fig: Figure, rows: list[_Row], reference: float | None, caption: str
     if any(not row.significant for row in free):
         handles.append(Line2D([], [], color=ESTIMATE_COLOR, marker="o", linestyle="none",
                               markerfacecolor="white", label="not significant"))  # fmt: skip
-    if any(_has_interval(row) for row in rows):
+    if any(_has_interval(row) and not row.at_bound for row in rows):
         handles.append(Line2D([], [], color=ESTIMATE_COLOR, label="95% confidence interval"))
     if any(row.fixed for row in rows):
         handles.append(Line2D([], [], marker="D", markerfacecolor="white", linestyle="none",

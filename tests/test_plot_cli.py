@@ -119,3 +119,17 @@ def test_empty_title_and_quiet(models, tmp_path):
     done = invoke("plot", "-m", str(transport), "-o", str(untitled), "--title", "", "-q")
     assert done.exit_code == 0 and done.stderr == ""
     assert titled.read_bytes() != untitled.read_bytes()
+
+
+def test_level_without_a_term_draws_that_level_only(models, tmp_path):
+    transport, nested, _ = models
+    out = tmp_path / "nest.png"
+    done = invoke("plot", "--level", "nest", "-m", str(nested), "-o", str(out), "-q")
+    assert done.exit_code == 0, done.stderr
+    every = tmp_path / "every.png"
+    assert invoke("plot", "-m", str(nested), "-o", str(every), "-q").exit_code == 0
+    assert png_size(out)[1] < png_size(every)[1]  # the lambdas alone
+    refused = invoke("plot", "--level", "nest", "-m", str(transport), "-o", str(tmp_path / "x.png"))
+    assert refused.exit_code == 1
+    assert "this model is a conditional logit: it has no nest level" in refused.stderr
+    assert not (tmp_path / "x.png").exists()
