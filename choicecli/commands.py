@@ -136,13 +136,14 @@ def run_fit(request: FitRequest, console: Console) -> int:
         "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": shlex.join(request.argv),  # runnable as is
     }
-    result.warnings.extend(estimate_warnings(result.coefficient_table(), result.spec))
+    table = result.coefficient_table()
+    result.warnings.extend(estimate_warnings(table, result.spec))
     result.save(request.model)
     for warning in result.warnings:
         console.print(
             f"Warning: {warning}", markup=False, highlight=False, style="yellow", soft_wrap=True
         )
-    print_lines(console, fit_summary(result, console_width(console)))
+    print_lines(console, fit_summary(result, console_width(console), table))
     console.print(f"model written to {request.model}/", highlight=False, soft_wrap=True)
     return 0 if result.fit["converged"] else EXIT_NOT_CONVERGED
 

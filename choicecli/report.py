@@ -27,6 +27,7 @@ FACT_WIDTH = 17  # the label column of the summary's facts
 BLOCK_ROWS = 12  # a per-alternative block longer than this is one line in the summary
 LAMBDA_RUNAWAY = 100.0  # a lambda above this: a likely non-identified or runaway model
 COEFFICIENT_RUNAWAY = 1e4  # a coefficient above this in absolute value: the same
+WARNED_ROWS = 10  # estimates named one by one in warnings; the rest are counted
 P_FLOOR = 1e-300  # p-values below this print as "< 1e-300"
 SIGNIFICANCE = "sig: *** p < 0.001, ** p < 0.01, * p < 0.05"
 HEADERS = {
@@ -128,13 +129,32 @@ def is_runaway(row: Mapping[str, Any]) -> bool:
     return abs(estimate) > COEFFICIENT_RUNAWAY
 
 
+def runaway_rows() -> pl.Expr:
+    """`is_runaway` as a polars expression (True where a free estimate ran away)."""
+    estimate = pl.col("estimate")
+    large = (
+        pl.when(pl.col("term") == "lambda")
+        .then(estimate > LAMBDA_RUNAWAY)
+        .otherwise(estimate.abs() > COEFFICIENT_RUNAWAY)
+    )
+    return (large & ~pl.col("fixed").fill_null(False)).fill_null(False)
+
+
+def _flagged(table: pl.DataFrame) -> pl.DataFrame:
+    """Rows on a bound or run away: the few that warnings and legends speak of."""
+    on_bound = pl.col("at_bound").fill_null(False) if "at_bound" in table.columns else pl.lit(False)
+    return table.filter(on_bound | runaway_rows())
+
+
 def estimate_warnings(table: pl.DataFrame, spec: Mapping[str, Any]) -> list[str]:
-    """Warnings about the final estimates: on a bound, or so large the model likely ran away."""
+    """Warnings about the final estimates: on a bound, or so large the model likely ran away;
+    one each for the first WARNED_ROWS, then one line counting the rest."""
     from choicecli.results import LAMBDA_FLOOR
 
     found = []
     bounds = spec.get("lambda_bounds")
-    for row in table.iter_rows(named=True):
+    flagged = _flagged(table)
+    for row in flagged.head(WARNED_ROWS).iter_rows(named=True):
         if row.get("at_bound"):
             low, high = bounds or (LAMBDA_FLOOR, None)
             where = f"--lambda-bounds {low:g},{high:g}" if bounds else f"lambda's floor {low:g}"
@@ -157,6 +177,9 @@ def estimate_warnings(table: pl.DataFrame, spec: Mapping[str, Any]) -> list[str]
                 "non-identified or runaway model; the estimate ran off toward infinity and a "
                 f"small standard error there is not precision; {fix}"
             )
+    if flagged.height > WARNED_ROWS:
+        rest = flagged.height - WARNED_ROWS
+        found.append(f"{plural(rest, 'more estimate')} on a bound or run away: see choice coef")
     return found
 
 
@@ -326,7 +349,7 @@ def _legend(table: pl.DataFrame, width: int | None, shown: list[str]) -> list[Te
         parts.append(
             "at bound: the estimate sits on a bound, its standard error and test do not hold"
         )
-    if any(is_runaway(row) for row in table.iter_rows(named=True)):
+    if table.select(runaway_rows().any()).item():
         parts.append("runaway?: an estimate so large the model likely is not identified")
     if not parts:
         return []
@@ -382,16 +405,11 @@ def _collapsed(rows: pl.DataFrame) -> _Line:
 def _summary_lines(table: pl.DataFrame) -> list[_Line]:
     """Single coefficients and lambdas first, then each term's block, long ones as one line."""
     with_levels = _with_levels(table)
-    blocks: dict[tuple[str, str], list[int]] = {}
-    for index, (level, term) in enumerate(
-        zip(table.get_column("level"), table.get_column("term"), strict=True)
-    ):
-        blocks.setdefault((level, term), []).append(index)
     singles: list[_Line] = []
     lambdas: list[_Line] = []
     others: list[_Line] = []
-    for (_, term), indexes in blocks.items():
-        rows = table[indexes]
+    for rows in table.partition_by(["level", "term"], maintain_order=True):
+        term = rows.get_column("term")[0]
         by_user = rows.get_column("user").null_count() < rows.height
         if term == "lambda":
             lambdas.extend(
@@ -419,11 +437,14 @@ def _converged_text(fit: Mapping[str, Any], runaway: bool) -> str:
     return f"converged ({fit['message']})"
 
 
-def fit_summary(result: FitResult, width: int | None = None) -> list[Text]:
-    """Data facts, observed shares, optimiser facts, goodness of fit, coefficients, warnings."""
+def fit_summary(
+    result: FitResult, width: int | None = None, table: pl.DataFrame | None = None
+) -> list[Text]:
+    """Data facts, observed shares, optimiser facts, goodness of fit, coefficients, warnings.
+    `table`: the result's coefficient table, when the caller has it already."""
     fit = result.fit
-    table = result.coefficient_table()
-    runaway = any(is_runaway(row) for row in table.iter_rows(named=True))
+    table = result.coefficient_table() if table is None else table
+    runaway = bool(table.select(runaway_rows().any()).item())
     facts: list[tuple[str, str]] = []
     kind = "nested logit" if result.spec.get("nests") else "conditional logit"
     facts.append(("model", f"{kind}: {result.spec['formula']}"))

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 import torch
 
@@ -75,9 +76,12 @@ class FitResult:
         estimate = self.estimate.double().cpu()  # (P,) NaN where not estimated
         spread = self.std_error.double().cpu()  # (P,) NaN where not available
         spread = torch.where(spread > 0, spread, torch.full_like(spread, math.nan))
-        null_value = torch.tensor([1.0 if p.term == "lambda" else 0.0 for p in self.parameters],
-                                  dtype=torch.float64)  # fmt: skip
-        z = (estimate - null_value) / spread
+        columns = {
+            name: [getattr(p, name) for p in self.parameters]
+            for name in Parameter.__dataclass_fields__
+        }
+        is_lambda = torch.from_numpy(np.asarray(columns["term"], dtype=object) == "lambda")  # (P,)
+        z = (estimate - is_lambda.double()) / spread  # lambda against 1, the others against 0
         log_p = math.log(2.0) + torch.special.log_ndtr(-z.abs())  # (P,) log of 2 Phi(-|z|)
         numbers = {
             "estimate": estimate,
@@ -87,13 +91,10 @@ class FitResult:
             "ci_low": estimate - Z_95 * spread,
             "ci_high": estimate + Z_95 * spread,
         }
-        columns = {
-            name: [getattr(p, name) for p in self.parameters]
-            for name in Parameter.__dataclass_fields__
-        }
         columns.update({name: values.numpy() for name, values in numbers.items()})
         columns["identified"] = self.identified.cpu().numpy()
-        columns["at_bound"] = self._at_bound(estimate).numpy()
+        fixed = torch.from_numpy(np.asarray(columns["fixed"], dtype=bool))  # (P,)
+        columns["at_bound"] = self._at_bound(estimate, is_lambda & ~fixed).numpy()
         frame = pl.DataFrame(columns).with_columns(
             [pl.col(name).fill_nan(None) for name in numbers]
         )
@@ -101,17 +102,13 @@ class FitResult:
             [pl.col(name).cast(dtype) for name, dtype in COEFFICIENT_COLUMNS.items()]
         )
 
-    def _at_bound(self, estimate: torch.Tensor) -> torch.Tensor:
+    def _at_bound(self, estimate: torch.Tensor, free_lambda: torch.Tensor) -> torch.Tensor:
         """(P,) bool: free lambdas on their lower or upper bound; other terms have no bounds."""
         bounds = self.spec.get("lambda_bounds") or [LAMBDA_FLOOR, math.inf]
-        low, high = float(bounds[0]), float(bounds[1])
-        free_lambda = torch.tensor(
-            [p.term == "lambda" and not p.fixed for p in self.parameters], dtype=torch.bool
-        )  # (P,)
-        if self.spec.get("lambda_fixed"):
-            free_lambda[:] = False
         on_bound = torch.zeros_like(free_lambda)  # (P,)
-        for bound in (low, high):
+        if self.spec.get("lambda_fixed"):
+            return on_bound
+        for bound in (float(bounds[0]), float(bounds[1])):
             if math.isfinite(bound):
                 on_bound |= (estimate - bound).abs() <= BOUND_TOLERANCE * max(1.0, abs(bound))
         return free_lambda & on_bound

@@ -564,3 +564,12 @@ def test_one_case_without_a_choice_is_said_in_the_singular(tmp_path):
     done = invoke("fit", str(tmp_path / "d.parquet"), "-f", "(x|constant)", "-m",
                   str(tmp_path / "m"))  # fmt: skip
     assert done.exit_code == 1 and "1 case has no chosen row" in done.stderr
+
+
+def test_many_flagged_estimates_are_named_up_to_ten_then_counted():
+    parameters = [parameter("x[user]", user=f"u{i}", variation="user") for i in range(25)]
+    result = make_result(parameters, [2e4] * 20 + [1.0] * 5, [0.1] * 25)
+    messages = estimate_warnings(result.coefficient_table(), result.spec)
+    assert len(messages) == 11
+    assert messages[0].startswith("x[user] for user 'u0' = 20000 (std. error 0.1)")
+    assert messages[-1] == "10 more estimates on a bound or run away: see choice coef"
