@@ -573,3 +573,24 @@ def test_many_flagged_estimates_are_named_up_to_ten_then_counted():
     assert len(messages) == 11
     assert messages[0].startswith("x[user] for user 'u0' = 20000 (std. error 0.1)")
     assert messages[-1] == "10 more estimates on a bound or run away: see choice coef"
+
+
+def test_summary_through_the_cli_puts_lambdas_first_and_names_collapsed_terms(tmp_path):
+    """Finding 2 and 11: lambdas were hidden below the alternative intercepts, and user terms
+    were '862 user-specific coefficients' with no term named."""
+    done = invoke("fit", str(shared_file("HC.csv")), *HC, "-f", "(1|item) + (ich|constant)",
+                  "--nests", HC_NESTS, "-m", str(tmp_path / "hc"),
+                  env={"COLUMNS": "100"})  # fmt: skip
+    assert done.exit_code == 0, done.stderr
+    lines = done.stderr.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("term "))
+    firsts = [line.split()[0] for line in lines[start + 1 : start + 5]]
+    assert firsts == ["ich[constant]", "lambda", "lambda", "intercept[item]"]
+    users = invoke("fit", str(SAMPLE_DATA / "transport.parquet"), "-f",
+                   "(time|constant) + (cost|user)", "--case", "case_id", "--item", "mode",
+                   "--choice", "chosen", "--user", "user_id", "-m", str(tmp_path / "t"),
+                   env={"COLUMNS": "200"})  # fmt: skip
+    assert users.exit_code == 0, users.stderr
+    line = next(line for line in users.stderr.splitlines() if line.startswith("cost[user]"))
+    assert re.search(r"150 coefficients by user: 150 estimated, from \S+ to \S+; see choice "
+                     r"coef 'cost\[user\]'$", line)  # fmt: skip
