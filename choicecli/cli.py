@@ -22,6 +22,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Fit conditional and nested logit models to long-format tables (Parquet or CSV).",
 )
 DEFAULT_MODEL = "choice_model"
@@ -70,9 +71,30 @@ Debug = Annotated[bool, typer.Option("--debug", help="Show a traceback on errors
 
 
 def stderr_console(quiet: bool = False) -> Console:
-    """Diagnostics go to stderr; colour only on a terminal and without NO_COLOR."""
-    width = None if sys.stderr.isatty() else 120
-    return Console(stderr=True, quiet=quiet, no_color="NO_COLOR" in os.environ, width=width)
+    """Diagnostics go to stderr; styles only on a terminal and without NO_COLOR (no codes at all
+    then: rich's no_color keeps bold and dim)."""
+    colour = None if os.environ.get("NO_COLOR") else "auto"
+    return Console(stderr=True, quiet=quiet, color_system=colour)
+
+
+def show_version(value: bool) -> None:
+    if value:
+        from choicecli import __version__
+
+        typer.echo(f"choice {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=show_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Fit conditional and nested logit models to long-format tables (Parquet or CSV)."""
 
 
 def say_error(message: str) -> None:
@@ -175,7 +197,20 @@ def fit(
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Fit a model and write the model directory.
+    """Fit a model and write the model directory; the summary goes to stderr.
+
+    A formula is a sum of terms (VARIABLE|VARIATION), VARIABLE a column, a glob (x_*) or 1
+    (an intercept); the variation says what the coefficient varies by:
+
+    \b
+      constant        one coefficient, the same for every alternative and user
+      item            one per alternative, the base alternative fixed at 0
+      item-full       one per alternative, none fixed (the variable must vary within cases)
+      user            one per decision maker (needs --user)
+      user-item       one per user and alternative, the base fixed at 0 for every user
+      user-item-full  one per user and alternative, none fixed
+
+    Exit status: 0 done, 1 bad data, formula or model, 2 usage, 3 did not converge (written).
 
     Example: choice fit mc.parquet --formula '(cost|constant) + (1|item)' --case case --item alt
     """
@@ -226,29 +261,40 @@ def coef(
     term: Annotated[
         str | None, typer.Argument(help="e.g. 'intercept[user]'; all when omitted.")
     ] = (None),
-    level: Annotated[Level, typer.Option(help="item or nest.")] = Level.item,
+    level: Annotated[
+        Level | None,
+        typer.Option(
+            help="Only terms at this level: item or nest (default: every level; a TERM is "
+            "looked up at item level first)."
+        ),
+    ] = None,
     model: ModelDir = Path(DEFAULT_MODEL),
     format: Annotated[
         CoefFormat | None,
         typer.Option(
             "--format",
-            help="table, csv, json or parquet (default: table on a "
-            "terminal, CSV when piped, or the -o suffix).",
+            help="table, csv, json or parquet (default: table on a terminal, CSV when "
+            "piped, or the -o suffix). A table is plain text when piped or written to a file.",
         ),  # fmt: skip
     ] = None,
     output: Annotated[str, typer.Option("--output", "-o", help="File, or - for stdout.")] = "-",
     describe: Annotated[bool, typer.Option(help="Summarise user terms over users.")] = False,
+    quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Show coefficients from a fitted model.
+    """Show coefficients from a fitted model: estimate, std. error, z, p, 95% interval.
 
     Example: choice coef 'income[item]' --format csv
     """
     from choicecli import commands
 
     if describe:
-        return commands.run_describe(term, level.value, model, format and format.value, output)
-    commands.run_coef(term, level.value, model, format and format.value, output)
+        return commands.run_describe(
+            term, level.value if level else "item", model, format and format.value, output
+        )
+    commands.run_coef(
+        term, level and level.value, model, format and format.value, output, stderr_console(quiet)
+    )
 
 
 @app.command()
@@ -257,7 +303,12 @@ def predict(
     data: Annotated[str, typer.Argument(help="Parquet or CSV file in long format, or -.")],
     model: ModelDir = Path(DEFAULT_MODEL),
     output: Annotated[str, typer.Option("--output", "-o", help="File, or - for stdout.")] = "-",
-    format: Annotated[TableFormat | None, typer.Option("--format")] = None,
+    format: Annotated[
+        TableFormat | None,
+        typer.Option(
+            "--format", help="parquet, csv or json (default: the -o suffix; CSV on stdout)."
+        ),
+    ] = None,
     shares: Annotated[bool, typer.Option(help="Predicted (and observed) shares instead.")] = False,
     by: Annotated[str | None, typer.Option(help="Segment column for --shares.")] = None,
     unseen: Annotated[
@@ -306,13 +357,22 @@ def plot(
     output: Annotated[Path, typer.Option("--output", "-o", help=".png, .svg or .pdf file.")] = Path(
         "coefficients.png"
     ),
-    level: Annotated[Level, typer.Option(help="item or nest.")] = Level.item,
+    level: Annotated[
+        Level | None,
+        typer.Option(
+            help="item or nest: the level of TERM (default item), or without TERM the only "
+            "level drawn (default: every level)."
+        ),
+    ] = None,
     model: ModelDir = Path(DEFAULT_MODEL),
     shares: Annotated[
         Path | None, typer.Option(help="Draw shares from a 'choice predict --shares' file.")
     ] = None,
     dpi: Annotated[int, typer.Option(help="Dots per inch.")] = 100,
-    title: Annotated[str | None, typer.Option(help="Chart title (default: the formula).")] = None,
+    title: Annotated[
+        str | None, typer.Option(help="Chart title (default: the formula; '' for none).")
+    ] = None,
+    quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
     """Draw a PNG chart of coefficients, user distributions, lambdas or shares.
@@ -321,7 +381,9 @@ def plot(
     """
     from choicecli import commands
 
-    commands.run_plot(term, level.value, model, output, shares, dpi, title)
+    commands.run_plot(
+        term, level and level.value, model, output, shares, dpi, title, stderr_console(quiet)
+    )
 
 
 OutputFormat = Annotated[

@@ -9,6 +9,7 @@ import contextlib
 import datetime as dt
 import math
 import platform
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +105,7 @@ def run_fit(request: FitRequest, console: Console) -> int:
     from choicecli.io import read_table
     from choicecli.modeldir import prepare_fit
     from choicecli.problem import ModelSpec, table_columns
-    from choicecli.report import fit_summary
+    from choicecli.report import estimate_warnings, fit_summary
 
     check_fit_options(request)
     prepare_fit(request.model, inputs=[request.data])  # the model directory is ours to replace
@@ -159,57 +160,119 @@ def run_fit(request: FitRequest, console: Console) -> int:
         "input_sha256": digest,
         "versions": versions(),
         "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": " ".join(request.argv),
+        "command": shlex.join(request.argv),  # runnable as is
     }
+    table = result.coefficient_table()
+    result.warnings.extend(estimate_warnings(table, result.spec))
     result.save(request.model)
     for warning in result.warnings:
         console.print(
             f"Warning: {warning}", markup=False, highlight=False, style="yellow", soft_wrap=True
         )
-    console.print(fit_summary(result))
-    console.print(f"model written to {request.model}/", highlight=False)
+    print_lines(console, fit_summary(result, console_width(console), table))
+    console.print(f"model written to {request.model}/", highlight=False, soft_wrap=True)
     return 0 if result.fit["converged"] else EXIT_NOT_CONVERGED
 
 
-def select_terms(table: pl.DataFrame, term: str | None, level: str) -> pl.DataFrame:
-    """Rows of one term (at a level), or all rows; an unknown term lists the known ones."""
+def print_lines(console: Console, lines: list) -> None:
+    """Print laid-out lines as they are: no wrapping, no padding, no highlighting."""
+    for line in lines:
+        console.print(line, soft_wrap=True, highlight=False, markup=False)
+
+
+def console_width(console: Console) -> int | None:
+    from choicecli.report import text_width
+
+    return text_width(console.is_terminal, console.width)
+
+
+def plain_console(stream=None) -> Console:
+    """A console for stdout (or `stream`): styles only on a terminal without NO_COLOR."""
+    import os
+
+    colour = None if os.environ.get("NO_COLOR") else "auto"
+    return Console(file=stream, color_system=colour, highlight=False)
+
+
+def warn_if_unreliable(result, console: Console | None) -> None:
+    """One stderr line when a model did not converge or was fitted with warnings."""
+    from choicecli.report import loaded_model_warning
+
+    line = loaded_model_warning(result)
+    if line and console is not None:
+        console.print(line, style="yellow", soft_wrap=True, highlight=False, markup=False)
+
+
+def select_terms(table: pl.DataFrame, term: str | None, level: str | None) -> pl.DataFrame:
+    """Rows of one term at a level, or every term at a level, or all rows (level None).
+
+    A term without a level is looked up at the item level, then the nest level. An unknown term
+    or level says what the model has at each level.
+    """
+    from choicecli.report import unknown_term_message
+
+    nested = (table.get_column("term") == "lambda").any()
+    if level == "nest" and not nested and not (table.get_column("level") == "nest").any():
+        asked = f"term {term!r} at level nest" if term else "--level nest"
+        raise FormulaError(f"{asked}: {unknown_term_message(table, None, 'nest')}")
     if term is None:
-        return table
+        return table if level is None else table.filter(pl.col("level") == level)
     if term == "lambda":
         chosen = table.filter(pl.col("term") == "lambda")
     else:
-        chosen = table.filter((pl.col("term") == term) & (pl.col("level") == level))
+        levels = [level] if level else ["item", "nest"]
+        chosen = table.filter(pl.col("term") == term)
+        for candidate in levels:
+            at_level = chosen.filter(pl.col("level") == candidate)
+            if at_level.height:
+                chosen = at_level
+                break
+        else:
+            chosen = chosen.clear()
     if chosen.height == 0:
-        known = (
-            table.filter(pl.col("level") == level).get_column("term").unique(maintain_order=True)
-        )
-        other = "nest" if level == "item" else "item"
-        elsewhere = table.filter((pl.col("term") == term) & (pl.col("level") == other)).height
-        hint = f" (it exists at --level {other})" if elsewhere else ""
-        raise FormulaError(
-            f"unknown term {term!r} at level {level}{hint}; the model's terms are: "
-            f"{', '.join(known.to_list())}"
-        )
+        raise FormulaError(unknown_term_message(table, term, level or "item"))
     return chosen
 
 
-def run_coef(term: str | None, level: str, model: Path, fmt: str | None, output: str) -> None:
+def run_coef(
+    term: str | None,
+    level: str | None,
+    model: Path,
+    fmt: str | None,
+    output: str,
+    console: Console | None = None,
+) -> None:
     from choicecli.loader import load_result
-    from choicecli.output import check_destination, output_format, write_table
-    from choicecli.report import coefficient_renderable
+    from choicecli.output import check_destination, output_format, write_table, write_text
+    from choicecli.report import coefficient_lines
 
     if fmt is None and output == "-":
         fmt = "table" if sys.stdout is not None and sys.stdout.isatty() else "csv"
     fmt = output_format(output, fmt, "csv")
-    if fmt == "table" and output != "-":
-        raise UsageError("--format table prints to the terminal; use csv, json or parquet")
     check_destination(output)
     result = load_result(model)
+    warn_if_unreliable(result, console)
     table = select_terms(result.coefficient_table(), term, level)
     if fmt == "table":
-        Console().print(coefficient_renderable(table))
+        if output == "-":
+            screen = plain_console()
+            print_lines(screen, coefficient_lines(table, console_width(screen)))
+            return
+        # a file: plain text, no width limit
+        write_text(output, "\n".join(line.plain for line in coefficient_lines(table)) + "\n")
+        return
+    if fmt == "json":
+        import json
+
+        document = {**_model_state(result), "coefficients": table.to_dicts()}
+        write_text(output, json.dumps(document, indent=2, default=str) + "\n")
         return
     write_table(table, output, fmt, {"choice.formula": result.spec["formula"]})
+
+
+def _model_state(result) -> dict:
+    """What JSON outputs say about the model they came from."""
+    return {"converged": bool(result.fit.get("converged")), "warnings": list(result.warnings)}
 
 
 @dataclass(frozen=True)
@@ -245,6 +308,7 @@ def run_predict(request: PredictRequest, console: Console) -> None:
         raise UsageError("parquet cannot go to stdout here; use -o FILE.parquet or --format csv")
     check_destination(request.output)
     result = load_result(request.model)
+    warn_if_unreliable(result, console)
     frame, digest = scan_table(request.data, request.input_format)  # Parquet: read in batches
     if frame is None:
         frame, digest = read_table(request.data, request.input_format, separator=request.separator)
@@ -258,10 +322,11 @@ def run_predict(request: PredictRequest, console: Console) -> None:
     _check_scores(scored, request.model)
     if report:
         console.print(
-            f"log-likelihood {report['log_likelihood']:.4f} over {report['n_cases']} cases "
+            f"log-likelihood {report['log_likelihood']:.4f} over {report['n_cases']:,} cases "
             f"(per case {report['mean_log_likelihood']:.4f}), hit rate {report['hit_rate']:.4f}, "
             f"equal-shares log-likelihood {report['null_log_likelihood']:.4f}",
             highlight=False,
+            soft_wrap=True,
         )
     table = share_table(scored, result, request.by) if request.shares else scored
     metadata = {
@@ -270,12 +335,11 @@ def run_predict(request: PredictRequest, console: Console) -> None:
         "choice.input_sha256": digest,
         "choice.versions": str(versions()),
     }
-    if fmt == "json" and report:
+    if fmt == "json":
         import json
 
-        document = {"report": report, "rows": table.to_dicts()}
-        text = json.dumps(document, indent=2, default=str) + "\n"
-        write_text(request.output, text)
+        document = {**_model_state(result), "report": report or None, "rows": table.to_dicts()}
+        write_text(request.output, json.dumps(document, indent=2, default=str) + "\n")
         return
     write_table(table, request.output, fmt, metadata)
 
@@ -294,12 +358,13 @@ def _check_scores(scored: pl.DataFrame, model: Path) -> None:
 
 def run_plot(
     term: str | None,
-    level: str,
+    level: str | None,
     model: Path,
     output: Path,
     shares: Path | None,
     dpi: int,
     title: str | None,
+    console: Console | None = None,
 ) -> None:
     from choicecli import plot
     from choicecli.io import read_table
@@ -312,13 +377,23 @@ def run_plot(
     check_destination(output)
     if shares is not None:
         frame, _ = read_table(str(shares))
-        plot.draw_shares(frame, output, title=title or f"Shares: {shares.name}", dpi=dpi)
+        plot.draw_shares(
+            frame, output, title=f"Shares: {shares.name}" if title is None else title, dpi=dpi
+        )
         return
     result = load_result(model)
+    warn_if_unreliable(result, console)
+    table = result.coefficient_table()
+    if term is None and level is not None:  # a forest plot of one level
+        table = select_terms(table, None, level)
     plot.draw_coefficients(
-        result.coefficient_table(), term, level, output, title=title or result.spec["formula"],
+        table,
+        term,
+        level or "item",
+        output,
+        title=result.spec["formula"] if title is None else title,
         dpi=dpi,
-    )  # fmt: skip
+    )
 
 
 def _emit(

@@ -722,8 +722,9 @@ def _check_one_chosen(
     for bad, detail in ((count == 0, "no chosen row"), (count > 1, "several chosen rows")):
         if bool(bad.any()):
             first = case_labels[int(bad.nonzero()[0])]
+            cases = f"{int(bad.sum()):,} cases have" if int(bad.sum()) > 1 else "1 case has"
             raise DataError(
-                f"{where}: {int(bad.sum())} cases have {detail} in {name!r} "
+                f"{where}: {cases} {detail} in {name!r} "
                 f"(first: case {first!r}); each case needs exactly one"
             )
 

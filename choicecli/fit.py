@@ -305,6 +305,7 @@ def _lambda_warnings(problem: Problem, estimate: torch.Tensor) -> list[str]:
             nest = f" of nest {parameter.item!r}" if parameter.item else ""
             found.append(
                 f"lambda{nest} = {value:.4g} lies outside (0, 1]: not consistent with random "
-                "utility maximisation for all values of the data"
+                "utility maximisation for all values of the data; to keep it in (0, 1], refit "
+                "with --lambda-bounds 0.01,1"
             )
     return found

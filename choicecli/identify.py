@@ -186,7 +186,8 @@ def unidentified_parameters(
         distinct = list(dict.fromkeys(term_reasons))
         count = len(term_reasons)
         shown = "; ".join(distinct[:2]) + (" ..." if len(distinct) > 2 else "")
-        warnings.append(f"{term}: {count} coefficient(s) not estimated: {shown}")
+        counted = f"{count:,} coefficients" if count > 1 else "1 coefficient"
+        warnings.append(f"{term}: {counted} not estimated: {shown}")
     return sorted(reasons)
 
 

@@ -17,6 +17,7 @@ import polars as pl
 
 from choicecli.errors import DataError, FormulaError, UsageError
 from choicecli.output import chart_format, output_stream
+from choicecli.report import plural
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -38,7 +39,7 @@ COEFFICIENT_COLUMNS = (
     "fixed",
     "identified",
 )
-TITLE_LIMIT = 80
+TITLE_LIMIT = 240  # characters of a title kept (cut at a term boundary), wrapped over lines
 # no timestamps (nor the software version in PNG): the same input gives the same bytes
 TIMELESS_METADATA = {
     "png": {"Software": None},
@@ -53,7 +54,11 @@ MIN_BINS = 5
 MAX_BINS = 80
 MAX_PANELS = 48  # small multiples shown for one user-item term
 SCATTER_ABOVE = 40  # shares: bars up to this many alternatives, a scatter beyond
+SHARE_COLUMNS = ("item", "predicted_share", "observed_share")
 ESTIMATE_COLOR = "#1f77b4"
+BOUND_COLOR = "#ff7f0e"
+PANEL_INCHES = 0.6  # a forest panel's title and axis beyond its rows
+SCALE_RATIO = 10.0  # single coefficients share a panel while their sizes stay within this
 BASE_COLOR = "#d62728"
 MEAN_COLOR = "#d62728"
 OBSERVED_COLOR = "#7f7f7f"
@@ -79,6 +84,9 @@ class _Row:
     high: float | None
     fixed: bool
     group: str = ""
+    significant: bool = False  # p < 0.05 (the interval leaves out the null value)
+    at_bound: bool = False  # on a bound: the interval does not hold
+    by: str = ""  # what the term's coefficients vary by: alternative, nest, column (of a glob)
 
 
 def draw_coefficients(
@@ -104,14 +112,15 @@ def draw_coefficients(
         raise UsageError(f"--level must be item or nest, not {level!r}")
     title = shorten(title)
     if term is None:
-        rows = _forest_rows(table)
-        if not rows:
+        panels = _forest_panels(_forest_rows(table))
+        if not panels:
             raise FormulaError(
                 "the model has no estimated coefficients that do not vary by user; "
                 "pass a term to plot its user estimates"
             )
-        default = _rows_size(rows, extra_rows=len({row.group for row in rows}))
-        return _save(output, size or default, dpi, lambda fig: _draw_forest(fig, rows, title))
+        rows = [row for panel in panels for row in panel.rows]
+        default = _rows_size(rows, extra_rows=len(panels) * PANEL_INCHES / ROW_INCHES)
+        return _save(output, size or default, dpi, lambda fig: _draw_forest(fig, panels, title))
     if term == "lambda":
         selected = table.filter(pl.col("term") == "lambda")
         level = "nest"
@@ -143,12 +152,16 @@ def draw_shares(
 
     Up to 40 alternatives get horizontal grouped bars sorted by predicted share; more
     alternatives with observed shares get a predicted-vs-observed scatter with the 45-degree line.
+    A table with segment columns (`choice predict --shares --by COL`) gets one panel per segment.
     """
     missing = [column for column in ("item", "predicted_share") if column not in shares.columns]
     if missing:
         raise DataError(f"the shares table lacks columns: {', '.join(missing)}")
     if shares.height == 0:
         raise DataError("the shares table has no rows")
+    segments = [column for column in shares.columns if column not in SHARE_COLUMNS]
+    if segments:
+        return _draw_segments(shares, segments, output, shorten(title), dpi, size)
     labels = [_text(value) for value in shares.get_column("item").to_list()]
     predicted = [_number(value) for value in shares.get_column("predicted_share").to_list()]
     observed: list[float | None] | None = None
@@ -173,9 +186,14 @@ def draw_shares(
 
 
 def shorten(text: str, limit: int = TITLE_LIMIT) -> str:
-    """Collapse whitespace and cut `text` to `limit` characters with an ellipsis."""
+    """Collapse whitespace and cut `text` to `limit` characters with an ellipsis, at the last
+    " + " between terms when there is one (a formula is never cut inside a term)."""
     text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1].rstrip() + "\u2026"
+    if len(text) <= limit:
+        return text
+    head = text[: limit - 4]
+    cut = head.rfind(" + ")
+    return (head[:cut] + " + \u2026") if cut > 0 else head.rstrip() + "\u2026"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,16 +201,10 @@ def shorten(text: str, limit: int = TITLE_LIMIT) -> str:
 
 
 def _unknown_term_message(table: pl.DataFrame, term: str, level: str) -> str:
-    """One line naming the term, the level and the terms the model has there."""
-    at_level = _unique(table.filter(pl.col("level") == level).get_column("term").to_list())
-    if "lambda" in table.get_column("term").to_list() and "lambda" not in at_level:
-        at_level.append("lambda")
-    known = ", ".join(at_level) if at_level else "(none)"
-    message = f"unknown term {term!r} at level {level}; the model's terms are: {known}"
-    elsewhere = table.filter((pl.col("term") == term) & (pl.col("level") != level))
-    if elsewhere.height:
-        message += f" ({term!r} is a term at level {elsewhere.get_column('level')[0]})"
-    return message
+    """One line naming the term, the level and the terms the model has at each level."""
+    from choicecli.report import unknown_term_message
+
+    return unknown_term_message(table, term, level)
 
 
 def _varies_by_user(rows: pl.DataFrame) -> bool:
@@ -230,7 +242,7 @@ def _interval_rows(rows: pl.DataFrame, term: str, level: str) -> tuple[list[_Row
                 skipped.append(label)
                 continue
         low, high = _number(record["ci_low"]), _number(record["ci_high"])
-        drawn.append(_Row(label, estimate, low, high, fixed))
+        drawn.append(_Row(label, estimate, low, high, fixed, **_flags(record)))
     drawn.sort(key=lambda row: (row.estimate, row.label))
     notes = []
     if skipped:
@@ -239,36 +251,117 @@ def _interval_rows(rows: pl.DataFrame, term: str, level: str) -> tuple[list[_Row
     return drawn, notes
 
 
+def _flags(record: dict[str, Any]) -> dict[str, bool]:
+    """Significance at 5% (from p, or the interval against 0, or 1 for lambda) and at_bound."""
+    p_value = _number(record.get("p_value"))
+    if p_value is None:
+        low, high = _number(record.get("ci_low")), _number(record.get("ci_high"))
+        null = 1.0 if record.get("term") == "lambda" else 0.0
+        significant = low is not None and high is not None and not low <= null <= high
+    else:
+        significant = p_value < 0.05
+    return {
+        "significant": bool(significant and not record.get("fixed")),
+        "at_bound": bool(record.get("at_bound")),
+    }
+
+
+@dataclass(frozen=True)
+class _Panel:
+    """One axis of a forest plot: a term's coefficients, or single coefficients of one scale."""
+
+    title: str
+    rows: list[_Row]
+    reference: float = 0.0
+
+
 def _forest_rows(table: pl.DataFrame) -> list[_Row]:
-    """Every estimated coefficient without a user, grouped by term in table order."""
+    """Every estimated coefficient without a user, grouped by term in table order; a row's
+    label names its alternative or nest, or the term when the term has a single coefficient."""
     rows = table.filter(pl.col("user").is_null())
     rows = rows.filter(
         (pl.col("estimate").is_not_null() & pl.col("identified").fill_null(True))
         | pl.col("fixed").fill_null(False)
     )
-    features: dict[tuple[str, str], set[str]] = {}
+    records: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for record in rows.iter_rows(named=True):
         key = (_text(record["level"]), _text(record["term"]))
-        features.setdefault(key, set()).add(_text(record["feature"]))
-    groups: dict[tuple[str, str], list[_Row]] = {}
-    for record in rows.iter_rows(named=True):
-        key = (_text(record["level"]), _text(record["term"]))
-        name = key[1]
-        if key[0] == "nest" and name != "lambda":
-            name = f"{name} (nest)"
-        detail = _item_label(record, len(features[key]) > 1, empty="")
-        label = f"{name} {detail}".rstrip()
-        estimate = _number(record["estimate"])
-        row = _Row(
-            label=label,
-            estimate=0.0 if estimate is None else estimate,
-            low=_number(record["ci_low"]),
-            high=_number(record["ci_high"]),
-            fixed=bool(record["fixed"]),
-            group=name,
-        )
-        groups.setdefault(key, []).append(row)
-    return [row for group in groups.values() for row in group]
+        records.setdefault(key, []).append(record)
+    drawn: list[_Row] = []
+    for (level, term), group in records.items():
+        several = len({_text(record["feature"]) for record in group}) > 1
+        name = f"{term} (nest level)" if level == "nest" and term != "lambda" else term
+        for record in group:
+            detail = _item_label(record, several, empty="")
+            estimate = _number(record["estimate"])
+            drawn.append(
+                _Row(
+                    label=detail if len(group) > 1 or detail else name,
+                    estimate=0.0 if estimate is None else estimate,
+                    low=_number(record["ci_low"]),
+                    high=_number(record["ci_high"]),
+                    fixed=bool(record["fixed"]),
+                    group=name,
+                    by=_by(record, several),
+                    **_flags(record),
+                )
+            )
+    return drawn
+
+
+def _forest_panels(rows: list[_Row]) -> list[_Panel]:
+    """A panel per term with several coefficients; single coefficients share panels while
+    their sizes stay within SCALE_RATIO of each other, so no estimate is squashed onto zero.
+    A term with nothing estimated (its base alone) gets no panel."""
+    groups: dict[str, list[_Row]] = {}
+    for row in rows:
+        groups.setdefault(row.group, []).append(row)
+    panels: list[_Panel] = []
+    singles: list[_Row] = []
+
+    def close_singles() -> None:
+        if singles:
+            panels.append(_Panel("", list(singles)))
+            singles.clear()
+
+    for name, group in groups.items():
+        if all(row.fixed for row in group):  # only a base: nothing was estimated to draw
+            continue
+        if len(group) == 1 and name == group[0].label and name != "lambda":
+            sizes = [_size(row) for row in [*singles, group[0]]]
+            if singles and max(sizes) > SCALE_RATIO * max(min(sizes), 1e-300):
+                close_singles()
+            singles.append(group[0])
+            continue
+        close_singles()
+        panels.append(_Panel(_panel_title(name, group), group, 1.0 if name == "lambda" else 0.0))
+    close_singles()
+    return panels
+
+
+def _size(row: _Row) -> float:
+    return max(abs(value) for value in (row.estimate, row.low, row.high) if value is not None)
+
+
+def _by(record: dict[str, Any], several: bool) -> str:
+    """What one coefficient of a term stands for: its alternative or nest, and glob column."""
+    where = "" if record["item"] is None else "nest" if record["level"] == "nest" else "alternative"
+    if several:
+        return f"column and {where}" if where else "column"
+    return where
+
+
+def _panel_title(name: str, rows: list[_Row]) -> str:
+    if name == "lambda":
+        if len(rows) == 1 and rows[0].label == "lambda":
+            return "lambda, shared by all nests (1 = no nesting)"
+        return "lambda, one per nest (1 = no nesting)"
+    who = rows[0].by or ("nest" if name.endswith("(nest level)") else "alternative")
+    title = f"{name}, one per {who}"
+    base = _unique([row.label.rpartition(": ")[2] for row in rows if row.fixed])
+    if base:
+        title += f" ({', '.join(base)}: base, fixed at 0)"
+    return title
 
 
 def _item_label(record: dict[str, Any], with_feature: bool, empty: str = "(all)") -> str:
@@ -306,7 +399,8 @@ def _sized(count: float, labels: list[str]) -> tuple[float, float]:
     """Default (width, height): height grows with the rows up to a cap, width with the labels."""
     longest = max((len(label) for label in labels), default=0)
     width = min(14.0, max(7.0, 4.5 + 0.07 * longest))
-    height = min(MAX_HEIGHT, max(3.5, 2.2 + ROW_INCHES * count))
+    floor = 2.6 if count <= 2 else 3.5  # one or two coefficients: a compact chart
+    height = min(MAX_HEIGHT, max(floor, 2.2 + ROW_INCHES * count))
     return (width, round(height, 2))
 
 
@@ -361,7 +455,7 @@ def _draw_intervals(
 ) -> None:
     """Estimates with 95% intervals, one row per alternative or nest, largest at the top."""
     ax = fig.add_subplot()
-    _plot_rows(ax, fig, rows)
+    _plot_rows(ax, fig, rows, reference=reference)
     lambdas = term == "lambda"
     ax.axvline(
         reference,
@@ -371,54 +465,96 @@ def _draw_intervals(
         label="lambda = 1 (no nesting)" if lambdas else "zero",
     )
     who = "nest" if level == "nest" else "alternative"
+    where = " at nest level" if level == "nest" else ""
     if lambdas:
-        ax.set_xlabel("lambda (nest dissimilarity) with 95% interval")
+        ax.set_xlabel("lambda (how alike a nest's alternatives are; 1 = no nesting)")
         ax.set_ylabel("nest")
-        subtitle = "lambda by nest, sorted by estimate"
+        subtitle = "lambda by nest, sorted by estimate, with 95% confidence intervals"
     else:
-        ax.set_xlabel(f"estimate of {term} ({level} level) with 95% interval")
+        ax.set_xlabel(f"estimate of {term}{where}, with 95% confidence interval")
         ax.set_ylabel(who)
-        subtitle = f"{term} by {who} ({level} level), sorted by estimate"
+        subtitle = f"{term}{where}, one per {who}, sorted by estimate"
     if all(row.label == "(all)" for row in rows):
-        subtitle = f"{term} ({level} level)"
+        ax.set_ylabel("")
+        ax.set_yticks([])
+        subtitle = f"{term}{where}"
     _titles(fig, ax, title, "; ".join([subtitle, *notes]), [row.label for row in rows])
-    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=4)
+    _legend(fig, rows, reference)
 
 
-def _draw_forest(fig: Figure, rows: list[_Row], title: str) -> None:
-    """Every coefficient without a user, grouped by term, first term at the top."""
-    ax = fig.add_subplot()
-    count = len(rows)
-    positions = [count - 1 - index for index in range(count)]
-    start = 0
-    shade = False
-    for index in range(1, count + 1):
-        if index == count or rows[index].group != rows[start].group:
-            top, bottom = positions[start] + 0.5, positions[index - 1] - 0.5
-            if shade:
-                ax.axhspan(bottom, top, color="#f0f0f0", zorder=0, linewidth=0)
-            if rows[start].group == "lambda":
-                ax.vlines(1.0, bottom, top, colors="black", linestyles=":", linewidth=0.9)
-            shade = not shade
-            start = index
-    _plot_rows(ax, fig, rows, positions=positions)
-    ax.axvline(0.0, color="black", linewidth=0.9, linestyle="--", label="zero")
-    ax.set_ylim(-0.5, count - 0.5)
-    ax.set_xlabel("estimate with 95% interval")
-    ax.set_ylabel("coefficient (term and alternative or nest)")
-    groups = len({row.group for row in rows})
-    subtitle = f"{count:,} coefficients in {groups:,} terms; user-varying terms left out"
-    if any(row.group == "lambda" for row in rows):
-        subtitle += "; dotted line: lambda = 1"
-    _titles(fig, ax, title, subtitle, [row.label for row in rows])
-    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=4)
+def _draw_forest(fig: Figure, panels: list[_Panel], title: str) -> None:
+    """One axis per panel (a term, or single coefficients of one scale), each with its own
+    scale, first term at the top."""
+    heights = [len(panel.rows) + PANEL_INCHES / ROW_INCHES for panel in panels]
+    axes = fig.subplots(len(panels), 1, squeeze=False, height_ratios=heights)[:, 0]
+    count = sum(len(panel.rows) for panel in panels)
+    for ax, panel in zip(axes, panels, strict=True):
+        positions = list(range(len(panel.rows) - 1, -1, -1))
+        _plot_rows(ax, fig, panel.rows, positions=positions, reference=panel.reference, total=count)
+        ax.axvline(panel.reference, color="black", linewidth=0.9, linestyle="--")
+        if panel.title:
+            text = _wrap(fig, panel.title, SUBTITLE_POINTS - 0.5, share=0.7)
+            ax.set_title(text, loc="left", fontsize=SUBTITLE_POINTS - 0.5)
+    terms = len({row.group for panel in panels for row in panel.rows})
+    lambdas = any(panel.reference == 1.0 for panel in panels)
+    line = "dashed line: 0; 1 for lambda" if lambdas else "dashed line: 0"
+    axes[-1].set_xlabel(f"estimate with 95% confidence interval ({line})")
+    _titles(fig, None, title)
+    caption = f"{plural(count, 'coefficient')} of {plural(terms, 'term')}"
+    _legend(fig, [row for panel in panels for row in panel.rows], None if lambdas else 0.0,
+            caption + "; terms that vary by user are left out (plot them by name)")  # fmt: skip
 
 
-def _plot_rows(ax: Axes, fig: Figure, rows: list[_Row], positions: list[int] | None = None) -> None:
-    """Points and interval lines for `rows`, fixed base rows as hollow red diamonds."""
+def _legend(fig: Figure, rows: list[_Row], reference: float | None, caption: str = "") -> None:
+    """What the marks present mean: filled = significant at 5%, hollow = not, base, bound."""
+    from matplotlib.lines import Line2D
+
+    null = "1" if reference == 1.0 else "0" if reference == 0.0 else "0 (1 for lambda)"
+    free = [row for row in rows if not row.fixed and not row.at_bound]
+    handles = []
+    if any(row.significant for row in free):
+        handles.append(Line2D([], [], color=ESTIMATE_COLOR, marker="o", linestyle="none",
+                              label=f"differs from {null} at p < 0.05"))  # fmt: skip
+    if any(not row.significant for row in free):
+        handles.append(Line2D([], [], color=ESTIMATE_COLOR, marker="o", linestyle="none",
+                              markerfacecolor="white", label="not significant"))  # fmt: skip
+    if any(_has_interval(row) and not row.at_bound for row in rows):
+        handles.append(Line2D([], [], color=ESTIMATE_COLOR, label="95% confidence interval"))
+    if any(row.fixed for row in rows):
+        handles.append(Line2D([], [], marker="D", markerfacecolor="white", linestyle="none",
+                              markeredgecolor=BASE_COLOR, label="base, fixed at 0"))  # fmt: skip
+    if any(row.at_bound for row in rows):
+        handles.append(Line2D([], [], marker="s", color=BOUND_COLOR, linestyle=":",
+                              label="on a bound: interval does not hold"))  # fmt: skip
+    fig.legend(
+        handles=handles,
+        loc="outside lower center",
+        ncols=min(3, len(handles)),
+        title=_wrap(fig, caption, SUBTITLE_POINTS - 1) if caption else None,
+        title_fontsize=SUBTITLE_POINTS - 1,
+        fontsize=7.5,
+    )
+
+
+def _plot_rows(
+    ax: Axes,
+    fig: Figure,
+    rows: list[_Row],
+    positions: list[int] | None = None,
+    reference: float = 0.0,
+    total: int | None = None,
+) -> None:
+    """Points and interval lines for `rows`: filled when significant, hollow when not, fixed
+    base rows as hollow red diamonds, estimates on a bound as orange squares."""
     if positions is None:
         positions = list(range(len(rows)))
-    lines = [(y, row) for y, row in zip(positions, rows, strict=True) if _has_interval(row)]
+    placed = list(zip(positions, rows, strict=True))
+    bound = [(y, row) for y, row in placed if _has_interval(row) and row.at_bound]
+    if bound:
+        ax.hlines([y for y, _ in bound], [row.low for _, row in bound],
+                  [row.high for _, row in bound], colors=BOUND_COLOR, linewidth=1.2,
+                  linestyles=":")  # fmt: skip
+    lines = [(y, row) for y, row in placed if _has_interval(row) and not row.at_bound]
     if lines:
         ax.hlines(
             [y for y, _ in lines],
@@ -427,20 +563,26 @@ def _plot_rows(ax: Axes, fig: Figure, rows: list[_Row], positions: list[int] | N
             colors=ESTIMATE_COLOR,
             linewidth=1.2,
             alpha=0.7,
-            label="95% interval",
         )
-    marker = 4.5 if len(rows) <= 60 else 2.5
-    free = [(y, row) for y, row in zip(positions, rows, strict=True) if not row.fixed]
-    if free:
-        ax.plot(
-            [row.estimate for _, row in free],
-            [y for y, _ in free],
-            "o",
-            color=ESTIMATE_COLOR,
-            markersize=marker,
-            label="estimate",
-        )
-    fixed = [(y, row) for y, row in zip(positions, rows, strict=True) if row.fixed]
+    marker = 4.5 if (total or len(rows)) <= 60 else 2.5
+    free = [(y, row) for y, row in placed if not row.fixed and not row.at_bound]
+    for significant in (True, False):
+        chosen = [(y, row) for y, row in free if row.significant == significant]
+        if chosen:
+            ax.plot(
+                [row.estimate for _, row in chosen],
+                [y for y, _ in chosen],
+                "o",
+                color=ESTIMATE_COLOR,
+                markerfacecolor=ESTIMATE_COLOR if significant else "white",
+                markersize=marker,
+                linestyle="none",
+            )
+    bound = [(y, row) for y, row in placed if row.at_bound and not row.fixed]
+    if bound:
+        ax.plot([row.estimate for _, row in bound], [y for y, _ in bound], "s",
+                color=BOUND_COLOR, markersize=marker + 1, linestyle="none")  # fmt: skip
+    fixed = [(y, row) for y, row in placed if row.fixed]
     if fixed:
         ax.plot(
             [row.estimate for _, row in fixed],
@@ -451,9 +593,8 @@ def _plot_rows(ax: Axes, fig: Figure, rows: list[_Row], positions: list[int] | N
             markeredgewidth=1.5,
             markersize=marker + 2,
             linestyle="none",
-            label="base (fixed)",
         )
-    font, step = _row_font(fig, len(rows))
+    font, step = _row_font(fig, total or len(rows))
     ticks = list(range(0, len(rows), step))
     ax.set_yticks([positions[index] for index in ticks])
     ax.set_yticklabels([rows[index].label for index in ticks], fontsize=font)
@@ -468,8 +609,10 @@ def _plot_rows(ax: Axes, fig: Figure, rows: list[_Row], positions: list[int] | N
 def _titles(
     fig: Figure, ax: Axes | None, title: str, subtitle: str = "", labels: list[str] | None = None
 ) -> None:
-    """The figure title and an axes subtitle, wrapped to fit beside the y tick `labels`."""
-    fig.suptitle(_wrap(fig, title, TITLE_POINTS))
+    """The figure title (none when empty) and an axes subtitle, wrapped to fit beside the y
+    tick `labels`."""
+    if title:
+        fig.suptitle(_wrap(fig, title, TITLE_POINTS))
     if ax is not None and subtitle:
         # The subtitle starts at the axes' left edge, right of the tick labels.
         longest = max((len(label) for label in labels or []), default=8)
@@ -556,7 +699,9 @@ def _draw_user_term(
             ax.tick_params(labelsize=7, labelbottom=True)
         axes.flat[0].legend(loc="upper right", fontsize=6.5)
         note = f" (first {MAX_PANELS} of {MAX_PANELS + hidden} panels)" if hidden else ""
-        fig.supxlabel(f"user estimate of {term} ({level} level), per alternative{note}")
+        at_nest = " at nest level" if level == "nest" else ""
+        who = "nest" if level == "nest" else "alternative"
+        fig.supxlabel(f"estimate of {term}{at_nest} for each user, one panel per {who}{note}")
         fig.supylabel("users")
         _titles(fig, None, title)
 
@@ -578,7 +723,8 @@ def _draw_histogram(
     ax.axvline(mean, color=MEAN_COLOR, linewidth=1.5, label=f"mean {mean:.3g}")
     ax.axvline(0.0, color="black", linewidth=1.0, linestyle="--", label="zero")
     where = f" {label}" if label else ""
-    ax.set_xlabel(f"user estimate of {term}{where} ({level} level)")
+    at_nest = " at nest level" if level == "nest" else ""
+    ax.set_xlabel(f"estimate of {term}{where}{at_nest} for each user")
     ax.set_ylabel("users")
     caption = f"{term}{where}: {len(values):,} users"
     if missing:
@@ -684,3 +830,106 @@ def _error_note(predicted: list[float | None], observed: list[float | None]) -> 
         if guess is not None and seen is not None
     ]
     return f"; mean absolute error {sum(gaps) / len(gaps):.3g}" if gaps else ""
+
+
+def _draw_segments(
+    shares: pl.DataFrame,
+    segments: list[str],
+    output: Path,
+    title: str,
+    dpi: int,
+    size: tuple[float, float] | None,
+) -> Path:
+    """One panel per segment value (labelled `column = value`), the same alternatives in the
+    same order and the same share axis in every panel."""
+    items, panels, segment_count = _segment_panels(shares, segments)
+    with_observed = any(observed is not None for _, _, observed in panels)
+    hidden = segment_count - len(panels)
+    columns = min(3, len(panels)) if len(panels) <= 9 else min(6, math.ceil(len(panels) ** 0.5))
+    lines = math.ceil(len(panels) / columns)
+    panel_height = 0.9 + ROW_INCHES * len(items) * (1.6 if with_observed else 1.0)
+    default = (
+        max(7.0, round(3.0 * columns + 1.2, 2)),
+        round(min(MAX_HEIGHT, panel_height * lines + 1.8), 2),
+    )
+    caption = (
+        f"{plural(len(items), 'alternative')} in {plural(segment_count, 'segment')} of "
+        f"{', '.join(segments)}" + (f" (first {MAX_PANELS} shown)" if hidden else "")
+    )
+
+    def grid(fig: Figure) -> None:
+        axes = fig.subplots(lines, columns, sharex=True, sharey=True, squeeze=False)
+        font, step = _row_font(fig, len(items) * lines)
+        for index, ax in enumerate(axes.flat):
+            if index >= len(panels):
+                ax.set_visible(False)
+                continue
+            name, predicted, observed = panels[index]
+            nan = float("nan")
+            guess = [nan if value is None else value for value in predicted]
+            positions = list(range(len(items)))
+            if observed is None:
+                ax.barh(positions, guess, 0.7, color=ESTIMATE_COLOR, label="predicted")
+            else:
+                seen = [nan if value is None else value for value in observed]
+                ax.barh([y + 0.2 for y in positions], guess, 0.4, color=ESTIMATE_COLOR,
+                        label="predicted")  # fmt: skip
+                ax.barh([y - 0.2 for y in positions], seen, 0.4, color=OBSERVED_COLOR,
+                        label="observed")  # fmt: skip
+                name += _error_note(predicted, observed).replace(
+                    "; mean absolute error", "\nmean absolute error"
+                )
+            ticks = list(range(0, len(items), step))
+            ax.set_yticks(ticks)
+            ax.set_yticklabels([items[i] for i in ticks], fontsize=font)
+            ax.set_ylim(-0.6, len(items) - 0.4)
+            ax.set_xlim(left=0.0)
+            ax.grid(axis="x", color="#dddddd", linewidth=0.6)
+            ax.set_axisbelow(True)
+            ax.set_title(name, loc="left", fontsize=SUBTITLE_POINTS - 0.5)
+            ax.tick_params(labelbottom=True)
+            if index + columns >= len(panels):  # the lowest panel of its column
+                ax.set_xlabel("share of cases")
+        _titles(fig, None, title)
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncols=2, title=caption,
+                   title_fontsize=SUBTITLE_POINTS - 1, fontsize=7.5)  # fmt: skip
+
+    return _save(output, size or default, dpi, grid)
+
+
+def _segment_panels(
+    shares: pl.DataFrame, segments: list[str]
+) -> tuple[list[str], list[tuple[str, list[float | None], list[float | None] | None]], int]:
+    """The alternatives (smallest mean predicted share first: drawn bottom to top); for the
+    first MAX_PANELS segment values in sorted order, a label (`column = value`), predicted and
+    observed shares; and the number of segments."""
+    keys = shares.select(segments).unique(maintain_order=True).sort(segments, nulls_last=True)
+    names = [
+        ", ".join(f"{column} = {_text(value)}" for column, value in zip(segments, key, strict=True))
+        for key in keys.iter_rows()
+    ]
+    overall = (
+        shares.group_by("item")
+        .agg(pl.col("predicted_share").mean())
+        .sort(["predicted_share", "item"])
+    )
+    items = [_text(value) for value in overall.get_column("item").to_list()]  # bottom to top
+    with_observed = (
+        "observed_share" in shares.columns
+        and shares.get_column("observed_share").is_not_null().any()
+    )
+    panels: list[tuple[str, list[float | None], list[float | None] | None]] = []
+    for name, key in list(zip(names, keys.iter_rows(), strict=True))[:MAX_PANELS]:
+        part = shares.filter(
+            pl.all_horizontal([pl.col(c).eq_missing(v) for c, v in zip(segments, key, strict=True)])
+        )
+        values = {_text(r["item"]): r for r in part.iter_rows(named=True)}
+        predicted = [_number(values[i]["predicted_share"]) if i in values else None for i in items]
+        observed = (
+            [_number(values[i]["observed_share"]) if i in values else None for i in items]
+            if with_observed
+            else None
+        )
+        panels.append((name, predicted, observed))
+    return items, panels, len(names)

@@ -12,6 +12,7 @@ import torch
 
 from choicecli.data import check_columns
 from choicecli.errors import ArtifactError, DataError
+from choicecli.formula import suggest
 from choicecli.models import block_utility
 from choicecli.problem import ModelSpec, build_problem
 from choicecli.results import FitResult
@@ -57,6 +58,14 @@ def predict_frame(
     roles_used = replace(spec.roles, weights=None, session=None, **present)
     roles_used.check_distinct()
     spec = replace(spec, roles=roles_used, missing="refuse")
+    columns = [name for name in empty.columns if name != INPUT_ROW]
+    for option, name in (("--case", spec.roles.case), ("--item", spec.roles.item)):
+        if name not in columns:  # a role column renamed since the fit: say which option fixes it
+            raise DataError(
+                f"{where}: no column {name!r} (the model's {option} column); if it has another "
+                f"name here, pass {option} NAME{suggest(name, columns)} (columns: "
+                f"{', '.join(columns)})"
+            )
     check_columns(empty, [spec.roles.case, spec.roles.item, *extra_columns], where)
     user_labels = result.labels.get("users")
     if user_labels is not None and unseen == "zero" and spec.roles.user in empty.columns:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 import torch
 
@@ -25,6 +26,9 @@ from choicecli.output import write_parquet
 SCHEMA_VERSION = 1
 FIT_ID_KEY = "choice.fit_id"  # in the safetensors and Parquet metadata; "fit_id" in model.json
 Z_95 = 1.959963984540054
+LAMBDA_FLOOR = 1e-3  # the lower bound of lambda without --lambda-bounds (problem.py's default)
+# An estimate this close to a bound sits on it (the optimiser projects onto the bounds)
+BOUND_TOLERANCE = 1e-6
 COEFFICIENT_COLUMNS = {
     "level": pl.String,
     "term": pl.String,
@@ -41,6 +45,7 @@ COEFFICIENT_COLUMNS = {
     "ci_high": pl.Float64,
     "fixed": pl.Boolean,
     "identified": pl.Boolean,
+    "at_bound": pl.Boolean,
 }
 
 
@@ -62,33 +67,52 @@ class FitResult:
     fit_id: str = ""  # one random id per fit, in each of its files; set when first saved
 
     def coefficient_table(self) -> pl.DataFrame:
-        """One row per parameter; z and p test 0, except for lambda, where they test 1."""
+        """One row per parameter; z and p test 0, except for lambda, where they test 1.
+
+        p is two-sided, from the normal tail in log space, so it stays exact down to the
+        smallest float (about 5e-324) instead of underflowing to 0 near 1e-16 or 1e-300.
+        `at_bound` marks a free estimate that sits on a bound of the optimiser (lambda's
+        floor or --lambda-bounds): its standard error and test assume an interior optimum.
+        """
         estimate = self.estimate.double().cpu()  # (P,) NaN where not estimated
         spread = self.std_error.double().cpu()  # (P,) NaN where not available
         spread = torch.where(spread > 0, spread, torch.full_like(spread, math.nan))
-        null_value = torch.tensor([1.0 if p.term == "lambda" else 0.0 for p in self.parameters],
-                                  dtype=torch.float64)  # fmt: skip
-        z = (estimate - null_value) / spread
-        numbers = {
-            "estimate": estimate,
-            "std_error": spread,
-            "z_value": z,
-            "p_value": torch.special.erfc(z.abs() / math.sqrt(2.0)),
-            "ci_low": estimate - Z_95 * spread,
-            "ci_high": estimate + Z_95 * spread,
-        }
         columns = {
             name: [getattr(p, name) for p in self.parameters]
             for name in Parameter.__dataclass_fields__
         }
+        is_lambda = torch.from_numpy(np.asarray(columns["term"], dtype=object) == "lambda")  # (P,)
+        z = (estimate - is_lambda.double()) / spread  # lambda against 1, the others against 0
+        log_p = math.log(2.0) + torch.special.log_ndtr(-z.abs())  # (P,) log of 2 Phi(-|z|)
+        numbers = {
+            "estimate": estimate,
+            "std_error": spread,
+            "z_value": z,
+            "p_value": log_p.exp().clamp_max(1.0),
+            "ci_low": estimate - Z_95 * spread,
+            "ci_high": estimate + Z_95 * spread,
+        }
         columns.update({name: values.numpy() for name, values in numbers.items()})
         columns["identified"] = self.identified.cpu().numpy()
+        fixed = torch.from_numpy(np.asarray(columns["fixed"], dtype=bool))  # (P,)
+        columns["at_bound"] = self._at_bound(estimate, is_lambda & ~fixed).numpy()
         frame = pl.DataFrame(columns).with_columns(
             [pl.col(name).fill_nan(None) for name in numbers]
         )
         return frame.select(
             [pl.col(name).cast(dtype) for name, dtype in COEFFICIENT_COLUMNS.items()]
         )
+
+    def _at_bound(self, estimate: torch.Tensor, free_lambda: torch.Tensor) -> torch.Tensor:
+        """(P,) bool: free lambdas on their lower or upper bound; other terms have no bounds."""
+        bounds = self.spec.get("lambda_bounds") or [LAMBDA_FLOOR, math.inf]
+        on_bound = torch.zeros_like(free_lambda)  # (P,)
+        if self.spec.get("lambda_fixed"):
+            return on_bound
+        for bound in (float(bounds[0]), float(bounds[1])):
+            if math.isfinite(bound):
+                on_bound |= (estimate - bound).abs() <= BOUND_TOLERANCE * max(1.0, abs(bound))
+        return free_lambda & on_bound
 
     def model_document(self) -> dict[str, Any]:
         return {

@@ -97,7 +97,9 @@ def test_coef_formats_and_environment_variable(transport_model, tmp_path):
     model, _ = transport_model
     env = {"CHOICE_MODEL": str(model)}
     as_json = json.loads(invoke("coef", "time[constant]", "--format", "json", env=env).stdout)
-    assert as_json[0]["term"] == "time[constant]" and as_json[0]["estimate"] < 0
+    assert as_json["converged"] is True and isinstance(as_json["warnings"], list)
+    rows = as_json["coefficients"]
+    assert rows[0]["term"] == "time[constant]" and rows[0]["estimate"] < 0
     out = tmp_path / "users.parquet"
     assert invoke("coef", "cost[user]", "-o", str(out), env=env).exit_code == 0
     assert pl.read_parquet(out).height == 150

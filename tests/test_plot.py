@@ -176,7 +176,9 @@ def test_unknown_term(tmp_path: Path) -> None:
 
 
 def test_term_at_the_wrong_level(tmp_path: Path) -> None:
-    with pytest.raises(FormulaError, match=r"'price\[constant\]' is a term at level item"):
+    with pytest.raises(
+        FormulaError, match=r"'price\[constant\]'.*\(it is a term at --level item\)"
+    ):
         draw_coefficients(model(), "price[constant]", "nest", tmp_path / "x.png", title="t")
 
 
@@ -219,10 +221,13 @@ def test_shares(tmp_path: Path, observed: str) -> None:
 
 
 def test_long_title_is_shortened() -> None:
-    text = "choice ~ " + " + ".join(f"x{i}[item]" for i in range(40))
-    short = shorten(text)
-    assert len(short) == 80 and short.endswith("\u2026")
+    """A long formula is cut between terms, never inside one; short ones are kept whole."""
+    text = "choice ~ " + " + ".join(f"(x{i}|item)" for i in range(40))
+    short = shorten(text, 80)
+    assert len(short) <= 80 and short.endswith(" + \u2026")
+    assert short == "choice ~ " + " + ".join(f"(x{i}|item)" for i in range(5)) + " + \u2026"
     assert shorten("a  b") == "a b"
+    assert shorten("(a|item) + (b|item)", 80) == "(a|item) + (b|item)"
 
 
 def test_importing_is_cheap() -> None:
@@ -235,3 +240,85 @@ def test_importing_is_cheap() -> None:
     command = [sys.executable, "-c", code]
     result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     assert result.returncode == 0 and result.stdout.strip() == "False"
+
+
+def test_forest_panels_group_by_term_and_by_scale() -> None:
+    """Single coefficients share a panel while within a factor of 10; every term with several
+    coefficients gets its own panel (its own axis); lambda is drawn against 1."""
+    from choicecli.plot import _forest_panels, _forest_rows
+
+    rows = [
+        row("cost[constant]", -0.03), row("freq[constant]", 0.09), row("ovt[constant]", -0.04),
+        *item_rows("income[item]"),
+        row("big[constant]", -6.0),
+        row("lambda", 0.6, level="nest", variation="item", item="transit"),
+        row("lambda", 0.9, level="nest", variation="item", item="private"),
+    ]  # fmt: skip
+    panels = _forest_panels(_forest_rows(table(rows)))
+    assert [[r.label for r in panel.rows] for panel in panels] == [
+        ["cost[constant]", "freq[constant]", "ovt[constant]"],
+        ["bus", "car", "train", "walk"],
+        ["big[constant]"],
+        ["transit", "private"],
+    ]
+    assert [panel.title for panel in panels] == [
+        "",
+        "income[item], one per alternative (bus: base, fixed at 0)",
+        "",
+        "lambda, one per nest (1 = no nesting)",
+    ]
+    assert [panel.reference for panel in panels] == [0.0, 0.0, 0.0, 1.0]
+    assert [r.significant for r in panels[0].rows] == [False, False, False]  # p = 0.05
+
+
+def test_empty_title_draws_no_title_and_marks_show_significance_and_bounds(tmp_path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from choicecli.plot import _draw_forest, _forest_panels, _forest_rows
+
+    rows = [row("cost[constant]", -0.5), row("lambda", 1.0, level="nest", item="a")]
+    rows[0]["p_value"] = 1e-6
+    rows[1]["at_bound"] = True
+    panels = _forest_panels(_forest_rows(table(rows)))
+    assert panels[0].rows[0].significant and panels[1].rows[0].at_bound
+    figure = Figure()
+    FigureCanvasAgg(figure)
+    _draw_forest(figure, panels, "")
+    assert figure._suptitle is None
+    labels = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert labels == ["differs from 0 (1 for lambda) at p < 0.05", "95% confidence interval",
+                      "on a bound: interval does not hold"]  # fmt: skip
+    out = draw_coefficients(table(rows), None, "item", tmp_path / "f.png", title="")
+    check_png(out, (7.0, 3.5), 100)
+
+
+def test_one_coefficient_chart_is_compact(tmp_path) -> None:
+    out = draw_coefficients(model(), "price[constant]", "item", tmp_path / "p.png", title="t")
+    assert png_size(out) == (700, 260)  # 7 x 2.6 inches, not the 3.5 of a longer chart
+
+
+def test_shares_by_segment_get_a_panel_per_value() -> None:
+    from choicecli.plot import _segment_panels
+
+    frame = pl.DataFrame({
+        "urban": [1, 1, 0, 0, 0],
+        "item": ["car", "air", "car", "air", "bus"],
+        "predicted_share": [0.7, 0.3, 0.2, 0.5, 0.3],
+        "observed_share": [0.6, 0.4, 0.3, 0.4, 0.3],
+    })  # fmt: skip
+    items, panels, count = _segment_panels(frame, ["urban"])
+    assert items == ["bus", "air", "car"]  # mean predicted share 0.3, 0.4, 0.45
+    assert count == 2
+    assert [name for name, _, _ in panels] == ["urban = 0", "urban = 1"]
+    assert panels[1][1] == [None, 0.3, 0.7] and panels[1][2] == [None, 0.4, 0.6]
+
+
+def test_shares_by_many_segments_are_capped_and_counted(tmp_path) -> None:
+    from choicecli.plot import MAX_PANELS, _segment_panels
+
+    frame = pl.DataFrame({"segment": list(range(60)) * 2, "item": ["a"] * 60 + ["b"] * 60,
+                          "predicted_share": [0.4] * 60 + [0.6] * 60})  # fmt: skip
+    items, panels, count = _segment_panels(frame, ["segment"])
+    assert (items, count, len(panels)) == (["a", "b"], 60, MAX_PANELS)
+    assert panels[-1] == (f"segment = {MAX_PANELS - 1}", [0.4, 0.6], None)

@@ -84,3 +84,52 @@ def test_bad_dpi_is_a_usage_error(models, tmp_path):
     transport, _, _ = models
     result = invoke("plot", "-m", str(transport), "-o", str(tmp_path / "x.png"), "--dpi", "0")
     assert result.exit_code == 2 and "--dpi" in result.stderr
+
+
+def test_shares_by_segment_draw_one_panel_per_value(models, tmp_path):
+    """`predict --shares --by` then `plot --shares`: a panel per segment, not 3x the bars."""
+    import polars as pl
+
+    from choicecli.plot import _segment_panels
+
+    transport, _, _ = models
+    data, segmented = tmp_path / "regions.parquet", tmp_path / "by.csv"
+    frame = pl.read_parquet(SAMPLE_DATA / "transport.parquet")
+    frame.with_columns(region=pl.col("case_id") % 3).write_parquet(data)
+    predicted = invoke("predict", str(data), "-m", str(transport), "--shares", "--by", "region",
+                       "-o", str(segmented), "-q")  # fmt: skip
+    assert predicted.exit_code == 0, predicted.stderr
+    items, panels, count = _segment_panels(pl.read_csv(segmented), ["region"])
+    assert count == 3 and len(items) == 5
+    assert [name for name, _, _ in panels] == ["region = 0", "region = 1", "region = 2"]
+    out = tmp_path / "by.png"
+    drawn = invoke("plot", "--shares", str(segmented), "-o", str(out), "--dpi", "40")
+    assert drawn.exit_code == 0, drawn.stderr
+    single = tmp_path / "one.png"
+    assert (
+        invoke("plot", "--shares", str(models[2]), "-o", str(single), "--dpi", "40").exit_code == 0
+    )
+    assert png_size(out)[1] > png_size(single)[1]  # panels, taller than one bar chart
+
+
+def test_empty_title_and_quiet(models, tmp_path):
+    transport, _, _ = models
+    titled, untitled = tmp_path / "a.png", tmp_path / "b.png"
+    assert invoke("plot", "-m", str(transport), "-o", str(titled), "-q").exit_code == 0
+    done = invoke("plot", "-m", str(transport), "-o", str(untitled), "--title", "", "-q")
+    assert done.exit_code == 0 and done.stderr == ""
+    assert titled.read_bytes() != untitled.read_bytes()
+
+
+def test_level_without_a_term_draws_that_level_only(models, tmp_path):
+    transport, nested, _ = models
+    out = tmp_path / "nest.png"
+    done = invoke("plot", "--level", "nest", "-m", str(nested), "-o", str(out), "-q")
+    assert done.exit_code == 0, done.stderr
+    every = tmp_path / "every.png"
+    assert invoke("plot", "-m", str(nested), "-o", str(every), "-q").exit_code == 0
+    assert png_size(out)[1] < png_size(every)[1]  # the lambdas alone
+    refused = invoke("plot", "--level", "nest", "-m", str(transport), "-o", str(tmp_path / "x.png"))
+    assert refused.exit_code == 1
+    assert "this model is a conditional logit: it has no nest level" in refused.stderr
+    assert not (tmp_path / "x.png").exists()
