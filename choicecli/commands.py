@@ -423,7 +423,7 @@ def _is_table(fmt: str | None, output: str) -> bool:
     from choicecli.output import output_format
 
     if fmt is None and output == "-":
-        return sys.stdout.isatty()
+        return sys.stdout is not None and sys.stdout.isatty()
     return output_format(output, fmt, "csv") == "table"
 
 
@@ -455,20 +455,28 @@ def _say_notes(notes: list[str], fmt: str | None, output: str, console: Console)
 
 
 def run_summary(model: Path, fmt: str | None, output: str) -> None:
-    """The fit summary again, from the saved model: what `fit` printed, or one row of
-    statistics in csv, json or parquet."""
-    from rich.console import Group
+    """The fit summary again, from the saved model: what `fit` printed (warnings first), or one
+    row of statistics in csv, json or parquet."""
     from rich.text import Text
 
     from choicecli.describe import fit_statistics_frame
     from choicecli.loader import load_result
+    from choicecli.output import check_destination, write_text
     from choicecli.report import fit_summary
 
+    check_destination(output)
     result = load_result(model)
+    if not _is_table(fmt, output):
+        metadata = {"choice.formula": result.spec["formula"]}
+        _emit(fit_statistics_frame(result), None, fmt, output, metadata)
+        return
     warnings = [Text(f"Warning: {warning}", style="yellow") for warning in result.warnings]
-    renderable = Group(*warnings, fit_summary(result))
-    metadata = {"choice.formula": result.spec["formula"]}
-    _emit(fit_statistics_frame(result), renderable, fmt, output, metadata)
+    if output == "-":
+        screen = plain_console()
+        print_lines(screen, warnings + fit_summary(result, console_width(screen)))
+        return
+    lines = warnings + fit_summary(result)  # a file: plain text, no width limit
+    write_text(output, "\n".join(line.plain for line in lines) + "\n")
 
 
 def run_describe(term: str | None, level: str, model: Path, fmt: str | None, output: str) -> None:

@@ -528,10 +528,10 @@ def test_effect_errors_agree_with_a_parametric_bootstrap(mode_canada_models, mod
 
 @pytest.fixture(scope="module")
 def hc_nested(tmp_path_factory):
-    from conftest import HC_FORMULA, shared_file
+    from conftest import HC_FORMULA, reference_file
 
     model = tmp_path_factory.mktemp("hc") / "model"
-    data = shared_file("HC.csv")
+    data = reference_file("HC.csv")
     fit(data, model, HC_FORMULA, *HC_ROLES, "--nests", HC_NESTS)
     return data, model
 

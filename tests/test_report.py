@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from choicecli.cli import app
 from choicecli.design import Parameter
+from choicecli.loader import load_result
 from choicecli.report import (
     coefficient_lines,
     estimate_warnings,
@@ -26,8 +27,8 @@ from choicecli.report import (
     plural,
     text_width,
 )
-from choicecli.results import FitResult, load_result
-from conftest import CHOICE_EXECUTABLE, HC_FORMULA, MODE_CANADA_FORMULA, SAMPLE_DATA, shared_file
+from choicecli.results import FitResult
+from conftest import CHOICE_EXECUTABLE, HC_FORMULA, MODE_CANADA_FORMULA, SAMPLE_DATA, reference_file
 
 MODE_CANADA = ["--case", "case", "--item", "alt", "--choice", "choice"]
 HC = ["--case", "idx.id1", "--item", "idx.id2", "--choice", "depvar"]
@@ -62,7 +63,8 @@ def mode_canada(mode_canada_parquet, tmp_path_factory) -> Path:
 def hc_at_bound(tmp_path_factory) -> tuple[Path, str]:
     """HC's shared lambda (0.586 free) held under an upper bound of 0.5: it sits there."""
     model = tmp_path_factory.mktemp("report") / "hc"
-    fitted = invoke("fit", str(shared_file("HC.csv")), "-f", HC_FORMULA, *HC, "--nests", HC_NESTS,
+    data = str(reference_file("HC.csv"))
+    fitted = invoke("fit", data, "-f", HC_FORMULA, *HC, "--nests", HC_NESTS,
                     "--shared-lambda", "--lambda-bounds", "0.01,0.5", "-m", str(model),
                     env={"COLUMNS": "200"})  # fmt: skip
     assert fitted.exit_code == 0, fitted.stderr
@@ -578,7 +580,7 @@ def test_many_flagged_estimates_are_named_up_to_ten_then_counted():
 def test_summary_through_the_cli_puts_lambdas_first_and_names_collapsed_terms(tmp_path):
     """Finding 2 and 11: lambdas were hidden below the alternative intercepts, and user terms
     were '862 user-specific coefficients' with no term named."""
-    done = invoke("fit", str(shared_file("HC.csv")), *HC, "-f", "(1|item) + (ich|constant)",
+    done = invoke("fit", str(reference_file("HC.csv")), *HC, "-f", "(1|item) + (ich|constant)",
                   "--nests", HC_NESTS, "-m", str(tmp_path / "hc"),
                   env={"COLUMNS": "100"})  # fmt: skip
     assert done.exit_code == 0, done.stderr
