@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from choicecli.arrowhead import MIN_GROUPED_PARAMETERS, factor_arrowhead
+from choicecli.arrowhead import MIN_GROUPED_PARAMETERS, factor_arrowhead, split_arrowhead
 from choicecli.models.protocol import Model
 
 # Newton needs a Hessian per step. Where the model computes it by automatic differentiation
@@ -235,11 +235,16 @@ def _newton_direction(
     """Solve (-H) d = g; by blocks where `groups` gives per-user coefficients, else densely,
     adding a growing ridge where -H is not positive definite."""
     information = -hessian
-    if groups is not None and (factor := factor_arrowhead(information, groups)) is not None:
-        return factor.solve(gradient)
     scale = float(information.diagonal().abs().max().clamp_min(1e-12))
+    parts = None if groups is None else split_arrowhead(information, groups)
     ridge = 0.0
     for _ in range(30):
+        if parts is not None:  # by blocks, the ridge on every block's diagonal
+            factor = parts.factor(ridge)
+            if factor is not None:
+                return factor.solve(gradient)
+            ridge = scale * 1e-10 if ridge == 0.0 else ridge * 10.0
+            continue
         ridged = information
         if ridge:
             ridged = information.clone()

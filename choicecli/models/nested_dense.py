@@ -160,9 +160,10 @@ class DenseNestedLogit(NestedLogit):
         if self._columns is None:
             self._columns = compact_columns(self.item_store, self.nest_store, self.lambda_index)
         columns, n_items = self._columns, self.n_items
-        sums = CompactHessian(columns, theta)
-        pairs = n_items + 2 * self.n_nests + 3
-        step = max(16, (1 << 20) // (pairs * columns.n_columns))
+        sums = CompactHessian(columns, self.nest_of_item, theta)
+        row_width = self.item_store.n_features + 1
+        per_case = 2 * (2 * self.n_nests + 3) * columns.n_columns + n_items * row_width**2
+        step = max(16, (1 << 20) // per_case)
         nest_store = self.nest_store
         for first in range(0, self.n_cases, step):
             cases = slice(first, min(first + step, self.n_cases))
@@ -171,8 +172,9 @@ class DenseNestedLogit(NestedLogit):
             if nest_store.n_features:
                 slots = slice(cases.start * n_items, cases.stop * n_items)
                 nest_values = nest_store.columns[:, slots].T.view(block.rows.shape[0], n_items, -1)
-            left, right = case_pairs(block, columns, self.nest_of_item, nest_values)
+            lower, left, right = case_pairs(block, columns, self.nest_of_item, nest_values)
             users = None if self.user_of_case is None else self.user_of_case[cases]
+            sums.add_rows(lower, block.rho, users)
             sums.add(left, right, users)
         return sums.hessian(self.n_parameters)
 

@@ -109,13 +109,29 @@ def _n_users(blocks) -> int:
 class CompactHessian:
     """Accumulates the Hessian block of cases by block of cases (see the module docstring)."""
 
-    def __init__(self, columns: CompactColumns, like: torch.Tensor) -> None:
+    def __init__(self, columns: CompactColumns, nest_of_item: torch.Tensor, like: torch.Tensor):
         self.columns = columns
         n_shared, n_own = int(columns.shared.shape[0]), int(columns.own.shape[0])
+        n_users = int(columns.parameter.shape[0])
         options = {"dtype": like.dtype, "device": like.device}
         self.shared_sum = torch.zeros(n_shared, n_shared, **options)  # (Qs, Qs)
-        n_users = columns.parameter.shape[0] if n_own else 0
-        self.own_sums = torch.zeros(n_users, n_own, columns.n_columns, **options)  # (U', Qu, Q)
+        self.own_sums = torch.zeros(n_users if n_own else 0, n_own, columns.n_columns, **options)
+        # the rows' part: each alternative's values and -s (its nest's lambda), per user
+        self.row_parameter = columns.parameter[
+            :, torch.cat([columns.item_column, columns.lambda_column[nest_of_item][:, None]], 1)
+        ]  # (U', J, F+1)
+        n_items, width = self.row_parameter.shape[1:]
+        self.row_sums = torch.zeros(n_users, n_items, width, width, **options)  # (U', J, F+1, F+1)
+
+    def add_rows(self, lower: torch.Tensor, rho: torch.Tensor, users: torch.Tensor | None):
+        """Add sum over cases of rho_j Z_j Z_j' in value-column space. (C, J, F+1), (C, J)"""
+        if users is None:
+            self.row_sums[0] += torch.einsum("cjf,cjg->jfg", lower * rho[:, :, None], lower)
+            return
+        products = (lower * rho[:, :, None])[:, :, :, None] * lower[
+            :, :, None, :
+        ]  # (C, J, F+1, F+1)
+        self.row_sums.index_add_(0, users, products)
 
     def add(self, left: torch.Tensor, right: torch.Tensor, users: torch.Tensor | None) -> None:
         """Add sum over cases and pairs of left right'. (C, r, Q) x 2, users (C,)"""
@@ -133,14 +149,17 @@ class CompactHessian:
         shared = columns.parameter[0, columns.shared]  # (Qs,)
         hessian = self.shared_sum.new_zeros(n_parameters, n_parameters)
         hessian.index_put_((shared[:, None], shared[None, :]), self.shared_sum, accumulate=True)
+        rows = self.row_parameter  # (U', J, F+1)
+        hessian.index_put_((rows[..., :, None], rows[..., None, :]), self.row_sums,
+                           accumulate=True)  # fmt: skip
         if columns.own.numel():
-            rows = columns.parameter[:, columns.own]  # (U', Qu)
+            own = columns.parameter[:, columns.own]  # (U', Qu)
             every = columns.parameter  # (U', Q)
-            hessian.index_put_((rows[:, :, None], every[:, None, :]), self.own_sums,
+            hessian.index_put_((own[:, :, None], every[:, None, :]), self.own_sums,
                                accumulate=True)  # fmt: skip
             shared_per_user = every[:, columns.shared]  # (U', Qs)
             hessian.index_put_(
-                (shared_per_user[:, :, None], rows[:, None, :]),
+                (shared_per_user[:, :, None], own[:, None, :]),
                 self.own_sums[:, :, columns.shared].transpose(1, 2),
                 accumulate=True,
             )
@@ -152,34 +171,37 @@ def case_pairs(
     columns: CompactColumns,
     nest_of_item: torch.Tensor,  # (J,)
     nest_values: torch.Tensor | None,  # (C, J, Fn) the nest store's values; None: no columns
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pairs (L_r, R_r) of a block of cases whose sum of L_r R_r' is their Hessian:
-    rho_j Z_j Z_j', pi_m Zbar_m Zbar_m', -w P_m G_m G_m', w Gbar Gbar' and the chosen nest's
-    lambda terms -(a e' + e a') w / l^2 + 2 w (s_i - A_k) / l^2 e e' (see nested_dense.py).
-    ((C, r, Q), (C, r, Q)) with r = J + 2M + 3."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A block of cases' Z_j = (values, -s_j) in value-column space (C, J, F+1) for the rows'
+    part sum_j rho_j Z_j Z_j', and pairs (L_r, R_r) whose sum of L_r R_r' is the rest:
+    pi_m Zbar_m Zbar_m', -w P_m G_m G_m', w Gbar Gbar' and the chosen nest's lambda terms
+    -(a e' + e a') w / l^2 + 2 w (s_i - A_k) / l^2 e e' (see nested_dense.py).
+    ((C, J, F+1), (C, r, Q), (C, r, Q)) with r = 2M + 3."""
     scaled, within, share = block.scaled, block.within, block.share
     n_cases, n_items = scaled.shape
     n_nests, n_columns = share.shape[1], columns.n_columns
     rows = block.rows
     values = block.values  # (C, J, F)
-    lower = values.new_zeros(n_cases, n_items, n_columns)  # (C, J, Q) dV_j
-    lower.scatter_add_(2, columns.item_column.expand(n_cases, -1, -1), values)
-    nests = torch.arange(n_nests, device=scaled.device)
-    members = (nest_of_item[None, :] == nests[:, None]).to(scaled.dtype)  # (M, J)
-    weighted_members = within[:, None, :] * members  # (C, M, J) q_j [j in m]
-    expected = torch.bmm(weighted_members, lower)  # (C, M, Q) sum_{j in m} q_j dV_j
+    item_column = columns.item_column  # (J, F)
+    # sum_{j in m} q_j dV_j in compact columns: column (m, item_column[j, f]) of an (M, Q) grid
+    nest_offset = (nest_of_item * n_columns)[:, None]  # (J, 1)
+    spread = (nest_offset + item_column).reshape(1, -1).expand(n_cases, -1)  # (C, J F)
+    weighted = (within[:, :, None] * values).reshape(n_cases, -1)  # (C, J F)
+    expected = values.new_zeros(n_cases, n_nests * n_columns).scatter_add_(1, spread, weighted)
+    expected = expected.view(n_cases, n_nests, n_columns)  # (C, M, Q)
     chosen_nest = block.chosen_nest
-    chosen_part = lower[rows, block.item] - expected[rows, chosen_nest]  # (C, Q) a
+    chosen_part = -expected[rows, chosen_nest]  # (C, Q) a = dV_i - sum_{j in k} q_j dV_j
+    chosen_part.scatter_add_(1, item_column[block.item], values[rows, block.item])
+    lower = torch.cat([values, -scaled[:, :, None]], dim=2)  # (C, J, F+1) Z_j
     lambda_column = columns.lambda_column
-    items = torch.arange(n_items, device=scaled.device)
-    lower[:, items, lambda_column[nest_of_item]] -= scaled  # Z_j = dV_j - s_j dlambda
+    nests = torch.arange(n_nests, device=scaled.device)
     expected[:, nests, lambda_column] -= block.mean_scaled  # Zbar_m
     upper = expected.clone()  # G_m = dW_m + Zbar_m + I_m dlambda_m
     upper[:, nests, lambda_column] += block.inclusive
     if nest_values is not None:  # W_m: constant in a nest, so its q-weighted mean there
-        nest_rows = values.new_zeros(n_cases, n_items, n_columns)  # (C, J, Q)
-        nest_rows.scatter_add_(2, columns.nest_column.expand(n_cases, -1, -1), nest_values)
-        upper += torch.bmm(weighted_members, nest_rows)
+        nest_spread = (nest_offset + columns.nest_column).reshape(1, -1).expand(n_cases, -1)
+        nest_weighted = (within[:, :, None] * nest_values).reshape(n_cases, -1)  # (C, J Fn)
+        upper.view(n_cases, -1).scatter_add_(1, nest_spread, nest_weighted)
     mean_upper = torch.bmm(share[:, None, :], upper)  # (C, 1, Q) Gbar
     own_lambda = torch.zeros_like(chosen_part)  # (C, Q) e: the chosen nest's lambda
     own_lambda[rows, lambda_column[chosen_nest]] = 1.0
@@ -187,12 +209,9 @@ def case_pairs(
     own = own / block.chosen_lambda**2  # (C,) half of e e''s coefficient
     cross = block.chosen_scale[:, None] * chosen_part + own[:, None] * own_lambda  # (C, Q)
     weight = block.weight  # (C, 1)
-    left = torch.cat(
-        [lower, expected, upper, mean_upper, own_lambda[:, None], cross[:, None]], dim=1
-    )  # (C, r, Q)
+    left = torch.cat([expected, upper, mean_upper, own_lambda[:, None], cross[:, None]], dim=1)
     right = torch.cat(
         [
-            block.rho[:, :, None] * lower,
             block.pi[:, :, None] * expected,
             -(weight * share)[:, :, None] * upper,
             weight[:, :, None] * mean_upper,
@@ -201,4 +220,4 @@ def case_pairs(
         ],
         dim=1,
     )  # (C, r, Q)
-    return left, right
+    return lower, left, right
