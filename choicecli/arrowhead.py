@@ -80,9 +80,11 @@ class ArrowheadBlocks:
     corner: torch.Tensor  # (d, d) the shared coefficients' block C
     size: int
 
-    def factor(self, ridge: float = 0.0) -> ArrowheadFactor | None:
+    def factor(self, ridge: float = 0.0, absolute: bool = False) -> ArrowheadFactor | None:
         """The factor of the matrix plus `ridge` on its diagonal; None where that is not
-        positive definite."""
+        positive definite. absolute: the shared coefficients' Schur complement with its
+        eigenvalues made positive (|e|, at least 1e-8 of the largest), as a saddle-free
+        Newton step takes it, where the users' blocks are positive definite."""
         blocks, corner = self.blocks, self.corner
         if ridge:
             present = (self.grouped >= 0).to(blocks.dtype)  # (U, k)
@@ -94,6 +96,10 @@ class ArrowheadBlocks:
             return None
         solved_border = torch.cholesky_solve(self.border, block_factor)  # (U, k, d)
         schur = corner - torch.einsum("ukd,uke->de", self.border, solved_border)  # (d, d)
+        if absolute:
+            values, vectors = torch.linalg.eigh(schur)  # (d,), (d, d)
+            values = values.abs().clamp_min(1e-8 * float(values.abs().max()))
+            schur = (vectors * values) @ vectors.T
         schur_factor, info = torch.linalg.cholesky_ex(schur)
         if int(info) != 0:
             return None

@@ -240,7 +240,7 @@ def _newton_direction(
     ridge = 0.0
     for _ in range(30):
         if parts is not None:  # by blocks, the ridge on every block's diagonal
-            factor = parts.factor(ridge)
+            factor = parts.factor(ridge) or (parts.factor(absolute=True) if not ridge else None)
             if factor is not None:
                 return factor.solve(gradient)
             ridge = scale * 1e-10 if ridge == 0.0 else ridge * 10.0

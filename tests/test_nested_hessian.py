@@ -4,6 +4,7 @@ dense path with autograd's Hessian."""
 
 from __future__ import annotations
 
+import functools
 import subprocess
 
 import polars as pl
@@ -144,6 +145,7 @@ def test_compact_hessian_equals_the_per_parameter_one_without_user_terms(nest_fo
     assert relative_error(compact, model.hessian(theta)) <= 1e-12
 
 
+@functools.cache
 def fitted_hessian(n_users: int = 40):
     """A nested model's Hessian (free parameters) at its optimum and their user groups."""
     frame = simulated_nested_frame(n_cases=800, n_users=n_users, seed=21)
@@ -152,7 +154,7 @@ def fitted_hessian(n_users: int = 40):
     model = problem.model(torch.device("cpu"))
     theta = torch.nan_to_num(result.estimate, nan=0.0)
     groups = fit_module._user_groups(problem, torch.device("cpu"))[free]
-    return model.hessian(theta)[free][:, free], groups
+    return model.hessian(theta)[free][:, free], groups  # (P, P), (P,)
 
 
 def nested_spec(**options) -> ModelSpec:
@@ -174,12 +176,39 @@ def test_block_newton_step_and_covariance_equal_the_dense_ones():
     assert relative_error(block_covariance, dense_covariance) <= 1e-9
 
 
-def test_block_newton_step_with_a_ridge_equals_the_dense_one():
-    """Where -H is not positive definite both add the same growing ridge."""
+def test_block_newton_step_away_from_concavity_is_saddle_free_in_the_shared_part():
+    """Where -H is not positive definite in the shared coefficients (lambdas, far from the
+    optimum) but every user's block is, the step by blocks takes the shared coefficients'
+    Schur complement with its eigenvalues made positive: computed densely here."""
     hessian, groups = fitted_hessian()
     lambdas = (groups < 0).nonzero().flatten()[-3:]  # the last shared ones: the lambdas
     hessian = hessian.clone()
     hessian[lambdas, lambdas] = -hessian[lambdas, lambdas]  # indefinite
+    gradient = random_theta(hessian.shape[0], seed=4)
+    by_blocks = _newton_direction(gradient, hessian, groups)
+    information = -hessian
+    own, shared = (groups >= 0).nonzero().flatten(), (groups < 0).nonzero().flatten()
+    blocks = information[own][:, own]
+    border = information[own][:, shared]
+    schur = information[shared][:, shared] - border.T @ torch.linalg.solve(blocks, border)
+    values, vectors = torch.linalg.eigh(schur)
+    assert float(values.min()) < 0  # not positive definite
+    absolute = (vectors * values.abs().clamp_min(1e-8 * float(values.abs().max()))) @ vectors.T
+    modified = information.clone()
+    modified[shared[:, None], shared[None, :]] = absolute + border.T @ torch.linalg.solve(
+        blocks, border
+    )
+    dense = torch.linalg.solve(modified, gradient)
+    assert relative_error(by_blocks, dense) <= 1e-9
+    assert float(gradient @ by_blocks) > 0  # an ascent direction
+
+
+def test_block_newton_step_with_a_ridge_equals_the_dense_one():
+    """Where a user's block is not positive definite both add the same growing ridge."""
+    hessian, groups = fitted_hessian()
+    first_user = (groups == 0).nonzero().flatten()
+    hessian = hessian.clone()
+    hessian[first_user, first_user] = -hessian[first_user, first_user]  # indefinite
     gradient = random_theta(hessian.shape[0], seed=4)
     by_blocks = _newton_direction(gradient, hessian, groups)
     dense = _newton_direction(gradient, hessian, None)
