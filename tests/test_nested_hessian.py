@@ -13,7 +13,7 @@ import torch
 
 import choicecli.fit as fit_module
 from choicecli.data import Roles
-from choicecli.estimate import _newton_direction, covariance
+from choicecli.estimate import EstimateOptions, _newton_direction, covariance
 from choicecli.fit import FitOptions, fit_model
 from choicecli.models import DenseNestedLogit, RaggedNestedLogit
 from choicecli.problem import ModelSpec
@@ -252,3 +252,36 @@ def test_tutorial_shaped_nested_fit_through_the_cli_equals_the_dense_autograd_pa
     spread = torch.tensor(table.filter(estimated).get_column("std_error").to_list())
     dense_spread = torch.tensor(expected.filter(estimated).get_column("std_error").to_list())
     assert torch.allclose(spread, dense_spread, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("spec_options", "l2_penalty"),
+    [
+        ({"shared_lambda": True}, 0.0),
+        ({"lambda_bounds": (0.01, 0.6)}, 0.0),  # the upper bound holds some lambdas
+        ({"lambda_fixed": True, "lambda_init": 0.7}, 0.0),
+        ({}, 0.5),
+    ],
+)
+def test_nested_variants_with_user_terms_equal_the_dense_autograd_path(
+    spec_options, l2_penalty, monkeypatch
+):
+    """Shared lambda, lambda bounds, fixed lambda and L2 on the analytic path by blocks: the
+    same estimates as Newton with autograd's Hessian and dense solves."""
+    frame = simulated_nested_frame(n_cases=400, n_users=25, missing=0.1, seed=17)
+    options = FitOptions(device="cpu", estimate=EstimateOptions(l2_penalty=l2_penalty))
+    by_blocks, _ = fit_model(frame, nested_spec(**spec_options), options, where="test")
+    monkeypatch.setattr(fit_module, "_user_groups", lambda problem, device: None)
+    monkeypatch.setattr(
+        DenseNestedLogit, "hessian", lambda self, t: torch.func.hessian(self.log_likelihood)(t)
+    )
+    dense, _ = fit_model(frame, nested_spec(**spec_options), options, where="test")
+    assert by_blocks.fit["converged"] and dense.fit["converged"]
+    assert torch.equal(by_blocks.identified, dense.identified)
+    estimated = by_blocks.identified
+    assert torch.allclose(by_blocks.estimate[estimated], dense.estimate[estimated], atol=1e-6)
+    lambdas = by_blocks.estimate[-3:]
+    if "lambda_bounds" in spec_options:
+        assert float(lambdas.max()) == pytest.approx(0.6, abs=1e-12)
+    if spec_options.get("lambda_fixed"):
+        assert torch.equal(lambdas, torch.full_like(lambdas, 0.7))

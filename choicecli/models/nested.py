@@ -6,8 +6,10 @@ I_k = log sum_{j in k} exp(Y_j / l_k), P(k) = exp(W_k + l_k I_k) / sum_m exp(W_m
 
 Notation: R rows, N cases, J alternatives, M nests, P parameters of the full layout.
 Nearly full choice sets: `DenseNestedLogit` (nested_dense.py: (N, J) grids, analytic
-gradient and Hessian up to ANALYTIC_NESTED_LIMIT parameters). Sparse ones:
-`RaggedNestedLogit` (nested_ragged.py: segment sums over rows, derivatives by autograd).
+gradient and Hessian at any parameter count; with per-user terms or many parameters the
+Hessian is summed case by case in compact columns, nested_hessian.py, block-arrowhead by
+user). Sparse ones: `RaggedNestedLogit` (nested_ragged.py: segment sums over rows, gradient
+by autograd, the Hessian the dense strategy's on a grid made for it while that fits).
 """
 
 from __future__ import annotations
