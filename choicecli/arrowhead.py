@@ -69,6 +69,46 @@ class ArrowheadFactor:
         return result
 
 
+@dataclass
+class ArrowheadBlocks:
+    """An information matrix of block-arrowhead form, split into its parts (not factored)."""
+
+    grouped: torch.Tensor  # (U, k) parameter positions of each user's coefficients, -1: padding
+    shared: torch.Tensor  # (d,) positions of the coefficients no user owns
+    blocks: torch.Tensor  # (U, k, k) each user's block, identity on padding
+    border: torch.Tensor  # (U, k, d) each user's block of the border B
+    corner: torch.Tensor  # (d, d) the shared coefficients' block C
+    size: int
+
+    def factor(self, ridge: float = 0.0, absolute: bool = False) -> ArrowheadFactor | None:
+        """The factor of the matrix plus `ridge` on its diagonal; None where that is not
+        positive definite. absolute: the shared coefficients' Schur complement with its
+        eigenvalues made positive (|e|, at least 1e-8 of the largest), as a saddle-free
+        Newton step takes it, where the users' blocks are positive definite."""
+        blocks, corner = self.blocks, self.corner
+        if ridge:
+            present = (self.grouped >= 0).to(blocks.dtype)  # (U, k)
+            blocks = blocks + torch.diag_embed(ridge * present)
+            corner = corner + ridge * torch.eye(corner.shape[0], dtype=corner.dtype,
+                                                device=corner.device)  # fmt: skip
+        block_factor, info = torch.linalg.cholesky_ex(blocks)  # (U, k, k)
+        if bool((info != 0).any()):
+            return None
+        solved_border = torch.cholesky_solve(self.border, block_factor)  # (U, k, d)
+        schur = corner - torch.einsum("ukd,uke->de", self.border, solved_border)  # (d, d)
+        if absolute:
+            values, vectors = torch.linalg.eigh(schur)  # (d,), (d, d)
+            values = values.abs().clamp_min(1e-8 * float(values.abs().max()))
+            schur = (vectors * values) @ vectors.T
+        schur_factor, info = torch.linalg.cholesky_ex(schur)
+        if int(info) != 0:
+            return None
+        return ArrowheadFactor(
+            self.grouped, self.shared, block_factor, self.border, solved_border, schur_factor,
+            self.size,
+        )  # fmt: skip
+
+
 def factor_arrowhead(information: torch.Tensor, groups: torch.Tensor) -> ArrowheadFactor | None:
     """Factor a (P, P) information matrix whose parameters with the same `groups` (P,) id
     (>= 0: a user; -1: shared) meet only each other and the shared ones.
@@ -76,6 +116,13 @@ def factor_arrowhead(information: torch.Tensor, groups: torch.Tensor) -> Arrowhe
     None where that does not pay (few grouped parameters), where the matrix is not of that
     form, or where it is not positive definite (the dense path then adds its ridge).
     """
+    parts = split_arrowhead(information, groups)
+    return None if parts is None else parts.factor()
+
+
+def split_arrowhead(information: torch.Tensor, groups: torch.Tensor) -> ArrowheadBlocks | None:
+    """The parts of a (P, P) information matrix of block-arrowhead form by `groups` (P,)
+    (see factor_arrowhead); None where that does not pay or the matrix is not of that form."""
     size = information.shape[0]
     owned = groups >= 0  # (P,)
     if int(owned.sum()) < MIN_GROUPED_PARAMETERS:
@@ -103,12 +150,5 @@ def factor_arrowhead(information: torch.Tensor, groups: torch.Tensor) -> Arrowhe
     ):
         return None  # two users' coefficients meet: not of this form
     blocks.diagonal(dim1=1, dim2=2).add_((~present).to(blocks.dtype))  # padding: identity
-    block_factor, info = torch.linalg.cholesky_ex(blocks)
-    if bool((info != 0).any()):
-        return None
-    solved_border = torch.cholesky_solve(border, block_factor)  # (U, k, d)
-    schur = information[shared][:, shared] - torch.einsum("ukd,uke->de", border, solved_border)
-    schur_factor, info = torch.linalg.cholesky_ex(schur)  # (d, d)
-    if int(info) != 0:
-        return None
-    return ArrowheadFactor(grouped, shared, block_factor, border, solved_border, schur_factor, size)
+    corner = information[shared][:, shared]  # (d, d)
+    return ArrowheadBlocks(grouped, shared, blocks, border, corner, size)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from choicecli.arrowhead import factor_arrowhead
+from choicecli.arrowhead import MIN_GROUPED_PARAMETERS, factor_arrowhead, split_arrowhead
 from choicecli.models.protocol import Model
 
 # Newton needs a Hessian per step. Where the model computes it by automatic differentiation
@@ -36,6 +36,11 @@ WARM_START_TOLERANCE = 0.5
 # Hessian: a step of d standard errors moves the Hessian, and the standard errors, by about
 # d / sqrt(cases) relative, so they stay within about 1e-7 of the optimum's
 STALE_HESSIAN_DECREMENT = 1e-7
+
+# with per-user coefficients Newton factors the shared ones and one user's at a time
+# (arrowhead.py), so `max_newton_parameters` bounds those; the (P, P) Hessian is still held,
+# up to this many parameters (800 MB)
+ARROWHEAD_NEWTON_PARAMETERS = 10_000
 
 
 @dataclass(frozen=True)
@@ -125,8 +130,9 @@ def maximise(
     warm_start: Newton starts from a fit on every 10th case (decided by `warm_start_applies`).
     """
     method = options.method
+    size = newton_size(theta.numel(), objective.groups)
     if method == "auto":
-        method = "newton" if theta.numel() <= newton_limit(objective.model, options) else "lbfgs"
+        method = "newton" if size <= newton_limit(objective.model, options) else "lbfgs"
     started = time.perf_counter()
     if method == "newton":
         start, first_hessian = theta, None
@@ -138,7 +144,7 @@ def maximise(
             outcome.method = "newton from a 1-in-10 subsample fit"
     else:
         outcome = _lbfgs(objective, theta, options, lower, upper, progress)
-        if theta.numel() <= options.max_newton_parameters:
+        if size <= options.max_newton_parameters:
             # polish with Newton: its Hessian is needed for standard errors anyway, and the
             # Newton decrement is a scale-free convergence test
             polished = _newton(objective, outcome.theta, options, lower, upper, progress)
@@ -158,6 +164,17 @@ def newton_limit(model: Model, options: EstimateOptions) -> int:
     if analytic is None:
         return options.max_newton_parameters
     return min(options.max_newton_parameters, analytic)
+
+
+def newton_size(n_free: int, groups: torch.Tensor | None) -> int:
+    """The parameters a Newton step factors densely: all n_free, or where `groups` (n_free,)
+    gives per-user coefficients (arrowhead.py), the shared ones and the most of one user's."""
+    if groups is None or n_free > ARROWHEAD_NEWTON_PARAMETERS:
+        return n_free
+    owned = groups[groups >= 0]  # (S,)
+    if owned.numel() < MIN_GROUPED_PARAMETERS:
+        return n_free
+    return n_free - int(owned.numel()) + int(torch.bincount(owned).max())
 
 
 def warm_start_applies(model: Model, n_parameters: int) -> bool:
@@ -218,11 +235,16 @@ def _newton_direction(
     """Solve (-H) d = g; by blocks where `groups` gives per-user coefficients, else densely,
     adding a growing ridge where -H is not positive definite."""
     information = -hessian
-    if groups is not None and (factor := factor_arrowhead(information, groups)) is not None:
-        return factor.solve(gradient)
     scale = float(information.diagonal().abs().max().clamp_min(1e-12))
+    parts = None if groups is None else split_arrowhead(information, groups)
     ridge = 0.0
     for _ in range(30):
+        if parts is not None:  # by blocks, the ridge on every block's diagonal
+            factor = parts.factor(ridge) or (parts.factor(absolute=True) if not ridge else None)
+            if factor is not None:
+                return factor.solve(gradient)
+            ridge = scale * 1e-10 if ridge == 0.0 else ridge * 10.0
+            continue
         ridged = information
         if ridge:
             ridged = information.clone()

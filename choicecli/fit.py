@@ -18,6 +18,7 @@ from choicecli.estimate import (
     Outcome,
     covariance,
     maximise,
+    newton_size,
     warm_start_applies,
 )
 from choicecli.identify import data_reasons, separating_terms, unidentified_parameters
@@ -168,7 +169,7 @@ def _standard_errors(
     limit = options.estimate.max_newton_parameters
     if not options.standard_errors:
         return std_error, cov
-    if free.numel() > limit:
+    if newton_size(free.numel(), objective.groups) > limit:
         warnings.append(
             f"standard errors skipped: {free.numel()} parameters are too many for a dense "
             f"Hessian (limit {limit})"

@@ -118,6 +118,7 @@ class Problem:
             data.n_cases,
             chosen,
             weights,
+            data.user_of_case.to(**to) if data.user_of_case is not None else None,
         )
         return nested_logit(rows)
 

@@ -6,8 +6,10 @@ I_k = log sum_{j in k} exp(Y_j / l_k), P(k) = exp(W_k + l_k I_k) / sum_m exp(W_m
 
 Notation: R rows, N cases, J alternatives, M nests, P parameters of the full layout.
 Nearly full choice sets: `DenseNestedLogit` (nested_dense.py: (N, J) grids, analytic
-gradient and Hessian up to ANALYTIC_NESTED_LIMIT parameters). Sparse ones:
-`RaggedNestedLogit` (nested_ragged.py: segment sums over rows, derivatives by autograd).
+gradient and Hessian at any parameter count; with per-user terms or many parameters the
+Hessian is summed case by case in compact columns, nested_hessian.py, block-arrowhead by
+user). Sparse ones: `RaggedNestedLogit` (nested_ragged.py: segment sums over rows, gradient
+by autograd, the Hessian the dense strategy's on a grid made for it while that fits).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class NestedRows:
     n_cases: int
     chosen: torch.Tensor | None = None  # (R,)
     case_weights: torch.Tensor | None = None  # (N,)
+    user_of_case: torch.Tensor | None = None  # (N,) where some terms are per user
 
 
 class NestedLogit:
@@ -53,12 +56,25 @@ class NestedLogit:
         )
         blocks = rows.item_blocks + rows.nest_blocks
         self.by_user = any(block.term.variation.by_user for block in blocks)
+        self.user_of_case = rows.user_of_case if self.by_user else None
+        if self.by_user and self.user_of_case is None:
+            self.user_of_case = _user_of_case(blocks, rows.case_index, rows.n_cases)
 
     def row_log_probabilities(self, theta: torch.Tensor) -> torch.Tensor:  # (R,)
         return self.log_probabilities(theta)
 
     def log_probabilities(self, theta: torch.Tensor) -> torch.Tensor:  # (R,)
         raise NotImplementedError
+
+
+def _user_of_case(blocks: list[Block], case_index: torch.Tensor, n_cases: int) -> torch.Tensor:
+    """Each case's user, read from a per-user block's row codes. (N,)"""
+    block = next(b for b in blocks if b.term.variation.by_user)
+    by_item = block.term.variation.by_item
+    users = block.code // len(block.level.labels) if by_item else block.code  # (R,)
+    return torch.zeros(n_cases, dtype=torch.long, device=case_index.device).index_copy_(
+        0, case_index, users
+    )
 
 
 def nested_logit(rows: NestedRows, dense_threshold: float = 0.5) -> NestedLogit:

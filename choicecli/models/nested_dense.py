@@ -11,18 +11,19 @@ from dataclasses import dataclass
 import torch
 
 from choicecli.models.nested import NestedLogit, NestedRows, nested_logit
-from choicecli.models.nested_ragged import vectorized_hessian
+from choicecli.models.nested_hessian import CompactHessian, case_pairs, compact_columns
 from choicecli.models.slots import ColumnStore, HandedRows
 
-# the analytic Hessian forms (cases x alternatives x P) blocks: up to this P; past it, the
-# Hessian is autograd's (about P gradients)
+# up to this P without per-user terms the Hessian forms (cases x alternatives x P) blocks;
+# past it, or with per-user terms, it is summed case by case in compact columns
+# (nested_hessian.py): analytic at any P
 ANALYTIC_NESTED_LIMIT = 512
 
 
 class DenseNestedLogit(NestedLogit):
     """Two-level nested logit over N x J slots (missing alternatives masked)."""
 
-    analytic_hessian_limit = ANALYTIC_NESTED_LIMIT
+    analytic_hessian_limit = None  # analytic at any P (see hessian)
     can_subsample = True
 
     def __init__(self, rows: NestedRows) -> None:
@@ -50,6 +51,7 @@ class DenseNestedLogit(NestedLogit):
         chosen_slot = self.item_store.chosen_slot if rows.chosen is not None else None
         self.chosen_item = None if chosen_slot is None else chosen_slot % self.n_items  # (N,)
         self._subsamples: dict[int, NestedLogit] = {}
+        self._columns = None  # the compact columns of the per-case Hessian, made when asked
         self._last_state: tuple[torch.Tensor | None, dict | None] = (None, None)
         # the structured Hessian: per nest, the parameter of each compact column of Zbar
         # (constant columns, each member's alternative-level columns, the nest's lambda)
@@ -84,6 +86,7 @@ class DenseNestedLogit(NestedLogit):
                     sample.n_cases,
                     rows.chosen,
                     sample.of_cases(self.case_weights if self.weighted else None),
+                    sample.of_cases(self.user_of_case),
                 )
             )
         return self._subsamples[every]
@@ -137,11 +140,11 @@ class DenseNestedLogit(NestedLogit):
         return self._log_likelihood(theta)
 
     def hessian(self, theta: torch.Tensor) -> torch.Tensor:  # (P, P)
-        if self.n_parameters > ANALYTIC_NESTED_LIMIT:
-            return self._autograd_hessian(theta)
         cached_theta, state = self._last_state
         if cached_theta is None or not torch.equal(cached_theta, theta):
             state = self._state(theta)
+        if self.by_user or self.n_parameters > ANALYTIC_NESTED_LIMIT:
+            return self._compact_hessian(theta, state)
         width = self.n_parameters + 1
         total = theta.new_zeros(width, width)
         per_case = self.n_items * max(width, self.item_store.n_features + 1)
@@ -151,19 +154,29 @@ class DenseNestedLogit(NestedLogit):
             total += self._block_hessian(theta, state, cases)
         return total[:-1, :-1]
 
-    def _autograd_hessian(self, theta: torch.Tensor) -> torch.Tensor:  # (P, P)
-        """Summed over blocks of cases, to keep P copies of a block small."""
-        vectorize = vectorized_hessian(self.n_rows, self.n_parameters)
-        step = max(256, (1 << 18) // self.n_items)
-        total = theta.new_zeros(theta.shape[0], theta.shape[0])
+    def _compact_hessian(self, theta: torch.Tensor, state: dict) -> torch.Tensor:  # (P, P)
+        """Case by case in compact columns, summed per user (nested_hessian.py): any terms,
+        any parameter count, two users' coefficients never meet."""
+        if self._columns is None:
+            self._columns = compact_columns(self.item_store, self.nest_store, self.lambda_index)
+        columns, n_items = self._columns, self.n_items
+        sums = CompactHessian(columns, self.nest_of_item, theta)
+        row_width = self.item_store.n_features + 1
+        per_case = 2 * (2 * self.n_nests + 3) * columns.n_columns + n_items * row_width**2
+        step = max(16, (1 << 20) // per_case)
+        nest_store = self.nest_store
         for first in range(0, self.n_cases, step):
             cases = slice(first, min(first + step, self.n_cases))
-            with torch.enable_grad():
-                total += torch.autograd.functional.hessian(
-                    lambda t, c=cases: self._log_likelihood(t, c), theta.detach(),
-                    vectorize=vectorize,
-                )  # fmt: skip
-        return total
+            block = _HessianBlock.of(self, theta, state, cases)
+            nest_values = None
+            if nest_store.n_features:
+                slots = slice(cases.start * n_items, cases.stop * n_items)
+                nest_values = nest_store.columns[:, slots].T.view(block.rows.shape[0], n_items, -1)
+            lower, left, right = case_pairs(block, columns, self.nest_of_item, nest_values)
+            users = None if self.user_of_case is None else self.user_of_case[cases]
+            sums.add_rows(lower, block.rho, users)
+            sums.add(left, right, users)
+        return sums.hessian(self.n_parameters)
 
     # -- analytic derivatives ---------------------------------------------------------------
     # Per case with chosen i in nest k: l = s_i - I_k + T_k - L, where s_j = V_j / lambda_m(j),

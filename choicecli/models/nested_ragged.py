@@ -1,8 +1,11 @@
-"""Nested logit on sparse choice sets: segment sums over rows, derivatives by autograd.
+"""Nested logit on sparse choice sets: segment sums over rows, gradient by autograd.
 
-Notation and formulas: see nested.py. Q (case, nest) pairs present in the data.
-The Hessian by automatic differentiation costs about P gradients; `estimate` knows it from
-`analytic_hessian_limit = 0` and takes Newton steps only while that is cheap.
+Notation and formulas: see nested.py. Q (case, nest) pairs present in the data, F value
+columns of both levels.
+The Hessian is the dense strategy's analytic one (nested_hessian.py) on an N x J grid made
+when first asked, while that grid holds at most GRID_HESSIAN_VALUES values (N x J x F); past
+it, automatic differentiation's (about P gradients: `estimate` knows it from
+`analytic_hessian_limit = 0` and takes Newton steps only while that is cheap).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from choicecli.models.segments import block_utility, segment_logsumexp
 # vmap over P directions wins for few parameters, P backward passes for many
 VECTORIZED_HESSIAN_PARAMETERS = 64
 VECTORIZED_HESSIAN_VALUES = 20_000_000  # rows x parameters
+# the analytic Hessian lays the rows out on an N x J grid up to this many values (8 bytes each)
+GRID_HESSIAN_VALUES = 50_000_000
 
 
 def vectorized_hessian(n_rows: int, n_parameters: int) -> bool:
@@ -28,11 +33,16 @@ def vectorized_hessian(n_rows: int, n_parameters: int) -> bool:
 class RaggedNestedLogit(NestedLogit):
     """Two-level nested logit over the rows of sparse choice sets."""
 
-    analytic_hessian_limit = 0  # the Hessian is always autograd's
     can_subsample = False
 
     def __init__(self, rows: NestedRows) -> None:
         super().__init__(rows)
+        blocks = rows.item_blocks + rows.nest_blocks
+        grid_values = self.n_cases * self.n_items * max(1, sum(b.n_features for b in blocks))
+        self._rows = rows if grid_values <= GRID_HESSIAN_VALUES else None
+        self._grid: NestedLogit | None = None  # the dense strategy's model, made when asked
+        # analytic on the grid at any P; else autograd's
+        self.analytic_hessian_limit = None if self._rows is not None else 0
         self.item_blocks = rows.item_blocks
         self.nest_blocks = rows.nest_blocks
         self.case_index = case_index = rows.case_index
@@ -78,6 +88,12 @@ class RaggedNestedLogit(NestedLogit):
         return value.detach(), gradient
 
     def hessian(self, theta: torch.Tensor) -> torch.Tensor:  # (P, P)
+        if self._rows is not None:
+            if self._grid is None:
+                from choicecli.models.nested_dense import DenseNestedLogit
+
+                self._grid = DenseNestedLogit(self._rows)
+            return self._grid.hessian(theta)
         vectorize = vectorized_hessian(self.n_rows, self.n_parameters)
         with torch.enable_grad():
             return torch.autograd.functional.hessian(
