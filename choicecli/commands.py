@@ -251,23 +251,20 @@ def run_coef(
     fmt = output_format(output, fmt, "csv")
     check_destination(output)
     result = load_result(model)
-    warn_if_unreliable(result, console)
     table = select_terms(result.coefficient_table(), term, level)
-    if fmt == "table":
-        if output == "-":
-            screen = plain_console()
-            print_lines(screen, coefficient_lines(table, console_width(screen)))
-            return
-        # a file: plain text, no width limit
+    if fmt == "table" and output == "-":
+        screen = plain_console()
+        print_lines(screen, coefficient_lines(table, console_width(screen)))
+    elif fmt == "table":  # a file: plain text, no width limit
         write_text(output, "\n".join(line.plain for line in coefficient_lines(table)) + "\n")
-        return
-    if fmt == "json":
+    elif fmt == "json":
         import json
 
         document = {**_model_state(result), "coefficients": table.to_dicts()}
         write_text(output, json.dumps(document, indent=2, default=str) + "\n")
-        return
-    write_table(table, output, fmt, {"choice.formula": result.spec["formula"]})
+    else:
+        write_table(table, output, fmt, {"choice.formula": result.spec["formula"]})
+    warn_if_unreliable(result, console)  # after the output: an error stays one line
 
 
 def _model_state(result) -> dict:
@@ -308,7 +305,6 @@ def run_predict(request: PredictRequest, console: Console) -> None:
         raise UsageError("parquet cannot go to stdout here; use -o FILE.parquet or --format csv")
     check_destination(request.output)
     result = load_result(request.model)
-    warn_if_unreliable(result, console)
     frame, digest = scan_table(request.data, request.input_format)  # Parquet: read in batches
     if frame is None:
         frame, digest = read_table(request.data, request.input_format, separator=request.separator)
@@ -340,8 +336,9 @@ def run_predict(request: PredictRequest, console: Console) -> None:
 
         document = {**_model_state(result), "report": report or None, "rows": table.to_dicts()}
         write_text(request.output, json.dumps(document, indent=2, default=str) + "\n")
-        return
-    write_table(table, request.output, fmt, metadata)
+    else:
+        write_table(table, request.output, fmt, metadata)
+    warn_if_unreliable(result, console)  # after the output: an error stays one line
 
 
 def _check_scores(scored: pl.DataFrame, model: Path) -> None:
@@ -382,7 +379,6 @@ def run_plot(
         )
         return
     result = load_result(model)
-    warn_if_unreliable(result, console)
     table = result.coefficient_table()
     if term is None and level is not None:  # a forest plot of one level
         table = select_terms(table, None, level)
@@ -394,6 +390,7 @@ def run_plot(
         title=result.spec["formula"] if title is None else title,
         dpi=dpi,
     )
+    warn_if_unreliable(result, console)  # after the output: an error stays one line
 
 
 def _emit(

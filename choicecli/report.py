@@ -26,7 +26,8 @@ WRAP_INDENT = 4  # the second line of a row wrapped in two
 FACT_WIDTH = 17  # the label column of the summary's facts
 BLOCK_ROWS = 12  # a per-alternative block longer than this is one line in the summary
 LAMBDA_RUNAWAY = 100.0  # a lambda above this: a likely non-identified or runaway model
-COEFFICIENT_RUNAWAY = 1e4  # a coefficient above this in absolute value: the same
+COEFFICIENT_RUNAWAY = 1e4  # a coefficient above this in absolute value: the same,
+RUNAWAY_RELATIVE_ERROR = 0.01  # when its standard error is below this share of it (or none)
 WARNED_ROWS = 10  # estimates named one by one in warnings; the rest are counted
 P_FLOOR = 1e-300  # p-values below this print as "< 1e-300"
 SIGNIFICANCE = "sig: *** p < 0.001, ** p < 0.01, * p < 0.05"
@@ -120,13 +121,16 @@ def describe(row: Mapping[str, Any]) -> str:
 
 
 def is_runaway(row: Mapping[str, Any]) -> bool:
-    """A free estimate so large it most likely ran off toward infinity."""
+    """A free estimate so large it most likely ran off toward infinity: a lambda over 100, or a
+    coefficient over 1e4 whose standard error is tiny beside it (or missing)."""
     estimate = row.get("estimate")
     if estimate is None or row.get("fixed") or math.isnan(estimate):
         return False
     if row["term"] == "lambda":
         return estimate > LAMBDA_RUNAWAY
-    return abs(estimate) > COEFFICIENT_RUNAWAY
+    error = row.get("std_error")
+    precise = error is None or math.isnan(error) or error < RUNAWAY_RELATIVE_ERROR * abs(estimate)
+    return abs(estimate) > COEFFICIENT_RUNAWAY and precise
 
 
 def runaway_rows() -> pl.Expr:
@@ -135,7 +139,13 @@ def runaway_rows() -> pl.Expr:
     large = (
         pl.when(pl.col("term") == "lambda")
         .then(estimate > LAMBDA_RUNAWAY)
-        .otherwise(estimate.abs() > COEFFICIENT_RUNAWAY)
+        .otherwise(
+            (estimate.abs() > COEFFICIENT_RUNAWAY)
+            & (
+                pl.col("std_error").is_null()
+                | (pl.col("std_error") < RUNAWAY_RELATIVE_ERROR * estimate.abs())
+            )
+        )
     )
     return (large & ~pl.col("fixed").fill_null(False)).fill_null(False)
 

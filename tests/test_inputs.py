@@ -215,8 +215,9 @@ def test_predict_refuses_missing_values_without_suggesting_an_option_it_lacks(mo
 
 def test_predict_lists_the_input_columns_only(model, tmp_path, table):
     result = invoke("predict", table, "-m", model, "--case", "cas")
-    line = error_line(result, "no column 'cas'; did you mean 'case'? (columns: case, item, "
-                              "choice, price, user, session)", strip=tmp_path)  # fmt: skip
+    line = error_line(result, "no column 'cas' (the model's --case column)",
+                      "pass --case NAME; did you mean 'case'? (columns: case, item, "
+                      "choice, price, user, session)", strip=tmp_path)  # fmt: skip
     assert "__" not in line
 
 
