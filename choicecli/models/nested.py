@@ -60,6 +60,16 @@ class NestedLogit:
     def log_probabilities(self, theta: torch.Tensor) -> torch.Tensor:  # (R,)
         raise NotImplementedError
 
+    def set_case_weights(self, case_weights: torch.Tensor | None) -> None:
+        """Weight the cases anew (a bootstrap resample's counts; None: every case 1)."""
+        self.weighted = case_weights is not None
+        device = self.lambda_index.device
+        self.case_weights = ones_unless_given(case_weights, self.n_cases, device)
+        self.forget()
+
+    def forget(self) -> None:
+        """Drop what was cached for the old case weights (none here)."""
+
 
 def nested_logit(rows: NestedRows, dense_threshold: float = 0.5) -> NestedLogit:
     """The nested logit of these rows: on (N, J) grids when at least `dense_threshold` of

@@ -83,3 +83,25 @@ class RaggedNestedLogit(NestedLogit):
             return torch.autograd.functional.hessian(
                 self.log_likelihood, theta.detach(), vectorize=vectorize
             )
+
+    def case_scores(self, theta: torch.Tensor, cases: slice | None = None) -> torch.Tensor:
+        """Gradient of each case's log-probability of its choice, unweighted, by forward-mode
+        automatic differentiation over blocks of parameter directions. (C, P)"""
+        chosen = self.chosen
+
+        def per_case(point: torch.Tensor) -> torch.Tensor:  # (N,)
+            chosen_log_p = chosen * self.log_probabilities(point)  # (R,)
+            return point.new_zeros(self.n_cases).index_add(0, self.case_index, chosen_log_p)
+
+        def directional(direction: torch.Tensor) -> torch.Tensor:  # (N,)
+            return torch.func.jvp(per_case, (theta,), (direction,))[1]
+
+        n_parameters = theta.shape[0]
+        step = max(1, min(n_parameters, (1 << 22) // max(1, self.n_rows)))
+        basis = torch.eye(n_parameters, dtype=theta.dtype, device=theta.device)  # (P, P)
+        columns = [
+            torch.func.vmap(directional)(basis[first : first + step])  # (p, N)
+            for first in range(0, n_parameters, step)
+        ]
+        scores = torch.cat(columns).T  # (N, P)
+        return scores if cases is None else scores[cases]
