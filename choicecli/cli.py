@@ -155,6 +155,9 @@ def fit(
     session: Annotated[str | None, typer.Option(help="Session id column.")] = None,
     available: Annotated[str | None, typer.Option(help="0/1 availability column.")] = None,
     weights: Annotated[str | None, typer.Option(help="Case weight column.")] = None,
+    weights_kind: Annotated[
+        str, typer.Option(help="frequency, or sampling (rescaled to N; robust errors).")
+    ] = "frequency",
     base: Annotated[str | None, typer.Option(help="Base alternative for item terms.")] = None,
     missing: Annotated[Missing, typer.Option(help="Nulls in used columns: error or drop.")] = (
         Missing.error
@@ -174,6 +177,14 @@ def fit(
     ),
     l2: Annotated[float, typer.Option(help="L2 penalty (l2/2)*sum(beta^2); not on lambda.")] = 0.0,
     strict: Annotated[bool, typer.Option(help="Unidentified terms are an error.")] = False,
+    se: Annotated[
+        str | None,
+        typer.Option(
+            help="Standard errors: classic, robust, cluster[:COL], bootstrap:N or none "
+            "(default classic; robust with sampling weights)."
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap draws.")] = 0,
     threads: Annotated[
         int | None, typer.Option(envvar="CHOICE_THREADS", help="CPU threads (default: torch's).")
     ] = None,
@@ -215,6 +226,9 @@ def fit(
             tol=tol,
             l2=l2,
             strict=strict,
+            se=se,
+            seed=seed,
+            weights_kind=weights_kind,
             threads=threads,
             argv=sys.argv,
             separator=separator,
@@ -242,6 +256,9 @@ def coef(
         ),  # fmt: skip
     ] = None,
     output: Annotated[str, typer.Option("--output", "-o", help="File, or - for stdout.")] = "-",
+    vcov: Annotated[
+        bool, typer.Option("--vcov", help="The covariance matrix, rows and columns labelled.")
+    ] = False,
     debug: Debug = False,
 ) -> None:
     """Show coefficients from a fitted model.
@@ -250,7 +267,7 @@ def coef(
     """
     from choicecli import commands
 
-    commands.run_coef(term, level.value, model, format and format.value, output)
+    commands.run_coef(term, level.value, model, format and format.value, output, vcov)
 
 
 @app.command()

@@ -57,6 +57,25 @@ def coefficient_renderable(table: pl.DataFrame, title: str | None = None) -> Tab
     return view
 
 
+def _inference_row(fit: dict, spec: dict) -> tuple[str, str]:
+    """The tests against the null, the optimum's gradient and curvature, and which standard
+    errors the table shows (and which weights apply)."""
+    tests = [
+        f"LR chi2 {test['chi_squared']:.1f} (df {test['df']}, p {test['p_value']:.3g}) "
+        f"against {name.replace('_', ' ')}"
+        for name in ("equal_shares", "market_shares")
+        if (test := fit.get(f"lr_{name}"))
+    ]
+    condition = fit.get("hessian_condition_number")
+    tests.append(f"gradient norm {fit['gradient_norm']:.3g}")
+    if condition is not None:
+        tests.append(f"Hessian condition number {condition:.3g}")
+    kind = fit.get("standard_errors", "classic")
+    weights = fit.get("weights_kind")
+    tests.append(f"standard errors: {kind}" + (f", {weights} weights" if weights else ""))
+    return "tests", "; ".join(tests)
+
+
 def fit_summary(result: FitResult, max_rows: int = 60) -> Group:
     """Data facts, observed shares, optimisation facts, goodness of fit, coefficients."""
     fit = result.fit
@@ -94,6 +113,7 @@ def fit_summary(result: FitResult, max_rows: int = 60) -> Group:
         + (f", against market shares {against_shares:.5f}" if against_shares is not None else "")
         + f", AIC {fit['aic']:.2f}, BIC {fit['bic']:.2f}, {fit['n_parameters']} parameters",
     )
+    facts.add_row(*_inference_row(fit, result.spec))
     table = result.coefficient_table()
     shown = table.filter(pl.col("user").is_null())
     by_user = table.height - shown.height

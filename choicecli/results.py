@@ -60,6 +60,9 @@ class FitResult:
     warnings: list[str] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
     fit_id: str = ""  # one random id per fit, in each of its files; set when first saved
+    # every kind of standard error computed (classic, robust, cluster, bootstrap), (P,) each;
+    # std_error is the one fit['standard_errors'] names
+    std_errors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def coefficient_table(self) -> pl.DataFrame:
         """One row per parameter; z and p test 0, except for lambda, where they test 1."""
@@ -86,9 +89,13 @@ class FitResult:
         frame = pl.DataFrame(columns).with_columns(
             [pl.col(name).fill_nan(None) for name in numbers]
         )
+        kinds = {  # std_error_classic, std_error_robust, ... after the fixed columns
+            f"std_error_{kind}": pl.Series(values.double().cpu().numpy()).fill_nan(None)
+            for kind, values in self.std_errors.items()
+        }
         return frame.select(
             [pl.col(name).cast(dtype) for name, dtype in COEFFICIENT_COLUMNS.items()]
-        )
+        ).with_columns(**kinds)
 
     def model_document(self) -> dict[str, Any]:
         return {
@@ -126,6 +133,9 @@ class FitResult:
             "identified": self.identified.to(torch.uint8).cpu().contiguous(),
             "covariance": self.covariance.double().cpu().contiguous(),
             "estimated_index": self.estimated_index.long().cpu().contiguous(),
+        } | {
+            f"std_error_{kind}": values.double().cpu().contiguous()
+            for kind, values in self.std_errors.items()
         }
         with replacing_model(Path(directory)) as temp:
             text = json.dumps(document, indent=2, default=str) + "\n"
