@@ -117,7 +117,7 @@ def _errors_choice(request: FitRequest):
         raise UsageError(
             "--se classic does not apply to sampling weights; use robust, cluster or bootstrap:N"
         )
-    if choice.kind == "cluster":
+    if choice.clustered:
         column = choice.cluster or request.roles.get("user")
         if column is None:
             raise UsageError(

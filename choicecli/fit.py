@@ -251,7 +251,7 @@ def _other_errors(
     found = {"classic": spread(cov)}
     device = outcome.theta.device
     clusters, n_clusters = None, 0
-    if kind == "cluster":
+    if options.errors.clustered:
         clusters, n_clusters = _clusters(problem, options.errors, device)
     if kind == "bootstrap":
         lower, upper = problem.lower[free].to(device), problem.upper[free].to(device)
@@ -263,8 +263,9 @@ def _other_errors(
             return maximise(target, start, loose, lower, upper)
 
         draws = options.errors.draws
-        chosen, failed = bootstrap_covariance(objective, outcome.theta, refit, draws,
-                                              options.seed)  # fmt: skip
+        chosen, failed = bootstrap_covariance(
+            objective, outcome.theta, refit, draws, options.seed, clusters, n_clusters
+        )
         if failed:
             warnings.append(
                 f"bootstrap: {failed} of {draws} draws did not converge and are left out"
@@ -310,9 +311,8 @@ def _null_tests(statistics: dict, n_items: int) -> dict:
             found[f"lr_{name}"] = None
             continue
         chi_squared = 2.0 * (value - null)
-        p_value = float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64),
-                                                torch.tensor(max(chi_squared, 0.0) / 2.0,
-                                                             dtype=torch.float64)))  # fmt: skip
+        half = torch.tensor([df / 2.0, max(chi_squared, 0.0) / 2.0], dtype=torch.float64)
+        p_value = float(torch.special.gammaincc(half[0], half[1]))  # upper tail of chi2(df)
         found[f"lr_{name}"] = {"chi_squared": chi_squared, "df": df, "p_value": p_value}
     return found
 

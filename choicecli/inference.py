@@ -31,27 +31,36 @@ SCORE_BLOCK_VALUES = 1 << 22  # cases x parameters of scores held at once
 
 @dataclass(frozen=True)
 class ErrorsChoice:
-    """What `--se` asked for: the kind, the cluster column (None: the user column) and the
-    bootstrap draws."""
+    """What `--se` asked for: the kind, whether by clusters (cluster, or a bootstrap drawing
+    whole clusters), the cluster column (None: the user column) and the bootstrap draws."""
 
     kind: str = "classic"
     cluster: str | None = None
     draws: int = 0
+    clustered: bool = False
 
 
 def parse_se(text: str) -> ErrorsChoice:
-    """classic | robust | cluster[:COL] | bootstrap:N | none; anything else a usage error."""
+    """classic | robust | cluster[:COL] | bootstrap:N[:cluster[:COL]] | none; anything else
+    a usage error."""
     kind, _, argument = text.partition(":")
     if kind not in SE_KINDS:
         raise UsageError(
-            f"--se must be classic, robust, cluster[:COL], bootstrap:N or none, not {text!r}"
+            f"--se must be classic, robust, cluster[:COL], bootstrap:N[:cluster[:COL]] or "
+            f"none, not {text!r}"
         )
     if kind == "cluster":
-        return ErrorsChoice(kind, argument or None)
+        return ErrorsChoice(kind, argument or None, clustered=True)
     if kind == "bootstrap":
-        if not argument.isdigit() or int(argument) < 2:
+        draws, _, by = argument.partition(":")
+        if not draws.isdigit() or int(draws) < 2:
             raise UsageError(f"--se bootstrap:N needs a number of draws N >= 2, not {text!r}")
-        return ErrorsChoice(kind, None, int(argument))
+        unit, _, column = by.partition(":")
+        if unit not in ("", "cluster"):
+            raise UsageError(
+                f"--se bootstrap:N draws cases, or clusters with :cluster[:COL], not {text!r}"
+            )
+        return ErrorsChoice(kind, column or None, int(draws), clustered=unit == "cluster")
     if argument:
         raise UsageError(f"--se {kind} takes no argument, not {text!r}")
     return ErrorsChoice(kind)

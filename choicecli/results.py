@@ -91,7 +91,7 @@ class FitResult:
         )
         kinds = {  # std_error_classic, std_error_robust, ... after the fixed columns
             f"std_error_{kind}": pl.Series(values.double().cpu().numpy()).fill_nan(None)
-            for kind, values in self.std_errors.items()
+            for kind, values in sorted(self.std_errors.items(), key=_classic_first)
         }
         return frame.select(
             [pl.col(name).cast(dtype) for name, dtype in COEFFICIENT_COLUMNS.items()]
@@ -145,6 +145,11 @@ class FitResult:
             del payload
             with open(temp / COEFFICIENTS_FILE, "wb") as handle:
                 write_parquet(self.coefficient_table(), handle, metadata)
+
+
+def _classic_first(item: tuple[str, torch.Tensor]) -> tuple[bool, str]:
+    """The order of the std_error_<kind> columns, whatever order the tensors were read in."""
+    return item[0] != "classic", item[0]
 
 
 def _write_file(path: Path, payload: bytes) -> None:

@@ -141,6 +141,21 @@ def test_bootstrap_is_seeded_and_near_the_classic_errors(mc_frame):
     assert first.estimate.equal(fit(mc_frame).estimate)  # the estimate is the full data's
 
 
+def test_bootstrap_of_clusters_of_one_case_is_the_bootstrap_of_cases(mc_frame):
+    """Clusters of one case each: the same draws as resampling cases, so the same errors."""
+    cases = fit(mc_frame, "bootstrap:5", seed=3)
+    clusters = fit(mc_frame, "bootstrap:5:cluster:case", seed=3)
+    assert torch.equal(
+        cases.std_errors["bootstrap"].nan_to_num(), clusters.std_errors["bootstrap"].nan_to_num()
+    )
+    frame = mc_frame.with_columns((pl.col("case") % 40).alias("person"))
+    roles = Roles(case="case", item="alt", choice="choice", user="person")
+    by_person = fit(frame, "bootstrap:5:cluster", roles=roles, seed=3)
+    assert not torch.equal(
+        by_person.std_errors["bootstrap"].nan_to_num(), cases.std_errors["bootstrap"].nan_to_num()
+    )
+
+
 def duplicated(frame: pl.DataFrame, copies: pl.Series) -> pl.DataFrame:
     """Each case repeated `copies[case]` times under new case ids."""
     weights = frame.select("case").unique().sort("case").with_columns(copies.alias("w"))
@@ -360,9 +375,11 @@ def problem_for_weights(frame: pl.DataFrame, weights: torch.Tensor):
     [
         ("classic", ErrorsChoice("classic")),
         ("robust", ErrorsChoice("robust")),
-        ("cluster", ErrorsChoice("cluster")),
-        ("cluster:person", ErrorsChoice("cluster", "person")),
+        ("cluster", ErrorsChoice("cluster", clustered=True)),
+        ("cluster:person", ErrorsChoice("cluster", "person", clustered=True)),
         ("bootstrap:50", ErrorsChoice("bootstrap", None, 50)),
+        ("bootstrap:50:cluster", ErrorsChoice("bootstrap", None, 50, clustered=True)),
+        ("bootstrap:9:cluster:case", ErrorsChoice("bootstrap", "case", 9, clustered=True)),
         ("none", ErrorsChoice("none")),
     ],
 )
@@ -388,6 +405,7 @@ def run_cli(*arguments: str):
         (["--se", "bootstrap"], "--se bootstrap:N needs a number of draws"),
         (["--se", "bootstrap:1"], "--se bootstrap:N needs a number of draws"),
         (["--se", "robust:2"], "--se robust takes no argument"),
+        (["--se", "bootstrap:5:users"], "draws cases, or clusters with :cluster[:COL]"),
         (["--se", "cluster"], "--se cluster clusters by the user column"),
         (["--se", "cluster:dist"], "--se cluster:dist: clusters are the user column"),
         (["--weights-kind", "analytic"], "--weights-kind must be frequency or sampling"),
@@ -426,7 +444,7 @@ def test_cli_cluster_by_user_and_coef_vcov_in_every_format(mc_parquet, tmp_path)
     assert document["fit"]["lr_market_shares"]["df"] == 10
     assert document["fit"]["hessian_condition_number"] > 1
     assert document["spec"]["options"]["standard_errors"] == {
-        "kind": "cluster", "cluster": None, "draws": 0
+        "kind": "cluster", "cluster": None, "draws": 0, "clustered": True
     }  # fmt: skip
     table = pl.read_parquet(model / "coefficients.parquet")
     assert table.get_column("std_error").equals(table.get_column("std_error_cluster"))
@@ -476,3 +494,31 @@ def test_cli_se_none_and_sampling_weights(mc_parquet, tmp_path):
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "standard errors: robust, sampling weights" in " ".join(result.output.split())
+
+
+def test_bootstrap_through_the_executable_is_reproducible_and_round_trips(mc_parquet, tmp_path):
+    from choicecli.loader import load_result
+    from choicecli.spec import spec_from_document
+
+    tables = []
+    for name in ("first", "second"):
+        model = tmp_path / name
+        completed = subprocess.run(
+            [str(CHOICE_EXECUTABLE), "fit", str(mc_parquet), "-f", MODE_CANADA_FORMULA,
+             *MC_OPTIONS, "--se", "bootstrap:20", "--seed", "5", "--model", str(model)],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert completed.returncode == 0, completed.stderr
+        assert "standard errors: bootstrap" in " ".join(completed.stderr.split())
+        tables.append(pl.read_parquet(model / "coefficients.parquet"))
+    first, second = tables
+    assert first.get_column("std_error").equals(second.get_column("std_error"))
+    assert first.get_column("std_error").equals(first.get_column("std_error_bootstrap"))
+    assert not first.get_column("std_error").equals(first.get_column("std_error_classic"))
+    loaded = load_result(tmp_path / "first")  # the tensors read back give the same table
+    assert loaded.coefficient_table().equals(first)
+    assert set(loaded.std_errors) == {"classic", "bootstrap"}
+    options = loaded.spec["options"]
+    assert options["standard_errors"]["kind"] == "bootstrap" and options["seed"] == 5
+    assert options["weights_kind"] == "frequency"
+    spec_from_document(loaded.spec)  # the recorded options leave the spec readable
