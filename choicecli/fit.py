@@ -81,6 +81,8 @@ def fit_model(
     device = resolve_device(options.device)
     problem = build_problem(frame, spec, where, consume=consume)
     options = _weights_kind(problem, options)
+    if options.errors.clustered:  # a bad cluster column fails before the fit, not after
+        _clusters(problem, options.errors, torch.device("cpu"))
     reasons = data_reasons(problem)  # read from the rows before a model may take them over
     # the rank check runs on the CPU; the conditional logit there is the fit's own model
     reusable = not problem.nested and device.type == "cpu"
@@ -123,7 +125,7 @@ def fit_model(
     statistics = _statistics(problem, outcome, free.numel())
     statistics.update(_null_tests(statistics, problem.data.n_items))
     statistics["hessian_condition_number"] = _condition_number(objective, outcome, options)
-    statistics["standard_errors"] = options.errors.kind
+    statistics["standard_errors"] = options.errors.kind if cov.numel() else "none"
     statistics["weights_kind"] = options.weights_kind if problem.spec.roles.weights else None
     statistics["seconds"] = round(time.perf_counter() - started, 4)
     statistics["device"] = str(device)
@@ -287,15 +289,20 @@ def _clusters(problem: Problem, errors: ErrorsChoice, device: torch.device):
     column = errors.cluster or roles.user
     if column is None:
         raise UsageError("--se cluster clusters by the user column: give --user, or cluster:COL")
-    if column == roles.user:
-        return problem.data.user_of_case.to(device), problem.data.n_users
+    if column not in (roles.user, roles.case):
+        raise UsageError(
+            f"--se cluster:{column}: clusters are the user column ({roles.user}) or the case "
+            f"column ({roles.case})"
+        )
+    data = problem.data
     if column == roles.case:
-        n_cases = problem.data.n_cases
-        return torch.arange(n_cases, device=device), n_cases
-    raise UsageError(
-        f"--se cluster:{column}: clusters are the user column ({roles.user}) or the case "
-        f"column ({roles.case})"
-    )
+        return torch.arange(data.n_cases, device=device), data.n_cases
+    if data.n_users < 2:
+        raise ModelError(
+            f"--se cluster: the user column {column!r} holds {data.n_users} user; clustered "
+            "errors need at least 2 clusters"
+        )
+    return data.user_of_case.to(device), data.n_users
 
 
 def _null_tests(statistics: dict, n_items: int) -> dict:

@@ -57,7 +57,7 @@ def coefficient_renderable(table: pl.DataFrame, title: str | None = None) -> Tab
     return view
 
 
-def _inference_row(fit: dict, spec: dict) -> tuple[str, str]:
+def _inference_row(fit: dict) -> tuple[str, str]:
     """The tests against the null, the optimum's gradient and curvature, and which standard
     errors the table shows (and which weights apply)."""
     tests = [
@@ -113,7 +113,7 @@ def fit_summary(result: FitResult, max_rows: int = 60) -> Group:
         + (f", against market shares {against_shares:.5f}" if against_shares is not None else "")
         + f", AIC {fit['aic']:.2f}, BIC {fit['bic']:.2f}, {fit['n_parameters']} parameters",
     )
-    facts.add_row(*_inference_row(fit, result.spec))
+    facts.add_row(*_inference_row(fit))
     table = result.coefficient_table()
     shown = table.filter(pl.col("user").is_null())
     by_user = table.height - shown.height

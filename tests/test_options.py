@@ -156,6 +156,15 @@ def test_bootstrap_of_clusters_of_one_case_is_the_bootstrap_of_cases(mc_frame):
     )
 
 
+def test_one_user_is_too_few_clusters(mc_frame):
+    from choicecli.errors import ModelError
+
+    frame = mc_frame.with_columns(pl.lit("everyone").alias("person"))
+    roles = Roles(case="case", item="alt", choice="choice", user="person")
+    with pytest.raises(ModelError, match="clustered errors need at least 2 clusters"):
+        fit(frame, "cluster", roles=roles)
+
+
 def duplicated(frame: pl.DataFrame, copies: pl.Series) -> pl.DataFrame:
     """Each case repeated `copies[case]` times under new case ids."""
     weights = frame.select("case").unique().sort("case").with_columns(copies.alias("w"))
