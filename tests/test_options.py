@@ -531,3 +531,36 @@ def test_bootstrap_through_the_executable_is_reproducible_and_round_trips(mc_par
     assert options["standard_errors"]["kind"] == "bootstrap" and options["seed"] == 5
     assert options["weights_kind"] == "frequency"
     spec_from_document(loaded.spec)  # the recorded options leave the spec readable
+
+
+@pytest.mark.parametrize("dense_threshold", [0.0, 2.0])
+def test_nested_models_follow_new_case_weights(dense_threshold):
+    """set_case_weights on both nested strategies: value, gradient and Hessian equal those
+    of a model built with the weights, after a Hessian was cached under the old ones."""
+    from choicecli.models import NestedRows, nested_logit
+
+    frame = pl.concat([toy_frame().with_columns(pl.col("case") + 10 * k) for k in range(3)])
+    problem = problem_for(frame, "(x|constant) + (z|item)", nests="n1=a,b;n2=c")
+    data = problem.data
+    weights = torch.tensor([0.0, 1.0, 2.0, 3.0, 1.0, 0.0, 2.0, 1.0, 4.0], dtype=torch.float64)
+
+    def build(case_weights):
+        rows = NestedRows(
+            problem.item_blocks, problem.nest_blocks, problem.lambda_index,
+            problem.nest_of_item, len(problem.parameters), data.case_index, data.item_index,
+            data.n_cases, data.chosen, case_weights,
+        )  # fmt: skip
+        return nested_logit(rows, dense_threshold=dense_threshold)
+
+    theta = random_theta(len(problem.parameters), seed=5)
+    theta[problem.fixed] = 0.0
+    theta[problem.lambda_index] = torch.tensor([0.6, 0.8], dtype=torch.float64)
+    model, fresh = build(None), build(weights)
+    model.value_and_gradient(theta)
+    model.hessian(theta)
+    model.set_case_weights(weights)
+    value, gradient = model.value_and_gradient(theta)
+    fresh_value, fresh_gradient = fresh.value_and_gradient(theta)
+    assert float(value) == pytest.approx(float(fresh_value), rel=1e-12)
+    assert torch.allclose(gradient, fresh_gradient, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(model.hessian(theta), fresh.hessian(theta), rtol=1e-10, atol=1e-12)
