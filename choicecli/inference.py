@@ -80,7 +80,10 @@ def score_meat(
     weights = model.case_weights  # (N,)
     meat = theta.new_zeros(n_free, n_free)
     totals = None if clusters is None else theta.new_zeros(n_clusters, n_free)  # (G, P)
-    step = max(1, SCORE_BLOCK_VALUES // max(1, model.n_parameters))
+    # a block's scores come from its slots' Jacobian, (slots, P): dense layouts hold at most
+    # twice the rows in slots
+    slots_per_case = math.ceil(2 * model.n_rows / max(1, n_cases))
+    step = max(1, SCORE_BLOCK_VALUES // (max(1, model.n_parameters) * slots_per_case))
     for first in range(0, n_cases, step):
         cases = slice(first, min(first + step, n_cases))
         scores = model.case_scores(theta, cases)[:, free]  # (C, P)

@@ -48,6 +48,8 @@ class RaggedNestedLogit(NestedLogit):
                                device=case_index.device)  # fmt: skip
         numbers = torch.arange(self.n_rows, device=case_index.device)
         self.first_row_of_pair = first_row.scatter_reduce(0, self.pair_of_row, numbers, "amin")
+        # the last per-case scores (unweighted: case weights leave them as they are)
+        self._scores: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
 
     def subsample(self, every: int) -> None:
         """Not available on sparse choice sets (`can_subsample` is False)."""
@@ -86,7 +88,11 @@ class RaggedNestedLogit(NestedLogit):
 
     def case_scores(self, theta: torch.Tensor, cases: slice | None = None) -> torch.Tensor:
         """Gradient of each case's log-probability of its choice, unweighted, by forward-mode
-        automatic differentiation over blocks of parameter directions. (C, P)"""
+        automatic differentiation over blocks of parameter directions, for every case at
+        once (kept for the next block of cases at the same theta). (C, P)"""
+        kept_theta, kept = self._scores
+        if kept_theta is not None and torch.equal(kept_theta, theta):
+            return kept if cases is None else kept[cases]
         chosen = self.chosen
 
         def per_case(point: torch.Tensor) -> torch.Tensor:  # (N,)
@@ -104,4 +110,5 @@ class RaggedNestedLogit(NestedLogit):
             for first in range(0, n_parameters, step)
         ]
         scores = torch.cat(columns).T  # (N, P)
+        self._scores = (theta.clone(), scores)
         return scores if cases is None else scores[cases]
