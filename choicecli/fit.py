@@ -255,6 +255,15 @@ def _other_errors(
     clusters, n_clusters = None, 0
     if options.errors.clustered:
         clusters, n_clusters = _clusters(problem, options.errors, device)
+        by_user_clusters = (options.errors.cluster or problem.data.roles.user) == (
+            problem.data.roles.user
+        )
+        if kind == "cluster" and by_user_clusters and objective.model.by_user:
+            warnings.append(
+                "--se cluster by the user column with user-specific coefficients: each "
+                "user's scores for them sum to 0 at the optimum, so their clustered errors "
+                "understate the uncertainty; only the shared coefficients' errors are meaningful"
+            )
     if kind == "bootstrap":
         lower, upper = problem.lower[free].to(device), problem.upper[free].to(device)
 

@@ -564,3 +564,15 @@ def test_nested_models_follow_new_case_weights(dense_threshold):
     assert float(value) == pytest.approx(float(fresh_value), rel=1e-12)
     assert torch.allclose(gradient, fresh_gradient, rtol=1e-12, atol=1e-12)
     assert torch.allclose(model.hessian(theta), fresh.hessian(theta), rtol=1e-10, atol=1e-12)
+
+
+def test_clustering_by_the_owner_of_user_coefficients_warns(tmp_path):
+    from conftest import SAMPLE_DATA
+
+    frame = pl.read_parquet(SAMPLE_DATA / "transport.parquet")
+    roles = Roles(case="case_id", item="mode", choice="chosen", user="user_id")
+    result = fit(frame, "cluster", formula="(time|constant) + (1|item) + (cost|user)", roles=roles)
+    assert any("understate the uncertainty" in warning for warning in result.warnings)
+    shared = fit(frame, "cluster", formula="(time|constant) + (1|item) + (cost|constant)",
+                 roles=roles)  # fmt: skip
+    assert not any("understate" in warning for warning in shared.warnings)
