@@ -172,6 +172,9 @@ def fit(
     session: Annotated[str | None, typer.Option(help="Session id column.")] = None,
     available: Annotated[str | None, typer.Option(help="0/1 availability column.")] = None,
     weights: Annotated[str | None, typer.Option(help="Case weight column.")] = None,
+    weights_kind: Annotated[
+        str, typer.Option(help="frequency, or sampling (rescaled to N; robust errors).")
+    ] = "frequency",
     base: Annotated[str | None, typer.Option(help="Base alternative for item terms.")] = None,
     missing: Annotated[Missing, typer.Option(help="Nulls in used columns: error or drop.")] = (
         Missing.error
@@ -191,6 +194,14 @@ def fit(
     ),
     l2: Annotated[float, typer.Option(help="L2 penalty (l2/2)*sum(beta^2); not on lambda.")] = 0.0,
     strict: Annotated[bool, typer.Option(help="Unidentified terms are an error.")] = False,
+    se: Annotated[
+        str | None,
+        typer.Option(
+            help="Standard errors: classic, robust, cluster[:COL], bootstrap:N or none "
+            "(default classic; robust with sampling weights)."
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap draws.")] = 0,
     threads: Annotated[
         int | None, typer.Option(envvar="CHOICE_THREADS", help="CPU threads (default: torch's).")
     ] = None,
@@ -245,6 +256,9 @@ def fit(
             tol=tol,
             l2=l2,
             strict=strict,
+            se=se,
+            seed=seed,
+            weights_kind=weights_kind,
             threads=threads,
             argv=sys.argv,
             separator=separator,
@@ -280,6 +294,9 @@ def coef(
     output: Annotated[str, typer.Option("--output", "-o", help="File, or - for stdout.")] = "-",
     describe: Annotated[bool, typer.Option(help="Summarise user terms over users.")] = False,
     quiet: Quiet = False,
+    vcov: Annotated[
+        bool, typer.Option("--vcov", help="The covariance matrix, rows and columns labelled.")
+    ] = False,
     debug: Debug = False,
 ) -> None:
     """Show coefficients from a fitted model: estimate, std. error, z, p, 95% interval.
@@ -293,7 +310,13 @@ def coef(
             term, level.value if level else "item", model, format and format.value, output
         )
     commands.run_coef(
-        term, level and level.value, model, format and format.value, output, stderr_console(quiet)
+        term,
+        level and level.value,
+        model,
+        format and format.value,
+        output,
+        stderr_console(quiet),
+        vcov=vcov,
     )
 
 

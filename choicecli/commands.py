@@ -48,6 +48,9 @@ class FitRequest:
     argv: list[str]
     threads: int | None = None
     separator: str | None = None
+    se: str | None = None  # None: classic, or robust with sampling weights
+    seed: int = 0
+    weights_kind: str = "frequency"
 
 
 def versions() -> dict[str, str]:
@@ -94,7 +97,40 @@ def check_fit_options(request: FitRequest) -> None:
         raise UsageError(f"--threads must be at least 1, not {request.threads:.6g}")
     _bounds(request.lambda_bounds)
     Roles(**request.roles).check_distinct()
+    _errors_choice(request)
     csv_separator(request.separator)
+
+
+def _errors_choice(request: FitRequest):
+    """--se, --weights-kind and the columns they name, checked before the data is read."""
+    from choicecli.inference import ErrorsChoice, parse_se
+
+    if request.weights_kind not in ("frequency", "sampling"):
+        raise UsageError(
+            f"--weights-kind must be frequency or sampling, not {request.weights_kind!r}"
+        )
+    sampling = request.weights_kind == "sampling"
+    if sampling and not request.roles.get("weights"):
+        raise UsageError("--weights-kind sampling needs --weights COL, the weight column")
+    if request.se is None:
+        return ErrorsChoice("robust" if sampling else "classic")
+    choice = parse_se(request.se)
+    if sampling and choice.kind == "classic":
+        raise UsageError(
+            "--se classic does not apply to sampling weights; use robust, cluster or bootstrap:N"
+        )
+    if choice.clustered:
+        column = choice.cluster or request.roles.get("user")
+        if column is None:
+            raise UsageError(
+                "--se cluster clusters by the user column: give --user, or cluster:COL"
+            )
+        if column not in (request.roles.get("user"), request.roles.get("case")):
+            raise UsageError(
+                f"--se cluster:{column}: clusters are the user column (--user) or the case "
+                "column (one case per cluster)"
+            )
+    return choice
 
 
 def run_fit(request: FitRequest, console: Console) -> int:
@@ -138,6 +174,9 @@ def run_fit(request: FitRequest, console: Console) -> int:
         ),
         device=request.device,
         strict=request.strict,
+        errors=_errors_choice(request),
+        seed=request.seed,
+        weights_kind=request.weights_kind,
     )
     where = "<stdin>" if request.data == "-" else request.data
     if request.threads is not None:
@@ -241,6 +280,7 @@ def run_coef(
     fmt: str | None,
     output: str,
     console: Console | None = None,
+    vcov: bool = False,
 ) -> None:
     from choicecli.loader import load_result
     from choicecli.output import check_destination, output_format, write_table, write_text
@@ -252,7 +292,11 @@ def run_coef(
     check_destination(output)
     result = load_result(model)
     table = select_terms(result.coefficient_table(), term, level)
-    if fmt == "table" and output == "-":
+    if vcov:
+        table = covariance_table(result, table)
+    if fmt == "table" and vcov:
+        _write_matrix(table, output)
+    elif fmt == "table" and output == "-":
         screen = plain_console()
         print_lines(screen, coefficient_lines(table, console_width(screen)))
     elif fmt == "table":  # a file: plain text, no width limit
@@ -260,7 +304,8 @@ def run_coef(
     elif fmt == "json":
         import json
 
-        document = {**_model_state(result), "coefficients": table.to_dicts()}
+        key = "covariance" if vcov else "coefficients"
+        document = {**_model_state(result), key: table.to_dicts()}
         write_text(output, json.dumps(document, indent=2, default=str) + "\n")
     else:
         write_table(table, output, fmt, {"choice.formula": result.spec["formula"]})
@@ -270,6 +315,62 @@ def run_coef(
 def _model_state(result) -> dict:
     """What JSON outputs say about the model they came from."""
     return {"converged": bool(result.fit.get("converged")), "warnings": list(result.warnings)}
+
+
+def covariance_table(result, chosen: pl.DataFrame) -> pl.DataFrame:
+    """The covariance of the estimated coefficients among `chosen` (rows of the coefficient
+    table): a `coefficient` label column, then one column per coefficient, same labels."""
+    import torch
+
+    labels = [_label(row) for row in result.coefficient_table().iter_rows(named=True)]
+    keep = set(_label(row) for row in chosen.iter_rows(named=True))
+    estimated = result.estimated_index.tolist()  # layout position of each covariance row
+    picked = [k for k, position in enumerate(estimated) if labels[position] in keep]
+    if not result.covariance.numel():
+        raise UsageError("this model has no covariance matrix (fitted with --se none, or too "
+                         "many parameters for one); refit to get it")  # fmt: skip
+    index = torch.tensor(picked, dtype=torch.long)
+    matrix = result.covariance.double()[index][:, index].numpy()  # (k, k)
+    names = [labels[estimated[k]] for k in picked]
+    columns = {"coefficient": names} | {name: matrix[:, j] for j, name in enumerate(names)}
+    return pl.DataFrame(columns)
+
+
+def _write_matrix(table: pl.DataFrame, output: str) -> None:
+    """The covariance table as text: on stdout as laid out for it, in a file at full width."""
+    import io
+
+    from choicecli.output import write_text
+
+    if output == "-":
+        plain_console().print(_matrix_renderable(table))
+        return
+    buffer = io.StringIO()
+    Console(file=buffer, width=100_000, color_system=None).print(_matrix_renderable(table))
+    write_text(output, "\n".join(line.rstrip() for line in buffer.getvalue().splitlines()) + "\n")
+
+
+def _matrix_renderable(table: pl.DataFrame):
+    """The covariance table as a rich table (labels as text, not markup)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    view = Table(show_edge=False, header_style="bold")
+    for name in table.columns:
+        view.add_column(Text(name), justify="left" if name == "coefficient" else "right")
+    for row in table.iter_rows():
+        view.add_row(Text(row[0]), *(f"{value:.4g}" for value in row[1:]))
+    return view
+
+
+def _label(row: dict) -> str:
+    """A coefficient's label: term[feature] (item, user), as `choice coef` shows it."""
+    name = row["term"]
+    if row["feature"] not in (None, "intercept", row["variable"]):
+        name = f"{name} {row['feature']}"
+    where = [row["level"]] if row["level"] != "item" else []
+    where += [str(row[part]) for part in ("item", "user") if row[part] is not None]
+    return name + (f" ({', '.join(where)})" if where else "")
 
 
 @dataclass(frozen=True)

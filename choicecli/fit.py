@@ -22,6 +22,12 @@ from choicecli.estimate import (
     warm_start_applies,
 )
 from choicecli.identify import data_reasons, separating_terms, unidentified_parameters
+from choicecli.inference import (
+    ErrorsChoice,
+    bootstrap_covariance,
+    sandwich,
+    score_meat,
+)
 from choicecli.models import Model
 from choicecli.problem import ModelSpec, Problem, build_problem
 from choicecli.results import FitResult
@@ -36,6 +42,9 @@ class FitOptions:
     device: str = "auto"
     strict: bool = False
     standard_errors: bool = True
+    errors: ErrorsChoice = ErrorsChoice()  # --se; sampling weights turn classic into robust
+    seed: int = 0  # of the bootstrap draws
+    weights_kind: str = "frequency"  # or sampling: rescaled to sum to N, robust errors
 
 
 def resolve_device(name: str) -> torch.device:
@@ -72,6 +81,9 @@ def fit_model(
     started = time.perf_counter()
     device = resolve_device(options.device)
     problem = build_problem(frame, spec, where, consume=consume)
+    options = _weights_kind(problem, options)
+    if options.errors.clustered:  # a bad cluster column fails before the fit, not after
+        _clusters(problem, options.errors, torch.device("cpu"))
     reasons = data_reasons(problem)  # read from the rows before a model may take them over
     # the rank check runs on the CPU; the conditional logit there is the fit's own model
     reusable = not problem.nested and device.type == "cpu"
@@ -103,10 +115,19 @@ def fit_model(
     estimate[free] = outcome.theta.cpu()
     estimate[unidentified] = math.nan
     std_error, cov = _standard_errors(objective, outcome, free, options, warnings)
+    errors = _other_errors(problem, objective, outcome, free, options, cov, warnings)
+    if options.errors.kind not in ("classic", "none") and cov.numel():
+        cov = errors.pop("covariance")
+        std_error = errors[options.errors.kind].clone()  # saved apart from its copy
+    errors.pop("covariance", None)
     warnings.extend(_outcome_warnings(problem, outcome, free, estimate, options.strict))
     identified = torch.ones(len(problem.parameters), dtype=torch.bool)
     identified[unidentified] = False
     statistics = _statistics(problem, outcome, free.numel())
+    statistics.update(_null_tests(statistics, problem.data.n_items))
+    statistics["hessian_condition_number"] = _condition_number(objective, outcome, options)
+    statistics["standard_errors"] = options.errors.kind if cov.numel() else "none"
+    statistics["weights_kind"] = options.weights_kind if problem.spec.roles.weights else None
     statistics["seconds"] = round(time.perf_counter() - started, 4)
     statistics["device"] = str(device)
     result = FitResult(
@@ -124,6 +145,7 @@ def fit_model(
         estimated_index=free,
         fit=statistics,
         warnings=warnings,
+        std_errors=errors,
     )
     return result, problem
 
@@ -167,7 +189,7 @@ def _standard_errors(
     std_error = torch.full((n_layout,), math.nan, dtype=torch.float64)
     cov = torch.zeros(0, 0, dtype=torch.float64)
     limit = options.estimate.max_newton_parameters
-    if not options.standard_errors:
+    if not options.standard_errors or options.errors.kind == "none":
         return std_error, cov
     if newton_size(free.numel(), objective.groups) > limit:
         warnings.append(
@@ -185,6 +207,142 @@ def _standard_errors(
         )
     std_error[free] = cov.diagonal().clamp_min(0).sqrt()
     return std_error, cov
+
+
+def _weights_kind(problem: Problem, options: FitOptions) -> FitOptions:
+    """Sampling weights: rescaled to sum to the number of cases, and errors robust where
+    classic ones were asked (as Stata's pweights)."""
+    if options.weights_kind not in ("frequency", "sampling"):
+        raise UsageError(
+            f"--weights-kind must be frequency or sampling, not {options.weights_kind!r}"
+        )
+    if options.weights_kind == "frequency":
+        return options
+    data = problem.data
+    if data.case_weights is None:
+        raise UsageError("--weights-kind sampling needs --weights COL")
+    data.case_weights = data.case_weights * (data.n_cases / data.case_weights.sum())  # (N,)
+    if options.errors.kind == "classic":
+        return replace(options, errors=ErrorsChoice("robust"))
+    return options
+
+
+def _other_errors(
+    problem: Problem,
+    objective: Objective,
+    outcome: Outcome,
+    free: torch.Tensor,
+    options: FitOptions,
+    cov: torch.Tensor,
+    warnings: list[str],
+) -> dict[str, torch.Tensor]:
+    """Beside another kind than classic: the classic standard errors and that kind's, each
+    over the layout (NaN where not estimated), and under 'covariance' the chosen kind's
+    covariance. {kind: (P_layout,)}"""
+    kind = options.errors.kind
+    if kind == "none" or not cov.numel():
+        return {}
+    n_layout = objective.start.shape[0]
+
+    def spread(covariance: torch.Tensor) -> torch.Tensor:  # (P_layout,)
+        values = torch.full((n_layout,), math.nan, dtype=torch.float64)
+        values[free] = covariance.diagonal().clamp_min(0).sqrt().cpu()
+        return values
+
+    if kind == "classic":  # std_error is all there is: no columns beside it
+        return {}
+    found = {"classic": spread(cov)}
+    device = outcome.theta.device
+    clusters, n_clusters = None, 0
+    if options.errors.clustered:
+        clusters, n_clusters = _clusters(problem, options.errors, device)
+        by_user_clusters = (options.errors.cluster or problem.data.roles.user) == (
+            problem.data.roles.user
+        )
+        if kind == "cluster" and by_user_clusters and objective.model.by_user:
+            warnings.append(
+                "--se cluster by the user column with user-specific coefficients: each "
+                "user's scores for them sum to 0 at the optimum, so their clustered errors "
+                "understate the uncertainty; only the shared coefficients' errors are meaningful"
+            )
+    if kind == "bootstrap":
+        lower, upper = problem.lower[free].to(device), problem.upper[free].to(device)
+
+        # a draw's estimate to 1e-4 of its standard errors: far below the draws' spread
+        loose = replace(options.estimate, tolerance=max(options.estimate.tolerance, 1e-4))
+
+        def refit(target: Objective, start: torch.Tensor) -> Outcome:
+            return maximise(target, start, loose, lower, upper)
+
+        draws = options.errors.draws
+        chosen, failed = bootstrap_covariance(
+            objective, outcome.theta, refit, draws, options.seed, clusters, n_clusters
+        )
+        if failed:
+            warnings.append(
+                f"bootstrap: {failed} of {draws} draws did not converge and are left out"
+            )
+    else:
+        theta = objective.expand(outcome.theta)  # (P_layout,)
+        sampling = options.weights_kind == "sampling"
+        meat = score_meat(objective.model, theta, objective.free, sampling, clusters, n_clusters)
+        chosen = sandwich(cov.double(), meat.cpu())
+    found[kind] = spread(chosen)
+    found["covariance"] = chosen.cpu()
+    return found
+
+
+def _clusters(problem: Problem, errors: ErrorsChoice, device: torch.device):
+    """Each case's cluster (N,) and the number of clusters: the user column by default, or
+    the case column (one case per cluster)."""
+    roles = problem.data.roles
+    column = errors.cluster or roles.user
+    if column is None:
+        raise UsageError("--se cluster clusters by the user column: give --user, or cluster:COL")
+    if column not in (roles.user, roles.case):
+        raise UsageError(
+            f"--se cluster:{column}: clusters are the user column ({roles.user}) or the case "
+            f"column ({roles.case})"
+        )
+    data = problem.data
+    if column == roles.case:
+        return torch.arange(data.n_cases, device=device), data.n_cases
+    if data.n_users < 2:
+        raise ModelError(
+            f"--se cluster: the user column {column!r} holds {data.n_users} user; clustered "
+            "errors need at least 2 clusters"
+        )
+    return data.user_of_case.to(device), data.n_users
+
+
+def _null_tests(statistics: dict, n_items: int) -> dict:
+    """Likelihood-ratio tests against equal shares (df: the parameters) and against market
+    shares (df: the parameters less J - 1 intercepts), with chi-squared p-values."""
+    value, n_parameters = statistics["log_likelihood"], statistics["n_parameters"]
+    found = {}
+    for name, null, df in (
+        ("equal_shares", statistics["null_log_likelihood"], n_parameters),
+        ("market_shares", statistics["shares_log_likelihood"], n_parameters - (n_items - 1)),
+    ):
+        if null is None or df < 1:
+            found[f"lr_{name}"] = None
+            continue
+        chi_squared = 2.0 * (value - null)
+        half = torch.tensor([df / 2.0, max(chi_squared, 0.0) / 2.0], dtype=torch.float64)
+        p_value = float(torch.special.gammaincc(half[0], half[1]))  # upper tail of chi2(df)
+        found[f"lr_{name}"] = {"chi_squared": chi_squared, "df": df, "p_value": p_value}
+    return found
+
+
+def _condition_number(objective: Objective, outcome: Outcome, options: FitOptions) -> float | None:
+    """The ratio of the largest to the smallest eigenvalue of -H at the optimum (None when
+    the Hessian was not formed)."""
+    if outcome.hessian is None or outcome.theta.numel() > options.estimate.max_newton_parameters:
+        return None
+    eigenvalues = torch.linalg.eigvalsh(-outcome.hessian.double().cpu())  # (P,) ascending
+    if not bool(eigenvalues[0] > 0):
+        return None  # not negative definite: see the warning
+    return float(eigenvalues[-1] / eigenvalues[0])
 
 
 def _outcome_warnings(
@@ -279,7 +437,14 @@ def _spec_document(problem: Problem, options: FitOptions) -> dict:
     return spec_document(
         replace(problem.spec, nests=problem.nests, base=base),
         terms=terms,
-        options={**asdict(options.estimate), "device": options.device, "strict": options.strict},
+        options={
+            **asdict(options.estimate),
+            "device": options.device,
+            "strict": options.strict,
+            "standard_errors": asdict(options.errors),
+            "seed": options.seed,
+            "weights_kind": options.weights_kind,
+        },
     )
 
 

@@ -66,6 +66,11 @@ def _load(directory: Path) -> FitResult:
         identified=tensors["identified"].bool(),
         covariance=tensors["covariance"],
         estimated_index=tensors["estimated_index"],
+        std_errors={
+            name.removeprefix("std_error_"): values
+            for name, values in tensors.items()
+            if name.startswith("std_error_")
+        },
         fit=document["fit"],
         warnings=document.get("warnings", []),
         provenance=document.get("provenance", {}),

@@ -77,6 +77,26 @@ def plural(count: int, singular: str, plural_form: str | None = None) -> str:
     return f"{count:,} {word}"
 
 
+def _inference_row(fit: dict) -> tuple[str, str]:
+    """The tests against the null, the optimum's gradient and curvature, and which standard
+    errors the table shows (and which weights apply)."""
+    tests = [
+        f"LR chi2 {test['chi_squared']:.1f} (df {test['df']}, p {format_p(test['p_value'])}) "
+        f"against {name.replace('_', ' ')}"
+        for name in ("equal_shares", "market_shares")
+        if (test := fit.get(f"lr_{name}"))
+    ]
+    condition = fit.get("hessian_condition_number")
+    if fit.get("gradient_norm") is not None:
+        tests.append(f"gradient norm {fit['gradient_norm']:.3g}")
+    if condition is not None:
+        tests.append(f"Hessian condition number {condition:.3g}")
+    kind = fit.get("standard_errors", "classic")
+    weights = fit.get("weights_kind")
+    tests.append(f"standard errors: {kind}" + (f", {weights} weights" if weights else ""))
+    return "tests", "; ".join(tests)
+
+
 def text_width(
     is_terminal: bool, terminal_width: int, environ: Mapping[str, str] | None = None
 ) -> int | None:
@@ -499,6 +519,7 @@ def fit_summary(
             f"{plural(fit['n_parameters'], 'parameter')}",
         )
     )
+    facts.append(_inference_row(fit))
     out: list[Text] = []
     for label, value in facts:
         pad = " " * FACT_WIDTH

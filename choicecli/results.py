@@ -65,6 +65,9 @@ class FitResult:
     warnings: list[str] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
     fit_id: str = ""  # one random id per fit, in each of its files; set when first saved
+    # every kind of standard error computed (classic, robust, cluster, bootstrap), (P,) each;
+    # std_error is the one fit['standard_errors'] names
+    std_errors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def coefficient_table(self) -> pl.DataFrame:
         """One row per parameter; z and p test 0, except for lambda, where they test 1.
@@ -99,9 +102,13 @@ class FitResult:
         frame = pl.DataFrame(columns).with_columns(
             [pl.col(name).fill_nan(None) for name in numbers]
         )
+        kinds = {  # std_error_classic, std_error_robust, ... after the fixed columns
+            f"std_error_{kind}": pl.Series(values.double().cpu().numpy()).fill_nan(None)
+            for kind, values in sorted(self.std_errors.items(), key=_classic_first)
+        }
         return frame.select(
             [pl.col(name).cast(dtype) for name, dtype in COEFFICIENT_COLUMNS.items()]
-        )
+        ).with_columns(**kinds)
 
     def _at_bound(self, estimate: torch.Tensor, free_lambda: torch.Tensor) -> torch.Tensor:
         """(P,) bool: free lambdas on their lower or upper bound; other terms have no bounds."""
@@ -150,6 +157,9 @@ class FitResult:
             "identified": self.identified.to(torch.uint8).cpu().contiguous(),
             "covariance": self.covariance.double().cpu().contiguous(),
             "estimated_index": self.estimated_index.long().cpu().contiguous(),
+        } | {
+            f"std_error_{kind}": values.double().cpu().contiguous()
+            for kind, values in self.std_errors.items()
         }
         with replacing_model(Path(directory)) as temp:
             text = json.dumps(document, indent=2, default=str) + "\n"
@@ -159,6 +169,11 @@ class FitResult:
             del payload
             with open(temp / COEFFICIENTS_FILE, "wb") as handle:
                 write_parquet(self.coefficient_table(), handle, metadata)
+
+
+def _classic_first(item: tuple[str, torch.Tensor]) -> tuple[bool, str]:
+    """The order of the std_error_<kind> columns, whatever order the tensors were read in."""
+    return item[0] != "classic", item[0]
 
 
 def _write_file(path: Path, payload: bytes) -> None:

@@ -157,3 +157,49 @@ class ConditionalLogit:
         hessian = conditional_hessian(self, probability)
         self._last_hessian = (theta.clone(), hessian)
         return hessian
+
+    # -- per-case scores and weights (inference.py) --------------------------------------------
+    def case_scores(self, theta: torch.Tensor, cases: slice | None = None) -> torch.Tensor:
+        """Gradient of each case's log-probability of its choice, unweighted: sum over the
+        case's slots of (y - p) dV/dtheta. (C, P) for the cases of `cases` (default all)."""
+        store, n_items = self.store, self.n_items
+        cases = slice(0, self.n_cases) if cases is None else cases
+        n_cases = cases.stop - cases.start
+        if store.dense:
+            slots = slice(cases.start * n_items, cases.stop * n_items)
+            jacobian = store.jacobian(cases)  # (s, P + 1)
+            local_case = torch.arange(jacobian.shape[0], device=theta.device) // n_items  # (s,)
+        else:
+            slots = slice(int(store.case_start[cases.start]), int(store.case_start[cases.stop]))
+            jacobian = _ragged_jacobian(store, slots)  # (s, P + 1)
+            local_case = store.case_index[slots] - cases.start  # (s,)
+        utility = jacobian @ torch.cat([theta, theta.new_zeros(1)])  # (s,) linear in theta
+        if store.mask is not None:
+            utility = utility.masked_fill(~store.mask[slots], -torch.inf)
+        normaliser = segment_logsumexp(utility, local_case, n_cases)  # (C,)
+        residual = -torch.exp(utility - normaliser[local_case])  # (s,) y - p, y added below
+        residual[store.chosen_slot[cases] - slots.start] += 1.0
+        scores = theta.new_zeros(n_cases, jacobian.shape[1])  # (C, P + 1)
+        scores.index_add_(0, local_case, residual[:, None] * jacobian)
+        return scores[:, :-1]
+
+    def set_case_weights(self, case_weights: torch.Tensor | None) -> None:
+        """Weight the cases anew (a bootstrap resample's counts; None: every case 1); the
+        cached probabilities and Hessian go, subsamples too."""
+        self.weighted = case_weights is not None
+        self.case_weights = ones_unless_given(case_weights, self.n_cases, self.store.columns.device)
+        self._last = (None, None)
+        self._last_hessian = (None, None)
+        self._subsamples.clear()
+
+
+def _ragged_jacobian(store: ColumnStore, slots: slice) -> torch.Tensor:
+    """d utility / d theta for a run of slots of the ragged layout. (s, P + 1), the last
+    column collects nothing"""
+    n_slots = slots.stop - slots.start
+    jacobian = store.columns.new_zeros(n_slots, store.n_parameters + 1)  # (s, P + 1)
+    constant = store.columns[: store.n_constant, slots].T  # (s, Fc)
+    jacobian.index_add_(1, store.constant_index, constant)
+    for block in store.other_blocks:
+        jacobian.scatter_add_(1, block.layout_index[block.code[slots]], block.x[slots])
+    return jacobian

@@ -66,6 +66,16 @@ class NestedLogit:
     def log_probabilities(self, theta: torch.Tensor) -> torch.Tensor:  # (R,)
         raise NotImplementedError
 
+    def set_case_weights(self, case_weights: torch.Tensor | None) -> None:
+        """Weight the cases anew (a bootstrap resample's counts; None: every case 1)."""
+        self.weighted = case_weights is not None
+        device = self.lambda_index.device
+        self.case_weights = ones_unless_given(case_weights, self.n_cases, device)
+        self.forget()
+
+    def forget(self) -> None:
+        """Drop what was cached for the old case weights (none here)."""
+
 
 def _user_of_case(blocks: list[Block], case_index: torch.Tensor, n_cases: int) -> torch.Tensor:
     """Each case's user, read from a per-user block's row codes. (N,)"""

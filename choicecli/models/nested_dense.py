@@ -178,6 +178,45 @@ class DenseNestedLogit(NestedLogit):
             sums.add(left, right, users)
         return sums.hessian(self.n_parameters)
 
+    def forget(self) -> None:
+        """Drop the state and subsamples made with the old case weights."""
+        self._last_state = (None, None)
+        self._subsamples.clear()
+
+    def case_scores(self, theta: torch.Tensor, cases: slice | None = None) -> torch.Tensor:
+        """Gradient of each case's log-probability of its choice, unweighted: the terms of
+        value_and_gradient per case (see the derivatives below). (C, P)"""
+        cases = slice(0, self.n_cases) if cases is None else cases
+        n_cases, n_items, width = cases.stop - cases.start, self.n_items, self.n_parameters + 1
+        scaled, inclusive, upper, normaliser = self._terms(theta, cases)
+        nest, lambdas = self.nest_of_item, theta[self.lambda_index]  # (J,), (M,)
+        offered = torch.isfinite(scaled)  # (C, J)
+        within = torch.exp(scaled - inclusive[:, nest])  # (C, J) q
+        share = torch.exp(upper - normaliser[:, None])  # (C, M) P
+        scaled = scaled.masked_fill(~offered, 0.0)
+        mean_scaled = torch.zeros_like(inclusive).index_add_(1, nest, within * scaled)  # (C, M)
+        item = self.chosen_item[cases]  # (C,)
+        chosen_nest = nest[item]  # (C,)
+        rows = torch.arange(n_cases, device=theta.device)
+        in_chosen = (nest[None, :] == chosen_nest[:, None]).to(theta.dtype)  # (C, J)
+        upper_part = (in_chosen - share[:, nest]) * within  # (C, J) coefficient of dW
+        lower_part = -in_chosen * within
+        lower_part[rows, item] += 1.0
+        lower_part = lower_part / lambdas[nest]
+        d_item = self.item_store.jacobian(cases).view(n_cases, n_items, width)  # (C, J, P+1)
+        scores = torch.bmm((lower_part + upper_part)[:, None, :], d_item)[:, 0]  # (C, P+1)
+        if self.nest_store.n_features:
+            d_nest = self.nest_store.jacobian(cases).view(n_cases, n_items, width)
+            scores += torch.bmm(upper_part[:, None, :], d_nest)[:, 0]
+        one_hot = torch.zeros_like(share)
+        one_hot[rows, chosen_nest] = 1.0  # (C, M)
+        per_nest = (one_hot - share) * (inclusive - mean_scaled)  # (C, M)
+        per_nest[rows, chosen_nest] += (
+            mean_scaled[rows, chosen_nest] - scaled[rows, item]
+        ) / lambdas[chosen_nest]
+        scores.index_add_(1, self.lambda_index, per_nest)
+        return scores[:, :-1]
+
     # -- analytic derivatives ---------------------------------------------------------------
     # Per case with chosen i in nest k: l = s_i - I_k + T_k - L, where s_j = V_j / lambda_m(j),
     # I_m = logsumexp_{j in m} s_j, T_m = W_m + lambda_m I_m, L = logsumexp_m T_m. With

@@ -58,6 +58,8 @@ class RaggedNestedLogit(NestedLogit):
                                device=case_index.device)  # fmt: skip
         numbers = torch.arange(self.n_rows, device=case_index.device)
         self.first_row_of_pair = first_row.scatter_reduce(0, self.pair_of_row, numbers, "amin")
+        # the last per-case scores (unweighted: case weights leave them as they are)
+        self._scores: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
 
     def subsample(self, every: int) -> None:
         """Not available on sparse choice sets (`can_subsample` is False)."""
@@ -87,15 +89,48 @@ class RaggedNestedLogit(NestedLogit):
             (gradient,) = torch.autograd.grad(value, point)
         return value.detach(), gradient
 
+    def forget(self) -> None:
+        """New case weights: the dense model made for the Hessian follows them."""
+        if self._grid is not None:
+            self._grid.set_case_weights(self.case_weights if self.weighted else None)
+
     def hessian(self, theta: torch.Tensor) -> torch.Tensor:  # (P, P)
         if self._rows is not None:
             if self._grid is None:
                 from choicecli.models.nested_dense import DenseNestedLogit
 
                 self._grid = DenseNestedLogit(self._rows)
+                self._grid.set_case_weights(self.case_weights if self.weighted else None)
             return self._grid.hessian(theta)
         vectorize = vectorized_hessian(self.n_rows, self.n_parameters)
         with torch.enable_grad():
             return torch.autograd.functional.hessian(
                 self.log_likelihood, theta.detach(), vectorize=vectorize
             )
+
+    def case_scores(self, theta: torch.Tensor, cases: slice | None = None) -> torch.Tensor:
+        """Gradient of each case's log-probability of its choice, unweighted, by forward-mode
+        automatic differentiation over blocks of parameter directions, for every case at
+        once (kept for the next block of cases at the same theta). (C, P)"""
+        kept_theta, kept = self._scores
+        if kept_theta is not None and torch.equal(kept_theta, theta):
+            return kept if cases is None else kept[cases]
+        chosen = self.chosen
+
+        def per_case(point: torch.Tensor) -> torch.Tensor:  # (N,)
+            chosen_log_p = chosen * self.log_probabilities(point)  # (R,)
+            return point.new_zeros(self.n_cases).index_add(0, self.case_index, chosen_log_p)
+
+        def directional(direction: torch.Tensor) -> torch.Tensor:  # (N,)
+            return torch.func.jvp(per_case, (theta,), (direction,))[1]
+
+        n_parameters = theta.shape[0]
+        step = max(1, min(n_parameters, (1 << 22) // max(1, self.n_rows)))
+        basis = torch.eye(n_parameters, dtype=theta.dtype, device=theta.device)  # (P, P)
+        columns = [
+            torch.func.vmap(directional)(basis[first : first + step])  # (p, N)
+            for first in range(0, n_parameters, step)
+        ]
+        scores = torch.cat(columns).T  # (N, P)
+        self._scores = (theta.clone(), scores)
+        return scores if cases is None else scores[cases]

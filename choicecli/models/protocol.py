@@ -35,6 +35,16 @@ class Model(Protocol):
         """The Hessian of the log-likelihood at theta. (P, P)"""
         ...
 
+    def case_scores(self, theta: torch.Tensor, cases: slice | None = None) -> torch.Tensor:
+        """Each case's gradient of its log-probability of its choice, unweighted, for the
+        cases of `cases` (default all): the rows of robust covariance. (C, P)"""
+        ...
+
+    def set_case_weights(self, case_weights: torch.Tensor | None) -> None:
+        """Weight the cases anew (None: every case 1), as a bootstrap resample does; value,
+        gradient and Hessian use them from the next call."""
+        ...
+
     def subsample(self, every: int) -> Model | None:
         """The same model on every `every`-th case (None where `can_subsample` is False)."""
         ...
