@@ -173,6 +173,9 @@ def fit(
     threads: Annotated[
         int | None, typer.Option(envvar="CHOICE_THREADS", help="CPU threads (default: torch's).")
     ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="One line per iteration on stderr.")
+    ] = False,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
@@ -212,6 +215,7 @@ def fit(
             l2=l2,
             strict=strict,
             threads=threads,
+            verbose=verbose,
             argv=sys.argv,
         ),
         stderr_console(quiet),

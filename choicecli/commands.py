@@ -6,16 +6,21 @@ Kept apart from cli.py so every command runs (and is tested) without Typer.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import polars as pl
 from rich.console import Console
 
 from choicecli import __version__
 from choicecli.errors import FormulaError, UsageError
+
+if TYPE_CHECKING:
+    from choicecli.estimate import Iteration
 
 EXIT_NOT_CONVERGED = 3
 
@@ -43,6 +48,7 @@ class FitRequest:
     strict: bool
     argv: list[str]
     threads: int | None = None
+    verbose: bool = False  # one line per iteration on stderr, terminal or not
 
 
 def versions() -> dict[str, str]:
@@ -121,14 +127,22 @@ def run_fit(request: FitRequest, console: Console) -> int:
     if console.is_terminal and not console.quiet:
         with console.status("fitting ...") as status:
 
-            def progress(iteration: int, value: float, norm: float) -> None:
-                status.update(f"iteration {iteration}: log-likelihood {value:.6f}")
+            def progress(iteration: Iteration) -> None:
+                status.update(
+                    f"{iteration.method} iteration {iteration.number}: log-likelihood "
+                    f"{iteration.log_likelihood:.6f} ({iteration.seconds:.1f} s)"
+                )
+                if request.verbose:
+                    _say_iteration(console, iteration)
 
             result, _ = fit_model(
                 frame, spec, options, where=where, progress=progress, consume=True
             )
     else:
-        result, _ = fit_model(frame, spec, options, where=where, consume=True)
+        verbose = None
+        if request.verbose:
+            verbose = functools.partial(_say_iteration, console)
+        result, _ = fit_model(frame, spec, options, where=where, progress=verbose, consume=True)
     result.provenance = {
         "input": str(Path(request.data).resolve()) if request.data != "-" else "-",
         "input_sha256": digest,
@@ -144,6 +158,17 @@ def run_fit(request: FitRequest, console: Console) -> int:
     console.print(fit_summary(result))
     console.print(f"model written to {request.model}/", highlight=False)
     return 0 if result.fit["converged"] else EXIT_NOT_CONVERGED
+
+
+def _say_iteration(console: Console, iteration: Iteration) -> None:
+    """--verbose: one line per iteration (Newton: decrement; L-BFGS: largest |gradient|)."""
+    measure = "decrement" if iteration.method.startswith("newton") else "gradient"
+    console.print(
+        f"{iteration.method} iteration {iteration.number}: log-likelihood "
+        f"{iteration.log_likelihood:.6f}  {measure} {iteration.decrement:.3e}  step "
+        f"{iteration.step:.3g}  {iteration.seconds:.2f} s",
+        markup=False, highlight=False, soft_wrap=True,
+    )  # fmt: skip
 
 
 def select_terms(table: pl.DataFrame, term: str | None, level: str) -> pl.DataFrame:
