@@ -146,7 +146,9 @@ def small_chunks(store):
         ALL_VARIATIONS,  # user terms at case level (x|user) and at alternative level
         "(x|constant) + (1|item) + (w|item) + (z|user) + (1|user)",
         "(z|user-item) + (x|constant)",
-        "(x|constant) + (1|item) + (z|item-full) + (w|item)",  # no user terms
+        "(x|constant) + (1|item) + (z|item-full) + (w|item)",  # no user terms: column loop
+        # no user terms, 5 alternative-level columns: one batched product
+        "(x|constant) + (1|item) + (z|item-full) + (w|item) + (x|item) + (z|item)",
     ],
 )
 def test_conditional_hessian_by_blocks_equals_autograd(monkeypatch, formula, weighted, drop,

@@ -26,6 +26,13 @@ if TYPE_CHECKING:
     from choicecli.models.conditional import ConditionalLogit
 
 
+# dense layouts without user terms: up to this many alternative-level columns, each is
+# multiplied into the columns before it in place (cl_100k's 2: 0.043 s a Hessian against
+# 0.059 s by one batched product, which copies the (F, C, J) grid per alternative); beyond
+# it one batched product is faster (17 columns: 5.6 ms a block of cases against 9.5 ms)
+FEW_ALTERNATIVE_COLUMNS = 4
+
+
 @dataclass(frozen=True)
 class Group:
     """Keys with about the same number of members, their members padded to one length."""
@@ -105,13 +112,31 @@ def _row_part(model: ConditionalLogit, weight: torch.Tensor, n_key_users: int) -
     store = model.store
     n_items, n_features = store.n_items, store.n_features
     sums = weight.new_zeros(n_key_users * n_items, n_features, n_features)
-    if store.dense and n_key_users == 1:
+    if store.dense and n_key_users == 1:  # constant columns first, then alternative-level ones
+        n_constant = store.n_constant
         for slots, cases in store.chunks():
             n_cases = cases.stop - cases.start
             values = store.columns[:, slots]  # (F, s)
-            grid = values.view(n_features, n_cases, n_items).permute(2, 0, 1)  # (J, F, C)
-            weighted = (values * weight[slots]).view(n_features, n_cases, n_items)
-            sums += torch.bmm(weighted.permute(2, 0, 1), grid.transpose(1, 2))  # (J, F, F)
+            weighted = values * weight[slots]  # (F, s)
+            # constant columns: the same parameters under every alternative, one product over
+            # all slots, kept under alternative 0
+            constant = weighted[:n_constant] @ values[:n_constant].T  # (Fc, Fc)
+            sums[0, :n_constant, :n_constant] += constant
+            if n_features == n_constant:
+                continue
+            # alternative-level columns against every column, per alternative
+            grid = values.view(n_features, n_cases, n_items)  # (F, C, J)
+            weighted_grid = weighted.view(n_features, n_cases, n_items)  # (F, C, J)
+            if n_features - n_constant > FEW_ALTERNATIVE_COLUMNS:
+                items = weighted_grid[n_constant:]  # (Fi, C, J)
+                block = torch.einsum("kcj,fcj->jkf", items, grid)  # (J, Fi, F)
+                sums[:, n_constant:, :] += block
+                sums[:, :n_constant, n_constant:] += block[:, :, :n_constant].transpose(1, 2)
+                continue
+            for k in range(n_constant, n_features):  # each column against columns 0..k at once
+                products = (weighted_grid[k] * grid[: k + 1]).sum(dim=1).T  # (J, k+1)
+                sums[:, k, : k + 1] += products
+                sums[:, :k, k] += products[:, :k]
         return sums
     if model.row_groups is None:  # the grouping depends on the data only
         model.row_groups = padded_groups(*_row_keys(model, n_key_users))
