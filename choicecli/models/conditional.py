@@ -48,6 +48,7 @@ class ConditionalLogit:
         # the Hessian's slots grouped by (user, alternative), made on first use (it depends on
         # the data only; see conditional_hessian.py)
         self.row_groups: list[Group] | None = None
+        self.case_groups: list[list[Group]] | None = None  # each block's cases by user
 
     @property
     def layout(self) -> str:

@@ -230,7 +230,11 @@ def _case_part(
     n_compact = n_shared if order is None else order.numel()
     shared_sums = probability.new_zeros(n_shared, n_shared)
     own_sums = probability.new_zeros(n_key_users, n_compact - n_shared, n_compact)
-    for slots, cases in store.chunks():
+    if order is not None and model.case_groups is None:  # the grouping depends on the data
+        model.case_groups = [
+            padded_groups(model.user_of_case[cases], n_key_users) for _, cases in store.chunks()
+        ]
+    for number, (slots, cases) in enumerate(store.chunks()):
         compact = _compact(model, slots, cases, probability[slots])  # (C, Q)
         if order is not None:
             compact = compact[:, order]  # shared columns first: views below, no copies
@@ -239,7 +243,7 @@ def _case_part(
         if order is None:
             continue
         weighted_own = weighted[:, n_shared:]  # (C, Qu)
-        for group in padded_groups(model.user_of_case[cases], n_key_users):
+        for group in model.case_groups[number]:  # the block's cases grouped by user
             left = weighted_own[group.members] * group.real[:, :, None]  # (k, L, Qu)
             products = torch.bmm(left.transpose(1, 2), compact[group.members])  # (k, Qu, Q)
             own_sums.index_add_(0, group.keys, products)
