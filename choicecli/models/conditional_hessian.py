@@ -139,7 +139,11 @@ def _row_part(model: ConditionalLogit, weight: torch.Tensor, n_key_users: int) -
                 sums[:, :k, k] += products[:, :k]
         return sums
     if model.row_groups is None:  # the grouping depends on the data only
-        model.row_groups = padded_groups(*_row_keys(model, n_key_users))
+        model.row_groups = (
+            _dense_row_groups(model, n_key_users)
+            if store.dense
+            else padded_groups(*_row_keys(model, n_key_users))
+        )
     for group in model.row_groups:
         length = group.members.shape[1]
         step = max(1, (1 << 19) // (n_features * length))  # about 512k values at a time
@@ -151,6 +155,22 @@ def _row_part(model: ConditionalLogit, weight: torch.Tensor, n_key_users: int) -
             products = torch.bmm(weighted.permute(1, 0, 2), values.permute(1, 2, 0))
             sums[group.keys[first : first + step]] = products  # (k, F, F) each key once
     return sums
+
+
+def _dense_row_groups(model: ConditionalLogit, n_key_users: int) -> list[Group]:
+    """Dense layouts: the slots of each (user, alternative) key are its user's cases at that
+    alternative, so the cases are grouped by user (N values sorted, not S) and each group
+    spread over the alternatives (slots offering nothing weigh 0). Keys u * J + j."""
+    n_items = model.n_items
+    items = torch.arange(n_items, device=model.store.columns.device)  # (J,)
+    groups = []
+    for group in padded_groups(model.user_of_case, n_key_users):
+        n_users, length = group.members.shape
+        keys = (group.keys[:, None] * n_items + items).reshape(-1)  # (Ku*J,)
+        slots = group.members[:, None, :] * n_items + items[None, :, None]  # (Ku, J, L)
+        real = group.real[:, None, :].expand(n_users, n_items, length)  # (Ku, J, L)
+        groups.append(Group(keys, slots.reshape(-1, length), real.reshape(-1, length)))
+    return groups
 
 
 def _row_keys(model: ConditionalLogit, n_key_users: int) -> tuple[torch.Tensor, int]:
