@@ -205,6 +205,9 @@ def fit(
     threads: Annotated[
         int | None, typer.Option(envvar="CHOICE_THREADS", help="CPU threads (default: torch's).")
     ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="One line per iteration on stderr.")
+    ] = False,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
@@ -260,6 +263,7 @@ def fit(
             seed=seed,
             weights_kind=weights_kind,
             threads=threads,
+            verbose=verbose,
             argv=sys.argv,
             separator=separator,
         ),

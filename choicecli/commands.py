@@ -13,12 +13,16 @@ import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import polars as pl
 from rich.console import Console
 
 from choicecli import __version__, process
 from choicecli.errors import FormulaError, UsageError
+
+if TYPE_CHECKING:
+    from choicecli.estimate import Iteration
 
 EXIT_NOT_CONVERGED = 3
 MAX_ITERATIONS = 1_000_000
@@ -51,6 +55,7 @@ class FitRequest:
     se: str | None = None  # None: classic, or robust with sampling weights
     seed: int = 0
     weights_kind: str = "frequency"
+    verbose: bool = False  # one line per iteration on stderr, terminal or not
 
 
 def versions() -> dict[str, str]:
@@ -188,10 +193,15 @@ def run_fit(request: FitRequest, console: Console) -> int:
         if console.is_terminal and not console.quiet:
             status = stack.enter_context(console.status("fitting ..."))
 
-        def progress(iteration: int, value: float, norm: float) -> None:
+        def progress(iteration: Iteration) -> None:
             process.reached("optimiser")
             if status is not None:
-                status.update(f"iteration {iteration}: log-likelihood {value:.6f}")
+                status.update(
+                    f"{iteration.method} iteration {iteration.number}: log-likelihood "
+                    f"{iteration.log_likelihood:.6f} ({iteration.seconds:.1f} s)"
+                )
+            if request.verbose:
+                _say_iteration(console, iteration)
 
         result, _ = fit_model(frame, spec, options, where=where, progress=progress, consume=True)
     result.provenance = {
@@ -211,6 +221,17 @@ def run_fit(request: FitRequest, console: Console) -> int:
     print_lines(console, fit_summary(result, console_width(console), table))
     console.print(f"model written to {request.model}/", highlight=False, soft_wrap=True)
     return 0 if result.fit["converged"] else EXIT_NOT_CONVERGED
+
+
+def _say_iteration(console: Console, iteration: Iteration) -> None:
+    """--verbose: one line per iteration (Newton: decrement; L-BFGS: largest |gradient|)."""
+    measure = "decrement" if iteration.method.startswith("newton") else "gradient"
+    console.print(
+        f"{iteration.method} iteration {iteration.number}: log-likelihood "
+        f"{iteration.log_likelihood:.6f}  {measure} {iteration.decrement:.3e}  step "
+        f"{iteration.step:.3g}  {iteration.seconds:.2f} s",
+        markup=False, highlight=False, soft_wrap=True,
+    )  # fmt: skip
 
 
 def print_lines(console: Console, lines: list) -> None:

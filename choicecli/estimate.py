@@ -42,6 +42,19 @@ STALE_HESSIAN_DECREMENT = 1e-7
 # up to this many parameters (800 MB)
 ARROWHEAD_NEWTON_PARAMETERS = 10_000
 
+# A runaway (a direction of recession: the log-likelihood rises toward a finite limit as some
+# parameters grow without bound, e.g. a lambda past any sensible value, or separation) shows
+# as RUNAWAY_WINDOW Newton steps in a row whose log-likelihood gains shrink by at least
+# RUNAWAY_GAIN_RATIO each, while the parameters that move keep one direction and their steps
+# do not shrink (at an optimum Newton's steps shrink with the gains, quadratically), until
+# what is left to gain, extrapolated, is below RUNAWAY_GAIN_LEFT relative to the likelihood,
+# or a running parameter passes its ceiling (Objective.ceilings: a lambda past 100)
+RUNAWAY_WINDOW = 4
+RUNAWAY_GAIN_RATIO = 0.8
+RUNAWAY_STEP_RATIO = 0.8  # a moving parameter's step at least this times its previous one
+RUNAWAY_GAIN_LEFT = 1e-6
+RUNAWAY_SHARE = 0.1  # named: parameters that moved at least this share of the largest move
+
 
 @dataclass(frozen=True)
 class EstimateOptions:
@@ -55,6 +68,22 @@ class EstimateOptions:
     l2_penalty: float = 0.0
 
 
+@dataclass(frozen=True)
+class Iteration:
+    """What a progress callback hears after each iteration of the optimiser."""
+
+    number: int  # 1, 2, ... (L-BFGS: each evaluation of the objective)
+    log_likelihood: float  # after the iteration (the objective, with any L2 penalty)
+    decrement: float  # Newton: the decrement at its start; L-BFGS: the largest |gradient|
+    step: float  # Newton: the line search's share of the Newton step (0: none taken);
+    # L-BFGS: the length of the move since the previous evaluation
+    seconds: float  # since the optimiser started
+    method: str  # "newton", "newton (1-in-10 subsample)" or "lbfgs"
+
+
+Progress = Callable[[Iteration], None]
+
+
 @dataclass
 class Outcome:
     theta: torch.Tensor  # (P,)
@@ -66,6 +95,7 @@ class Outcome:
     message: str
     seconds: float
     hessian: torch.Tensor | None = None  # (P, P) of the log-likelihood at theta
+    runaway: list[int] | None = None  # positions in theta of the parameters that ran away
 
 
 class Objective:
@@ -79,6 +109,7 @@ class Objective:
         penalised: torch.Tensor,  # (P,) bool
         l2_penalty: float,
         user_groups: torch.Tensor | None = None,  # (P_layout,) owning user, -1: none
+        ceilings: torch.Tensor | None = None,  # (P,) a runaway past this magnitude stops at once
     ) -> None:
         self.model = model
         self.free = free
@@ -88,13 +119,20 @@ class Objective:
         self.user_groups = user_groups
         # (P,) of the free parameters: their Hessian is block-arrowhead (see arrowhead.py)
         self.groups = None if user_groups is None else user_groups[free]
+        self.ceilings = ceilings
 
     def on(self, model: Model, share: float) -> Objective:
         """The same objective on another model holding `share` of the cases."""
         # the penalty shrinks with the likelihood, so it keeps its weight against it
         penalty = self.l2_penalty * share
         return Objective(
-            model, self.free, self.start, self.penalised.bool(), penalty, self.user_groups
+            model,
+            self.free,
+            self.start,
+            self.penalised.bool(),
+            penalty,
+            self.user_groups,
+            self.ceilings,
         )
 
     def expand(self, theta: torch.Tensor) -> torch.Tensor:  # (P_layout,)
@@ -122,7 +160,7 @@ def maximise(
     options: EstimateOptions,
     lower: torch.Tensor | None = None,
     upper: torch.Tensor | None = None,
-    progress: Callable[[int, float, float], None] | None = None,
+    progress: Progress | None = None,
     warm_start: bool = False,
 ) -> Outcome:
     """Maximise the objective from theta; Newton where the parameter count allows.
@@ -134,20 +172,21 @@ def maximise(
     if method == "auto":
         method = "newton" if size <= newton_limit(objective.model, options) else "lbfgs"
     started = time.perf_counter()
+    report = None if progress is None else _Reporter(progress, started)
     if method == "newton":
         start, first_hessian = theta, None
         if warm_start:
-            start, first_hessian = _warm_start(objective, theta, options, lower, upper)
+            start, first_hessian = _warm_start(objective, theta, options, lower, upper, report)
         objective.model.drop_subsamples()  # the rank check and warm start are done with them
-        outcome = _newton(objective, start, options, lower, upper, progress, first_hessian)
+        outcome = _newton(objective, start, options, lower, upper, report, first_hessian)
         if start is not theta:
             outcome.method = "newton from a 1-in-10 subsample fit"
     else:
-        outcome = _lbfgs(objective, theta, options, lower, upper, progress)
-        if size <= options.max_newton_parameters:
+        outcome = _lbfgs(objective, theta, options, lower, upper, report)
+        if size <= options.max_newton_parameters and outcome.runaway is None:
             # polish with Newton: its Hessian is needed for standard errors anyway, and the
             # Newton decrement is a scale-free convergence test
-            polished = _newton(objective, outcome.theta, options, lower, upper, progress)
+            polished = _newton(objective, outcome.theta, options, lower, upper, report)
             polished.iterations += outcome.iterations
             polished.method = "lbfgs+newton"
             outcome = polished
@@ -179,17 +218,36 @@ def newton_size(n_free: int, groups: torch.Tensor | None) -> int:
 
 def warm_start_applies(model: Model, n_parameters: int) -> bool:
     """Whether Newton should start from a fit on every 10th case (see _warm_start): decided
-    once, before the rank check, which then knows whether Newton starts at theta = 0."""
+    once, before the rank check, which then knows whether Newton starts at theta = 0.
+
+    Never with user-specific terms, by measurement (issue 14, CPU seconds of the whole fit,
+    one thread, warm start forced on against off): the tutorial's conditional logit (10k
+    cases, 100 users) 1.96 against 1.12 s, users_1k (100k cases, 1,000 users) 2.05 against
+    1.29 s, the same optimum either way. A tenth of each user's cases pins its coefficients
+    poorly, so the full fit still needs as many steps, and the subsample's are extra.
+    """
     n_cases = model.n_cases
     return (
         model.can_subsample
-        and not model.by_user
+        and not model.by_user  # measured: slower with user terms, see above
         and n_cases >= WARM_START_CASES
         and n_cases >= WARM_START_EVERY * WARM_START_CASES_PER_PARAMETER * n_parameters
     )
 
 
-def _warm_start(objective, theta, options, lower, upper):
+class _Reporter:
+    """Numbers the iterations across the optimiser's stages and stamps their time."""
+
+    def __init__(self, progress: Progress, started: float) -> None:
+        self.progress = progress
+        self.started = started
+
+    def __call__(self, number, value, decrement, step, method) -> None:
+        seconds = time.perf_counter() - self.started
+        self.progress(Iteration(number, value, decrement, step, seconds, method))
+
+
+def _warm_start(objective, theta, options, lower, upper, report=None):
     """Newton on every 10th case first, when there are many cases per parameter: returns the
     start of the full fit and a Hessian for its first step (or theta and None).
 
@@ -204,7 +262,8 @@ def _warm_start(objective, theta, options, lower, upper):
         return theta, None
     share = float(smaller.case_weights.sum() / objective.model.case_weights.sum())
     loose = replace(options, tolerance=max(options.tolerance, WARM_START_TOLERANCE))
-    outcome = _newton(objective.on(smaller, share), theta, loose, lower, upper, None)
+    label = "newton (1-in-10 subsample)"
+    outcome = _newton(objective.on(smaller, share), theta, loose, lower, upper, report, None, label)
     if not (outcome.converged and torch.isfinite(outcome.theta).all()):
         return theta, None
     scaled = None if outcome.hessian is None else outcome.hessian / share
@@ -270,15 +329,21 @@ def _step(theta, gradient, hessian, lower, upper, groups=None) -> tuple[torch.Te
     return direction, math.sqrt(max(float(gradient @ direction), 0.0))
 
 
-def _newton(objective, theta, options, lower, upper, progress, first_hessian=None) -> Outcome:
+def _newton(
+    objective, theta, options, lower, upper, report, first_hessian=None, label="newton"
+) -> Outcome:
     """Newton with a backtracking line search; `first_hessian` (an approximation) may serve
-    the first step's direction, never a convergence test or the returned Hessian."""
+    the first step's direction, never a convergence test or the returned Hessian. Stops at a
+    runaway (see RUNAWAY_WINDOW), naming the parameters that run away."""
     value, gradient = objective.value_and_gradient(theta)
     message = f"reached the iteration cap ({options.max_iterations}); raise --max-iter"
     converged = False
     hessian = None
     decrement = math.inf
     iteration = 0
+    gains: list[float] = []  # of the accepted steps, for the runaway test
+    moves: list[torch.Tensor] = []  # (P,) each
+    runaway = None
     for iteration in range(1, options.max_iterations + 1):
         borrowed = first_hessian is not None
         hessian = first_hessian if borrowed else objective.hessian(theta)
@@ -287,10 +352,10 @@ def _newton(objective, theta, options, lower, upper, progress, first_hessian=Non
         if borrowed and decrement <= math.sqrt(options.tolerance):  # tests need the real one
             borrowed, hessian = False, objective.hessian(theta)
             direction, decrement = _step(theta, gradient, hessian, lower, upper, objective.groups)
-        if progress:
-            progress(iteration, value, decrement)
         if decrement <= options.tolerance:
             converged, message = True, "gradient norm below tolerance"
+            if report:
+                report(iteration, value, decrement, 0.0, label)
             break
         step, accepted = 1.0, False
         for _ in range(60):
@@ -302,6 +367,9 @@ def _newton(objective, theta, options, lower, upper, progress, first_hessian=Non
                 accepted = True
                 break
             step *= 0.5
+        if report:
+            report(iteration, new_value if accepted else value, decrement,
+                   step if accepted else 0.0, label)  # fmt: skip
         if not accepted and borrowed:
             continue  # the approximation led nowhere: the next iteration takes the real one
         if not accepted:
@@ -313,6 +381,8 @@ def _newton(objective, theta, options, lower, upper, progress, first_hessian=Non
             )
             break
         change = abs(new_value - value) / max(abs(value), 1.0)
+        gains.append(new_value - value)
+        moves.append(candidate - theta)
         theta, value, gradient = candidate, new_value, new_gradient
         if change <= options.relative_tolerance and decrement <= math.sqrt(options.tolerance):
             converged, message = True, "relative change of the log-likelihood below tolerance"
@@ -322,10 +392,59 @@ def _newton(objective, theta, options, lower, upper, progress, first_hessian=Non
             if decrement > STALE_HESSIAN_DECREMENT * math.sqrt(n_cases):
                 hessian = objective.hessian(theta)
             break
-    return Outcome(theta, value, decrement, iteration, converged, "newton", message, 0.0, hessian)
+        runaway = _runaway(gains, moves, value, theta, objective.ceilings)
+        if runaway is not None:
+            message = (
+                "runaway: the log-likelihood approaches a limit while some parameters grow "
+                "without bound (no finite optimum)"
+            )
+            break
+    return Outcome(theta, value, decrement, iteration, converged, "newton", message, 0.0, hessian,
+                   runaway)  # fmt: skip
 
 
-def _lbfgs(objective, theta, options, lower, upper, progress) -> Outcome:
+def _runaway(
+    gains: list[float],
+    moves: list[torch.Tensor],  # (P,) each
+    value: float,
+    theta: torch.Tensor,  # (P,)
+    ceilings: torch.Tensor | None,  # (P,)
+) -> list[int] | None:
+    """Positions of the parameters running away along a direction of recession, or None.
+
+    The last RUNAWAY_WINDOW steps each gained at most RUNAWAY_GAIN_RATIO of the one before,
+    while the parameters that moved most kept their direction and did not slow down; and
+    either the gains, summed on, leave less than RUNAWAY_GAIN_LEFT relative to gain, or one
+    of those parameters is past its ceiling.
+    """
+    if len(gains) < RUNAWAY_WINDOW:
+        return None
+    recent = torch.tensor(gains[-RUNAWAY_WINDOW:], dtype=torch.float64)  # (W,)
+    if not bool((recent > 0).all()):
+        return None
+    ratios = recent[1:] / recent[:-1]  # (W - 1,)
+    ratio = float(ratios.max())
+    if ratio > RUNAWAY_GAIN_RATIO:
+        return None
+    left = float(recent[-1]) * ratio / (1.0 - ratio)  # what the gains, summed on, still add
+    settled = left <= RUNAWAY_GAIN_LEFT * max(1.0, abs(value))
+    steps = torch.stack(moves[-RUNAWAY_WINDOW:]).cpu()  # (W, P)
+    moved = steps.abs().sum(dim=0)  # (P,)
+    largest = moved.max()
+    if not float(largest) > 0:
+        return None
+    keeps_direction = (torch.sign(steps) == torch.sign(steps[-1])).all(dim=0) & (steps[-1] != 0)
+    keeps_pace = (steps[1:].abs() >= RUNAWAY_STEP_RATIO * steps[:-1].abs()).all(dim=0)
+    running = (moved >= RUNAWAY_SHARE * largest) & keeps_direction & keeps_pace  # (P,)
+    if not bool(running[moved.argmax()]):  # the largest move slows down: converging
+        return None
+    past = False
+    if ceilings is not None:
+        past = bool((running & (theta.cpu().abs() >= ceilings.cpu())).any())
+    return running.nonzero().flatten().tolist() if settled or past else None
+
+
+def _lbfgs(objective, theta, options, lower, upper, report) -> Outcome:
     """L-BFGS with strong-Wolfe line search on the negative log-likelihood."""
     point = theta.clone().requires_grad_(True)
     optimiser = torch.optim.LBFGS(
@@ -338,16 +457,19 @@ def _lbfgs(objective, theta, options, lower, upper, progress) -> Outcome:
         line_search_fn="strong_wolfe",
     )
     evaluations = 0
+    previous = None  # (P,) the point of the previous evaluation
 
     def closure() -> torch.Tensor:
-        nonlocal evaluations
+        nonlocal evaluations, previous
         evaluations += 1
         optimiser.zero_grad()
         with torch.no_grad():
             value, gradient = objective.value_and_gradient(_clip(point.detach(), lower, upper))
         point.grad = -gradient
-        if progress:
-            progress(evaluations, value, float(gradient.abs().max()))
+        if report:
+            moved = 0.0 if previous is None else float((point.detach() - previous).norm())
+            report(evaluations, value, float(gradient.abs().max()), moved, "lbfgs")
+        previous = point.detach().clone()
         return torch.tensor(-value, dtype=point.dtype)
 
     optimiser.step(closure)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import polars as pl
@@ -16,6 +15,7 @@ from choicecli.estimate import (
     EstimateOptions,
     Objective,
     Outcome,
+    Progress,
     covariance,
     maximise,
     newton_size,
@@ -32,6 +32,8 @@ from choicecli.models import Model
 from choicecli.problem import ModelSpec, Problem, build_problem
 from choicecli.results import FitResult
 from choicecli.spec import spec_document
+
+LAMBDA_CEILING = 100.0  # a lambda running away (see estimate._runaway) stops the fit past this
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ def fit_model(
     options: FitOptions,
     *,
     where: str,
-    progress: Callable[[int, float, float], None] | None = None,
+    progress: Progress | None = None,
     consume: bool = False,
 ) -> tuple[FitResult, Problem]:
     """Everything between a read table and a FitResult.
@@ -128,6 +130,9 @@ def fit_model(
     statistics["hessian_condition_number"] = _condition_number(objective, outcome, options)
     statistics["standard_errors"] = options.errors.kind if cov.numel() else "none"
     statistics["weights_kind"] = options.weights_kind if problem.spec.roles.weights else None
+    if outcome.runaway is not None:
+        statistics["stopped"] = "runaway"
+        statistics["runaway"] = [_name(problem, int(free[i])) for i in outcome.runaway]
     statistics["seconds"] = round(time.perf_counter() - started, 4)
     statistics["device"] = str(device)
     result = FitResult(
@@ -163,8 +168,10 @@ def _objective(
     free_mask[unidentified] = False
     free = free_mask.nonzero().flatten()
     penalised = torch.ones(free.numel(), dtype=torch.bool)
+    ceilings = None  # a lambda running away past 100 stops the fit at once
     if problem.lambda_index is not None:
         penalised = ~torch.isin(free, problem.lambda_index)
+        ceilings = torch.where(penalised, math.inf, LAMBDA_CEILING).double().to(device)
     objective = Objective(
         model,
         free.to(device),
@@ -172,6 +179,7 @@ def _objective(
         penalised.to(device),
         l2_penalty,
         _user_groups(problem, device),
+        ceilings,
     )
     return objective, free
 
@@ -359,9 +367,36 @@ def _outcome_warnings(
         if strict:
             raise ModelError(f"--strict: {message}")
         found.append(message)
-    if not outcome.converged:
+    if outcome.runaway is not None:
+        found.append(_runaway_warning(problem, [int(free[i]) for i in outcome.runaway]))
+    elif not outcome.converged:
         found.append(f"the fit did not converge: {outcome.message}")
     return found + _lambda_warnings(problem, estimate)
+
+
+def _name(problem: Problem, index: int) -> str:
+    """A parameter as the coefficient table shows it: its term, then its alternative or nest
+    and its user, e.g. lambda:a or cost[user]:u7."""
+    parameter = problem.parameters[index]
+    owners = [owner for owner in (parameter.item, parameter.user) if owner is not None]
+    return ":".join([parameter.term, *owners])
+
+
+def _runaway_warning(problem: Problem, running: list[int]) -> str:
+    """Which parameters run away, and what to do: bound lambda, or drop a term."""
+    names = [_name(problem, i) for i in running]
+    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    verb = "grows" if len(names) == 1 else "grow"
+    lambdas = set() if problem.lambda_index is None else set(problem.lambda_index.tolist())
+    if any(i in lambdas for i in running):
+        advice = "bound the lambdas, e.g. --lambda-bounds 0.01,1"
+    else:
+        terms = sorted({problem.parameters[i].term for i in running})
+        advice = f"drop or merge the term{'s' if len(terms) > 1 else ''} {', '.join(terms)}"
+    return (
+        f"the fit did not converge: {shown} {verb} without bound while the log-likelihood "
+        f"approaches a limit (no finite optimum); {advice}"
+    )
 
 
 def _statistics(problem: Problem, outcome, n_estimated: int) -> dict:

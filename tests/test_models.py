@@ -99,6 +99,86 @@ def test_conditional_logit_gradient_and_hessian_match_autograd(formula, weighted
     assert float(value) == pytest.approx(float(model.log_likelihood(theta)), abs=1e-12)
 
 
+def skewed_users_frame(n_cases: int = 90, n_items: int = 4, drop: float = 0.0) -> pl.DataFrame:
+    """Random cases of 7 users with 1 to 40 cases each (several padded size classes in the
+    Hessian's grouping), every alternative offered unless `drop` > 0."""
+    generator = torch.Generator().manual_seed(11)
+    sizes = [1, 2, 3, 5, 9, 30, n_cases - 50]
+    user_of_case = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    user_of_case = user_of_case[torch.randperm(n_cases, generator=generator)]  # interleaved
+    case = torch.arange(n_cases).repeat_interleave(n_items)
+    item = torch.arange(n_items).repeat(n_cases)
+    offered = torch.rand(n_cases * n_items, generator=generator) >= drop
+    offered |= item < 2  # every case offers at least two alternatives
+    utility = torch.randn(n_cases * n_items, generator=generator)
+    utility[~offered] = -math.inf
+    chosen = utility.view(n_cases, n_items).argmax(dim=1)  # random choices among the offered
+    frame = pl.DataFrame(
+        {
+            "case": case.numpy(),
+            "item": [f"i{j}" for j in item.tolist()],
+            "choice": (item == chosen[case]).long().numpy(),
+            "user": [f"u{u}" for u in user_of_case[case].tolist()],
+            "x": torch.randn(n_cases * n_items, generator=generator).numpy(),
+            "z": torch.randn(n_cases * n_items, generator=generator).numpy(),
+            "w": torch.randn(n_cases, generator=generator)[case].numpy(),
+            "weight": (0.5 + torch.rand(n_cases, generator=generator))[case].numpy(),
+        }
+    )
+    return frame.filter(pl.Series(offered.numpy()))
+
+
+def small_chunks(store):
+    """A store's blocks of cases, 23 at a time: several blocks even on small data."""
+    for first in range(0, store.n_cases, 23):
+        last = min(first + 23, store.n_cases)
+        if store.dense:
+            yield slice(first * store.n_items, last * store.n_items), slice(first, last)
+        else:
+            yield slice(store.case_start[first], store.case_start[last]), slice(first, last)
+
+
+@pytest.mark.parametrize("drop, threshold", [(0.0, 0.0), (0.3, 0.0), (0.3, 2.0)])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize(
+    "formula",
+    [
+        ALL_VARIATIONS,  # user terms at case level (x|user) and at alternative level
+        "(x|constant) + (1|item) + (w|item) + (z|user) + (1|user)",
+        "(z|user-item) + (x|constant)",
+        "(x|constant) + (1|item) + (z|item-full) + (w|item)",  # no user terms: column loop
+        # no user terms, 5 alternative-level columns: one batched product
+        "(x|constant) + (1|item) + (z|item-full) + (w|item) + (x|item) + (z|item)",
+    ],
+)
+def test_conditional_hessian_by_blocks_equals_autograd(monkeypatch, formula, weighted, drop,
+                                                       threshold):  # fmt: skip
+    """The batched Hessian (rows grouped by (user, alternative) in padded tables, cases by
+    user within each block of cases) on full, padded and ragged layouts, users with 1 to 40
+    cases, many blocks of cases: autograd's to 1e-10 relative."""
+    from choicecli.models import ColumnStore, ConditionalLogit, HandedRows
+
+    monkeypatch.setattr(ColumnStore, "chunks", small_chunks)
+    roles = Roles(case="case", item="item", choice="choice", user="user",
+                  weights="weight" if weighted else None)  # fmt: skip
+    problem = problem_for(skewed_users_frame(drop=drop), formula, roles=roles)
+    data = problem.data
+    rows = HandedRows(data.case_index, data.item_index, data.chosen)
+    store = ColumnStore(problem.item_blocks, len(problem.parameters), rows, data.n_cases,
+                        data.n_items, dense_threshold=threshold)  # fmt: skip
+    expected_layout = "full" if drop == 0.0 else "padded" if threshold == 0.0 else "ragged"
+    assert store.layout == expected_layout
+    model = ConditionalLogit(store, data.user_of_case, data.case_weights)
+    theta = random_theta(len(problem.parameters), seed=17)
+    auto_hessian = torch.func.hessian(model.log_likelihood)(theta)
+    for _ in range(2):  # the second call reuses the cached grouping
+        model._last_hessian = (None, None)
+        hessian = model.hessian(theta)
+        error = float((hessian - auto_hessian).abs().max() / auto_hessian.abs().max())
+        assert error <= 1e-10
+    assert torch.equal(hessian, hessian.T) or torch.allclose(hessian, hessian.T, rtol=1e-12)
+
+
 def assert_gradient_matches_differences(model, theta: torch.Tensor, step: float = 1e-6) -> None:
     """Every gradient entry against a central difference of the log-likelihood."""
     _, gradient = model.value_and_gradient(theta)

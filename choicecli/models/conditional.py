@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from choicecli.models.conditional_hessian import conditional_hessian
+from choicecli.models.conditional_hessian import Group, conditional_hessian
 from choicecli.models.segments import segment_logsumexp
 from choicecli.models.slots import ColumnStore, ones_unless_given
 
@@ -45,6 +45,10 @@ class ConditionalLogit:
         self._last: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
         self._probability_buffer: torch.Tensor | None = None  # (S,) dense value_and_gradient
         self._last_hessian: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        # the Hessian's slots grouped by (user, alternative), made on first use (it depends on
+        # the data only; see conditional_hessian.py)
+        self.row_groups: list[Group] | None = None
+        self.case_groups: list[list[Group]] | None = None  # each block's cases by user
 
     @property
     def layout(self) -> str:
