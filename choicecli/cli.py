@@ -177,6 +177,26 @@ def fit(
     threads: Annotated[
         int | None, typer.Option(envvar="CHOICE_THREADS", help="CPU threads (default: torch's).")
     ] = None,
+    random: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Mixed logit: TERM=DISTRIBUTION, e.g. 'price[constant]=normal' (repeatable; "
+            "normal, lognormal, uniform, triangular, truncated_normal)."
+        ),
+    ] = None,
+    draws: Annotated[int | None, typer.Option(help="Draws per user or case (default 500).")] = (
+        None
+    ),
+    draw_kind: Annotated[
+        str | None, typer.Option(help="halton (default), sobol, mlhs or pseudo.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the draws (default 0).")] = None,
+    correlated: Annotated[
+        bool, typer.Option(help="Mixed logit: a full Cholesky factor among the normal ones.")
+    ] = False,
+    draw_batch: Annotated[
+        int | None, typer.Option(help="Draws per batch (default: from a memory budget).")
+    ] = None,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
@@ -218,6 +238,12 @@ def fit(
             threads=threads,
             argv=sys.argv,
             separator=separator,
+            random=tuple(random or ()),
+            draws=draws,
+            draw_kind=draw_kind,
+            seed=seed,
+            correlated=correlated,
+            draw_batch=draw_batch,
         ),
         stderr_console(quiet),
     )

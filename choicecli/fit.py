@@ -22,7 +22,7 @@ from choicecli.estimate import (
 )
 from choicecli.identify import data_reasons, separating_terms, unidentified_parameters
 from choicecli.models import Model
-from choicecli.problem import ModelSpec, Problem, build_problem
+from choicecli.problem import ModelSpec, Problem, build_problem, dense_design
 from choicecli.results import FitResult
 from choicecli.spec import spec_document
 
@@ -35,6 +35,7 @@ class FitOptions:
     device: str = "auto"
     strict: bool = False
     standard_errors: bool = True
+    draw_batch: int | None = None  # mixed logit: draws per batch (None: from a memory budget)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -71,6 +72,8 @@ def fit_model(
     started = time.perf_counter()
     device = resolve_device(options.device)
     problem = build_problem(frame, spec, where, consume=consume)
+    if problem.mixed is not None:
+        return _fit_mixed(problem, options, device, started), problem
     reasons = data_reasons(problem)  # read from the rows before a model may take them over
     # the rank check runs on the CPU; the conditional logit there is the fit's own model
     reusable = not problem.nested and device.type == "cpu"
@@ -308,3 +311,136 @@ def _lambda_warnings(problem: Problem, estimate: torch.Tensor) -> list[str]:
                 "utility maximisation for all values of the data"
             )
     return found
+
+
+# -- mixed logit ------------------------------------------------------------------------------
+
+# fewer draws per unit than this times the random coefficients: a warning with advice
+MIN_DRAWS_PER_RANDOM = 25
+
+
+def _fit_mixed(
+    problem: Problem, options: FitOptions, device: torch.device, started: float
+) -> FitResult:
+    """A mixed logit: the formula's identification as for the conditional logit (the means),
+    then simulated maximum likelihood by the core's fit_mixed (L-BFGS, then Newton steps with
+    the exact Hessian), standard errors from that Hessian."""
+    from choicecli.models import mixed
+
+    layout, spec, data = problem.mixed, problem.spec, problem.data
+    if data.case_weights is not None:
+        raise UsageError("--weights is not supported by the mixed logit yet; drop --weights")
+    warnings = list(problem.warnings)
+    reasons = data_reasons(problem)
+    model = problem.model(torch.device("cpu"))  # the conditional logit of the means
+    unidentified = unidentified_parameters(problem, warnings, reasons, model, False)
+    _check_random_identified(problem, unidentified, reasons, warnings)
+    n_random = len(layout.means)
+    if spec.draws < MIN_DRAWS_PER_RANDOM * n_random:
+        warnings.append(
+            f"--draws {spec.draws} is few for {n_random} random coefficients: the estimates "
+            "carry simulation noise (see the simulation's standard error in the summary); use "
+            f"--draws {MIN_DRAWS_PER_RANDOM * n_random} or more"
+        )
+    if warnings and options.strict:
+        raise ModelError(f"--strict: {warnings[0]}")
+    warnings = list(problem.notes) + warnings
+    skipped = set(unidentified) | set(layout.means)
+    fixed_positions = [
+        p for p in range(len(problem.parameters)) if not problem.fixed[p] and p not in skipped
+    ]
+    n_fixed = len(fixed_positions)
+    mixed_spec = mixed.MixedSpec(n_fixed, layout.distributions, layout.correlated)
+    design = dense_design(problem, fixed_positions + layout.means).to(device)  # (R, K)
+    units = None
+    if data.user_of_case is not None:  # panel: draws per user (codes 0 .. U-1 of those here)
+        units = torch.unique(data.user_of_case, return_inverse=True)[1].to(device)  # (N,)
+    table = mixed.mixed_data(
+        design[:, :n_fixed], design[:, n_fixed:], data.case_index.to(device),
+        data.chosen.to(device), units,
+    )  # fmt: skip
+    del design
+    problem.release_values()
+    draws = mixed.make_draws(
+        mixed_spec, table.n_units, spec.draws, spec.draw_kind, spec.seed, device=device
+    )  # (U, R, Kr)
+    fitted = mixed.fit_mixed(
+        mixed_spec, table, draws, draw_batch=options.draw_batch,
+        max_iterations=options.estimate.max_iterations,
+    )  # fmt: skip
+    n_layout = len(problem.parameters)
+    order = torch.tensor(
+        fixed_positions + layout.means + list(range(n_layout, n_layout + len(layout.extra)))
+    )  # (P_mixed,) layout position of each of the core's parameters
+    estimate = torch.cat([problem.start, torch.zeros(len(layout.extra), dtype=torch.float64)])
+    estimate[order] = fitted.theta.cpu()
+    estimate[unidentified] = math.nan
+    std_error = torch.full_like(estimate, math.nan)
+    cov = torch.zeros(0, 0, dtype=torch.float64)
+    if options.standard_errors:
+        cov, definite = covariance(fitted.hessian.cpu(), None)
+        if not definite:
+            warnings.append(
+                "the Hessian at the optimum is not negative definite: some coefficients are "
+                "weakly identified; their standard errors are unreliable"
+            )
+        std_error[order] = cov.diagonal().clamp_min(0).sqrt()
+    if not fitted.converged:
+        warnings.append(
+            "the fit did not converge: the largest gradient entry is "
+            f"{float(fitted.gradient.abs().max()):.3g}; raise --max-iter or --draws"
+        )
+    identified = torch.ones(estimate.numel(), dtype=torch.bool)
+    identified[unidentified] = False
+    outcome = Outcome(
+        theta=fitted.theta,
+        log_likelihood=fitted.log_likelihood,
+        gradient_norm=float(fitted.gradient.norm()),
+        iterations=fitted.iterations + fitted.newton_steps,
+        converged=fitted.converged,
+        method="L-BFGS, then Newton with the exact Hessian",
+        message="largest gradient entry "
+        f"{float(fitted.gradient.abs().max()):.3g} (tolerance 1e-06)",
+        seconds=time.perf_counter() - started,
+        hessian=fitted.hessian,
+    )
+    statistics = _statistics(problem, outcome, order.numel())
+    statistics |= {
+        "draws": spec.draws,
+        "draw_kind": spec.draw_kind,
+        "seed": spec.seed,
+        "draws_per": "user" if units is not None else "case",
+        "n_draw_units": table.n_units,
+        "simulation_standard_error": mixed.simulation_standard_error(
+            mixed_spec, table, fitted.theta, draws, options.draw_batch
+        ),
+        "seconds": round(time.perf_counter() - started, 4),
+        "device": str(device),
+    }
+    return FitResult(
+        spec=_spec_document(problem, options),
+        labels={"items": data.item_labels, "users": data.user_labels, "nests": None},
+        parameters=problem.parameters + layout.extra,
+        estimate=estimate,
+        std_error=std_error,
+        identified=identified,
+        covariance=cov,
+        estimated_index=order,
+        fit=statistics,
+        warnings=warnings,
+    )
+
+
+def _check_random_identified(
+    problem: Problem, unidentified: list[int], reasons: dict[int, str], warnings: list[str]
+) -> None:
+    """A random coefficient the data cannot estimate (its mean) is an error naming it."""
+    for position in problem.mixed.means:
+        if position in unidentified:
+            parameter = problem.parameters[position]
+            reason = reasons.get(position) or (warnings[-1] if warnings else "")
+            raise ModelError(
+                f"--random {parameter.term}={parameter.distribution}: the term cannot be "
+                f"estimated from this data, so it cannot be random ({reason}); drop it from "
+                "--random"
+            )

@@ -11,7 +11,7 @@ import polars as pl
 import torch
 
 from choicecli.data import check_columns
-from choicecli.errors import ArtifactError, DataError
+from choicecli.errors import ArtifactError, DataError, ModelError
 from choicecli.models import block_utility
 from choicecli.problem import ModelSpec, build_problem
 from choicecli.results import FitResult
@@ -47,6 +47,11 @@ def predict_frame(
     Output columns: case, item, user and choice as given, any `extra_columns`, then utility,
     probability and predicted.
     """
+    if result.spec.get("random"):
+        raise ModelError(
+            "predict does not support mixed logit models yet (simulated probabilities with the "
+            "fit's draws are to come); refit without --random to predict"
+        )
     empty = pl.DataFrame(schema=source.lazy().collect_schema())  # the input's columns only
     lazy = source.lazy().with_row_index(INPUT_ROW)
     spec = spec_from_result(result, roles or {})

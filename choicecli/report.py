@@ -38,6 +38,9 @@ def coefficient_renderable(table: pl.DataFrame, title: str | None = None) -> Tab
         term = row["term"]
         if row["feature"] not in (None, "intercept", row["variable"]):
             term = f"{term} {row['feature']}"
+        if row.get("parameter"):  # a mixed logit's mean, sd or Cholesky entry
+            partner = f" with {row['partner']}" if row.get("partner") else ""
+            term = f"{term} {row['parameter']}{partner} ({row['distribution']})"
         if not row["identified"]:
             estimate = Text("not estimated", style="yellow")
         elif row["fixed"]:
@@ -64,7 +67,10 @@ def fit_summary(result: FitResult, max_rows: int = 60) -> Group:
     facts.add_column(style="bold")
     facts.add_column()
     kind = "nested logit" if result.spec.get("nests") else "conditional logit"
+    kind = "mixed logit" if result.spec.get("random") else kind
     facts.add_row("model", Text(f"{kind}: {result.spec['formula']}"))
+    if result.spec.get("random"):
+        facts.add_row("draws", _draws_text(result))
     if result.spec.get("nests"):
         nests = "; ".join(f"{k}={','.join(v)}" for k, v in result.spec["nests"].items())
         facts.add_row("nests", Text(nests))
@@ -103,3 +109,13 @@ def fit_summary(result: FitResult, max_rows: int = 60) -> Group:
     if by_user:
         parts.append(Text(f"{by_user} user-specific coefficients: see 'choice coef TERM'"))
     return Group(*parts)
+
+
+def _draws_text(result: FitResult) -> str:
+    """A mixed logit's draws and the simulation's standard error of the log-likelihood."""
+    fit = result.fit
+    return (
+        f"{fit['draws']:,} {fit['draw_kind']} draws per {fit['draws_per']} "
+        f"({fit['n_draw_units']:,}), seed {fit['seed']}; simulation standard error of the "
+        f"log-likelihood {fit['simulation_standard_error']:.4g} (as for independent draws)"
+    )
