@@ -131,6 +131,13 @@ def random_terms(request: FitRequest) -> tuple[tuple[str, str], ...]:
     given = [name for name, value in drawing.items() if value is not None]
     if given and not pairs:
         raise UsageError(f"{given[0]} applies to a mixed logit; add --random TERM=DISTRIBUTION")
+    if pairs and request.l2:
+        raise UsageError("--l2 is not supported by the mixed logit yet; drop --l2 or --random")
+    if pairs and request.method != "auto":
+        raise UsageError(
+            f"--method {request.method} does not apply to the mixed logit (it takes L-BFGS, "
+            "then Newton steps with the exact Hessian); drop --method"
+        )
     if request.draws is not None and request.draws < 1:
         raise UsageError(f"--draws must be at least 1, not {request.draws}")
     if request.draw_batch is not None and request.draw_batch < 1:

@@ -324,7 +324,9 @@ def _fit_mixed(
 ) -> FitResult:
     """A mixed logit: the formula's identification as for the conditional logit (the means),
     then simulated maximum likelihood by the core's fit_mixed (L-BFGS, then Newton steps with
-    the exact Hessian), standard errors from that Hessian."""
+    the exact Hessian), standard errors from that Hessian. With users, each user's
+    conditional mean of each random coefficient (given the user's choices) follows as a
+    user-level row (parameter `conditional_mean`, no standard error)."""
     from choicecli.models import mixed
 
     layout, spec, data = problem.mixed, problem.spec, problem.data
@@ -360,6 +362,7 @@ def _fit_mixed(
         data.chosen.to(device), units,
     )  # fmt: skip
     del design
+    user_codes = None if units is None else torch.unique(data.user_of_case)  # (U,)
     problem.release_values()
     draws = mixed.make_draws(
         mixed_spec, table.n_units, spec.draws, spec.draw_kind, spec.seed, device=device
@@ -392,6 +395,20 @@ def _fit_mixed(
         )
     identified = torch.ones(estimate.numel(), dtype=torch.bool)
     identified[unidentified] = False
+    parameters = problem.parameters + layout.extra
+    if user_codes is not None:  # per-user conditional means (Train, ch. 11): user-level rows
+        values = mixed.conditional_means(
+            mixed_spec, table, fitted.theta, draws, options.draw_batch
+        ).cpu()  # (U, Kr)
+        labels = [str(data.user_labels[code]) for code in user_codes.tolist()]
+        parameters += [
+            replace(problem.parameters[position], parameter="conditional_mean", user=label)
+            for position in layout.means
+            for label in labels
+        ]
+        estimate = torch.cat([estimate, values.T.reshape(-1)])  # coefficient by coefficient
+        std_error = torch.cat([std_error, torch.full((values.numel(),), math.nan)])
+        identified = torch.cat([identified, torch.ones(values.numel(), dtype=torch.bool)])
     outcome = Outcome(
         theta=fitted.theta,
         log_likelihood=fitted.log_likelihood,
@@ -420,7 +437,7 @@ def _fit_mixed(
     return FitResult(
         spec=_spec_document(problem, options),
         labels={"items": data.item_labels, "users": data.user_labels, "nests": None},
-        parameters=problem.parameters + layout.extra,
+        parameters=parameters,
         estimate=estimate,
         std_error=std_error,
         identified=identified,

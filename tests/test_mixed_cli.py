@@ -64,7 +64,8 @@ def test_electricity_through_the_cli_writes_mean_and_sd_rows(electricity_fit):
     assert "mixed logit" in completed.stderr
     assert "200 halton draws per user (361), seed 3" in completed.stderr
     table = pl.read_parquet(model / "coefficients.parquet")
-    assert table.height == 12
+    assert table.height == 12 + 6 * 361  # and each user's conditional means
+    table = table.filter(pl.col("user").is_null())
     assert table.get_column("parameter").to_list() == ["mean"] * 6 + ["sd"] * 6
     assert set(table.get_column("distribution").to_list()) == {"normal"}
     assert table.get_column("std_error").is_finite().all()
@@ -87,7 +88,7 @@ def test_electricity_estimates_are_near_xlogits(electricity_fit):
     # and the log-likelihood within 3 simulation standard errors of xlogit's
     completed, model = electricity_fit
     assert completed.returncode == 0, completed.stderr
-    table = pl.read_parquet(model / "coefficients.parquet")
+    table = pl.read_parquet(model / "coefficients.parquet").filter(pl.col("user").is_null())
     for row in table.iter_rows(named=True):
         mean, mean_error, sd, sd_error = XLOGIT[row["variable"]]
         if row["parameter"] == "mean":
@@ -103,8 +104,27 @@ def test_coef_shows_the_mean_and_the_sd_of_a_random_term(electricity_fit):
     result = invoke("coef", "pf[constant]", "-m", str(model), "--format", "csv")
     assert result.exit_code == 0, result.output
     rows = pl.read_csv(result.stdout.encode())
-    assert rows.get_column("parameter").to_list() == ["mean", "sd"]
-    assert rows.get_column("term").to_list() == ["pf[constant]"] * 2
+    assert rows.get_column("parameter").to_list() == ["mean", "sd"] + ["conditional_mean"] * 361
+    assert rows.get_column("term").to_list() == ["pf[constant]"] * 363
+    assert rows.get_column("user").null_count() == 2
+
+
+def test_conditional_means_per_user_average_to_the_mean_and_spread_less(electricity_fit):
+    # Train, ch. 11: with a normal coefficient the score of its mean is the sum over users of
+    # (conditional mean - mean) / sd^2, so at the optimum the users' conditional means
+    # average to the mean (here simulated: measured within 0.05 sd), and their spread is
+    # below the population's (var = var of conditional means + mean conditional variance)
+    _, model = electricity_fit
+    table = pl.read_parquet(model / "coefficients.parquet")
+    users = sorted(set(pl.read_csv(reference_file("electricity_long.csv"))["id"].to_list()))
+    for name in VARIABLES:
+        rows = table.filter(pl.col("term") == f"{name}[constant]")
+        mean, sd = rows.filter(pl.col("user").is_null()).get_column("estimate").to_list()
+        conditional = rows.filter(pl.col("parameter") == "conditional_mean")
+        assert conditional.get_column("user").to_list() == [str(user) for user in users]
+        values = conditional.get_column("estimate")
+        assert abs(values.mean() - mean) < 0.1 * abs(sd), name
+        assert values.std() < abs(sd), name
 
 
 def test_predict_on_a_mixed_model_is_one_clear_line(electricity_fit, tmp_path):
@@ -223,6 +243,9 @@ def test_the_spec_round_trips_through_model_json():
         (["--random", "pf[constant]=normal", "--draw-kind", "latin"], 2, "--draw-kind"),
         (["--random", "pf[constant]=normal", "--draws", "0"], 2, "--draws must be"),
         (["--random", "pf[constant]=normal", "--random", "pf[constant]=lognormal"], 2, "twice"),
+        (["--random", "pf[constant]=normal", "--l2", "0.1"], 2, "--l2 is not supported"),
+        (["--random", "pf[constant]=normal", "--method", "lbfgs"], 2, "--method lbfgs does"),
+        (["--random", "pf[constant]=normal", "--weights", "id"], 2, "--weights is not"),
     ],
 )
 def test_bad_random_input_is_one_line(small_table, tmp_path, options, code, expected):
