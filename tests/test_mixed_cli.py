@@ -127,14 +127,42 @@ def test_conditional_means_per_user_average_to_the_mean_and_spread_less(electric
         assert values.std() < abs(sd), name
 
 
-def test_predict_on_a_mixed_model_is_one_clear_line(electricity_fit, tmp_path):
+def test_plot_draws_the_users_conditional_means(electricity_fit, tmp_path):
+    _, model = electricity_fit
+    result = invoke("plot", "pf[constant]", "-m", str(model), "-o", str(tmp_path / "pf.png"))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "pf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_predict_simulates_probabilities_for_the_panel(electricity_fit, tmp_path):
     _, model = electricity_fit
     command = [str(CHOICE_EXECUTABLE), "predict", str(reference_file("electricity_long.csv")),
                "-m", str(model), "-o", str(tmp_path / "p.csv")]  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 1
-    assert "does not support mixed logit" in one_error_line(completed.stderr)
-    assert not (tmp_path / "p.csv").exists()
+    assert completed.returncode == 0, completed.stderr
+    scored = pl.read_csv(tmp_path / "p.csv")
+    assert scored.height == 17232
+    sums = scored.group_by("chid").agg(pl.col("probability").sum()).get_column("probability")
+    assert (sums - 1.0).abs().max() < 1e-12
+    assert scored.get_column("probability").min() > 0
+
+
+def test_predict_per_case_reproduces_the_fits_simulated_log_likelihood(small_table, tmp_path):
+    # draws per case: the fit's simulated log-likelihood is sum_n log((1/R) sum_r P_n(beta_nr));
+    # predict on the same rows, with the same draws (kind, seed, each case's place), reports
+    # the same sum
+    formula = "(pf|constant) + (cl|constant) + (loc|constant) + (1|item)"
+    model = tmp_path / "m"
+    result = invoke("fit", small_table, "-f", formula, *ROLES,
+                    "--random", "pf[constant]=normal", "--random", "intercept[item]=normal",
+                    "--draws", "100", "--draw-kind", "mlhs", "--seed", "4",
+                    "-m", str(model), "-q")  # fmt: skip
+    assert result.exit_code in (0, 3), result.output
+    fitted = json.loads((model / "model.json").read_text())["fit"]["log_likelihood"]
+    scored = invoke("predict", small_table, "-m", str(model), "-o", str(tmp_path / "p.json"))
+    assert scored.exit_code == 0, scored.output
+    report = json.loads((tmp_path / "p.json").read_text())["report"]
+    assert abs(report["log_likelihood"] - fitted) < 1e-8 * abs(fitted)
 
 
 @pytest.fixture(scope="module")
