@@ -16,7 +16,7 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from choicecli import mixed
+from choicecli.models import mixed
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data" / "electricity_long.csv"
 VARIABLES = ["pf", "cl", "loc", "wk", "tod", "seas"]

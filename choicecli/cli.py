@@ -201,13 +201,34 @@ def fit(
             "(default classic; robust with sampling weights)."
         ),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the bootstrap draws.")] = 0,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the bootstrap resamples and of a mixed logit's draws.")
+    ] = 0,
     threads: Annotated[
         int | None, typer.Option(envvar="CHOICE_THREADS", help="CPU threads (default: torch's).")
     ] = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="One line per iteration on stderr.")
     ] = False,
+    random: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Mixed logit: TERM=DISTRIBUTION, e.g. 'price[constant]=normal' (repeatable; "
+            "normal, lognormal, uniform, triangular, truncated_normal)."
+        ),
+    ] = None,
+    draws: Annotated[int | None, typer.Option(help="Draws per user or case (default 500).")] = (
+        None
+    ),
+    draw_kind: Annotated[
+        str | None, typer.Option(help="halton (default), sobol, mlhs or pseudo.")
+    ] = None,
+    correlated: Annotated[
+        bool, typer.Option(help="Mixed logit: a full Cholesky factor among the normal ones.")
+    ] = False,
+    draw_batch: Annotated[
+        int | None, typer.Option(help="Draws per batch (default: from a memory budget).")
+    ] = None,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
@@ -266,6 +287,11 @@ def fit(
             verbose=verbose,
             argv=sys.argv,
             separator=separator,
+            random=tuple(random or ()),
+            draws=draws,
+            draw_kind=draw_kind,
+            correlated=correlated,
+            draw_batch=draw_batch,
         ),
         stderr_console(quiet),
     )

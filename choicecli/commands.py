@@ -56,6 +56,12 @@ class FitRequest:
     seed: int = 0
     weights_kind: str = "frequency"
     verbose: bool = False  # one line per iteration on stderr, terminal or not
+    # mixed logit: --random TERM=DISTRIBUTION (repeatable) and how to draw
+    random: tuple[str, ...] = ()
+    draws: int | None = None
+    draw_kind: str | None = None
+    correlated: bool = False
+    draw_batch: int | None = None
 
 
 def versions() -> dict[str, str]:
@@ -104,6 +110,55 @@ def check_fit_options(request: FitRequest) -> None:
     Roles(**request.roles).check_distinct()
     _errors_choice(request)
     csv_separator(request.separator)
+    random_terms(request)
+
+
+def random_terms(request: FitRequest) -> tuple[tuple[str, str], ...]:
+    """--random TERM=DISTRIBUTION pairs, checked with the draw options (a usage error)."""
+    from choicecli.draws import DISTRIBUTIONS, DRAW_KINDS
+
+    pairs = []
+    for text in request.random:
+        term, _, distribution = text.rpartition("=")
+        if not term.strip() or not distribution.strip():
+            raise UsageError(
+                f"--random must be TERM=DISTRIBUTION (e.g. 'price[constant]=normal'), not {text!r}"
+            )
+        if distribution.strip() not in DISTRIBUTIONS:
+            raise UsageError(
+                f"--random {text}: unknown distribution {distribution.strip()!r}; use one of "
+                f"{', '.join(DISTRIBUTIONS)}"
+            )
+        pairs.append((term.strip(), distribution.strip()))
+    terms = [term for term, _ in pairs]
+    repeated = [term for term in terms if terms.count(term) > 1]
+    if repeated:
+        raise UsageError(f"--random names {repeated[0]} twice; give each term once")
+    drawing = {  # (--seed seeds the bootstrap too)
+        "--draws": request.draws, "--draw-kind": request.draw_kind,
+        "--correlated": request.correlated or None, "--draw-batch": request.draw_batch,
+    }  # fmt: skip
+    given = [name for name, value in drawing.items() if value is not None]
+    if given and not pairs:
+        raise UsageError(f"{given[0]} applies to a mixed logit; add --random TERM=DISTRIBUTION")
+    if pairs and request.l2:
+        raise UsageError("--l2 is not supported by the mixed logit yet; drop --l2 or --random")
+    if pairs and request.method != "auto":
+        raise UsageError(
+            f"--method {request.method} does not apply to the mixed logit (it takes L-BFGS, "
+            "then Newton steps with the exact Hessian); drop --method"
+        )
+    if request.draws is not None and request.draws < 1:
+        raise UsageError(f"--draws must be at least 1, not {request.draws}")
+    if request.draw_batch is not None and request.draw_batch < 1:
+        raise UsageError(f"--draw-batch must be at least 1, not {request.draw_batch}")
+    if request.seed is not None and request.seed < 0:
+        raise UsageError(f"--seed must be 0 or more, not {request.seed}")
+    if request.draw_kind is not None and request.draw_kind not in DRAW_KINDS:
+        raise UsageError(
+            f"--draw-kind must be one of {', '.join(DRAW_KINDS)}, not {request.draw_kind!r}"
+        )
+    return tuple(pairs)
 
 
 def _errors_choice(request: FitRequest):
@@ -161,6 +216,7 @@ def run_fit(request: FitRequest, console: Console) -> int:
         lambda_bounds=_bounds(request.lambda_bounds),
         base=request.base,
         missing=request.missing,
+        **_mixed_fields(request),
     )
     # only the columns the model reads; fit_model takes the frame over (the data is held once)
     frame, digest = read_table(
@@ -182,6 +238,7 @@ def run_fit(request: FitRequest, console: Console) -> int:
         errors=_errors_choice(request),
         seed=request.seed,
         weights_kind=request.weights_kind,
+        draw_batch=request.draw_batch,
     )
     where = "<stdin>" if request.data == "-" else request.data
     if request.threads is not None:
@@ -261,6 +318,22 @@ def warn_if_unreliable(result, console: Console | None) -> None:
     line = loaded_model_warning(result)
     if line and console is not None:
         console.print(line, style="yellow", soft_wrap=True, highlight=False, markup=False)
+
+
+def _mixed_fields(request: FitRequest) -> dict:
+    """The ModelSpec fields of a mixed logit (none without --random)."""
+    from choicecli.draws import DEFAULT_DRAWS
+
+    random = random_terms(request)
+    if not random:
+        return {}
+    return {
+        "random": random,
+        "correlated": request.correlated,
+        "draws": request.draws or DEFAULT_DRAWS,
+        "draw_kind": request.draw_kind or "halton",
+        "seed": request.seed or 0,
+    }
 
 
 def select_terms(table: pl.DataFrame, term: str | None, level: str | None) -> pl.DataFrame:

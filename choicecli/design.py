@@ -44,6 +44,11 @@ class Parameter:
     item: str | None
     user: str | None
     fixed: bool
+    # mixed logit only (None otherwise, and then left out of model.json): mean, sd or cholesky;
+    # the coefficient's distribution; a Cholesky entry's column coefficient
+    parameter: str | None = None
+    distribution: str | None = None
+    partner: str | None = None
 
 
 @dataclass

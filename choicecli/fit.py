@@ -29,7 +29,7 @@ from choicecli.inference import (
     score_meat,
 )
 from choicecli.models import Model
-from choicecli.problem import ModelSpec, Problem, build_problem
+from choicecli.problem import ModelSpec, Problem, build_problem, dense_design
 from choicecli.results import FitResult
 from choicecli.spec import spec_document
 
@@ -47,6 +47,7 @@ class FitOptions:
     errors: ErrorsChoice = ErrorsChoice()  # --se; sampling weights turn classic into robust
     seed: int = 0  # of the bootstrap draws
     weights_kind: str = "frequency"  # or sampling: rescaled to sum to N, robust errors
+    draw_batch: int | None = None  # mixed logit: draws per batch (None: from a memory budget)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -83,6 +84,8 @@ def fit_model(
     started = time.perf_counter()
     device = resolve_device(options.device)
     problem = build_problem(frame, spec, where, consume=consume)
+    if problem.mixed is not None:
+        return _fit_mixed(problem, options, device, started), problem
     options = _weights_kind(problem, options)
     if options.errors.clustered:  # a bad cluster column fails before the fit, not after
         _clusters(problem, options.errors, torch.device("cpu"))
@@ -510,3 +513,153 @@ def _lambda_warnings(problem: Problem, estimate: torch.Tensor) -> list[str]:
                 "with --lambda-bounds 0.01,1"
             )
     return found
+
+
+# -- mixed logit ------------------------------------------------------------------------------
+
+# fewer draws per unit than this times the random coefficients: a warning with advice
+MIN_DRAWS_PER_RANDOM = 25
+
+
+def _fit_mixed(
+    problem: Problem, options: FitOptions, device: torch.device, started: float
+) -> FitResult:
+    """A mixed logit: the formula's identification as for the conditional logit (the means),
+    then simulated maximum likelihood by the core's fit_mixed (L-BFGS, then Newton steps with
+    the exact Hessian), standard errors from that Hessian. With users, each user's
+    conditional mean of each random coefficient (given the user's choices) follows as a
+    user-level row (parameter `conditional_mean`, no standard error)."""
+    from choicecli.models import mixed
+
+    layout, spec, data = problem.mixed, problem.spec, problem.data
+    if data.case_weights is not None:
+        raise UsageError("--weights is not supported by the mixed logit yet; drop --weights")
+    warnings = list(problem.warnings)
+    reasons = data_reasons(problem)
+    model = problem.model(torch.device("cpu"))  # the conditional logit of the means
+    unidentified = unidentified_parameters(problem, warnings, reasons, model, False)
+    _check_random_identified(problem, unidentified, reasons, warnings)
+    n_random = len(layout.means)
+    if spec.draws < MIN_DRAWS_PER_RANDOM * n_random:
+        warnings.append(
+            f"--draws {spec.draws} is few for {n_random} random coefficients: the estimates "
+            "carry simulation noise (see the simulation's standard error in the summary); use "
+            f"--draws {MIN_DRAWS_PER_RANDOM * n_random} or more"
+        )
+    if warnings and options.strict:
+        raise ModelError(f"--strict: {warnings[0]}")
+    warnings = list(problem.notes) + warnings
+    skipped = set(unidentified) | set(layout.means)
+    fixed_positions = [
+        p for p in range(len(problem.parameters)) if not problem.fixed[p] and p not in skipped
+    ]
+    n_fixed = len(fixed_positions)
+    mixed_spec = mixed.MixedSpec(n_fixed, layout.distributions, layout.correlated)
+    design = dense_design(problem, fixed_positions + layout.means).to(device)  # (R, K)
+    units = None
+    if data.user_of_case is not None:  # panel: draws per user (codes 0 .. U-1 of those here)
+        units = torch.unique(data.user_of_case, return_inverse=True)[1].to(device)  # (N,)
+    table = mixed.mixed_data(
+        design[:, :n_fixed], design[:, n_fixed:], data.case_index.to(device),
+        data.chosen.to(device), units,
+    )  # fmt: skip
+    del design
+    user_codes = None if units is None else torch.unique(data.user_of_case)  # (U,)
+    problem.release_values()
+    draws = mixed.make_draws(
+        mixed_spec, table.n_units, spec.draws, spec.draw_kind, spec.seed, device=device
+    )  # (U, R, Kr)
+    fitted = mixed.fit_mixed(
+        mixed_spec, table, draws, draw_batch=options.draw_batch,
+        max_iterations=options.estimate.max_iterations,
+    )  # fmt: skip
+    n_layout = len(problem.parameters)
+    order = torch.tensor(
+        fixed_positions + layout.means + list(range(n_layout, n_layout + len(layout.extra)))
+    )  # (P_mixed,) layout position of each of the core's parameters
+    estimate = torch.cat([problem.start, torch.zeros(len(layout.extra), dtype=torch.float64)])
+    estimate[order] = fitted.theta.cpu()
+    estimate[unidentified] = math.nan
+    std_error = torch.full_like(estimate, math.nan)
+    cov = torch.zeros(0, 0, dtype=torch.float64)
+    if options.standard_errors:
+        cov, definite = covariance(fitted.hessian.cpu(), None)
+        if not definite:
+            warnings.append(
+                "the Hessian at the optimum is not negative definite: some coefficients are "
+                "weakly identified; their standard errors are unreliable"
+            )
+        std_error[order] = cov.diagonal().clamp_min(0).sqrt()
+    if not fitted.converged:
+        warnings.append(
+            "the fit did not converge: the largest gradient entry is "
+            f"{float(fitted.gradient.abs().max()):.3g}; raise --max-iter or --draws"
+        )
+    identified = torch.ones(estimate.numel(), dtype=torch.bool)
+    identified[unidentified] = False
+    parameters = problem.parameters + layout.extra
+    if user_codes is not None:  # per-user conditional means (Train, ch. 11): user-level rows
+        values = mixed.conditional_means(
+            mixed_spec, table, fitted.theta, draws, options.draw_batch
+        ).cpu()  # (U, Kr)
+        labels = [str(data.user_labels[code]) for code in user_codes.tolist()]
+        parameters += [
+            replace(problem.parameters[position], parameter="conditional_mean", user=label)
+            for position in layout.means
+            for label in labels
+        ]
+        estimate = torch.cat([estimate, values.T.reshape(-1)])  # coefficient by coefficient
+        std_error = torch.cat([std_error, torch.full((values.numel(),), math.nan)])
+        identified = torch.cat([identified, torch.ones(values.numel(), dtype=torch.bool)])
+    outcome = Outcome(
+        theta=fitted.theta,
+        log_likelihood=fitted.log_likelihood,
+        gradient_norm=float(fitted.gradient.norm()),
+        iterations=fitted.iterations + fitted.newton_steps,
+        converged=fitted.converged,
+        method="L-BFGS, then Newton with the exact Hessian",
+        message="largest gradient entry "
+        f"{float(fitted.gradient.abs().max()):.3g} (tolerance 1e-06)",
+        seconds=time.perf_counter() - started,
+        hessian=fitted.hessian,
+    )
+    statistics = _statistics(problem, outcome, order.numel())
+    statistics |= {
+        "draws": spec.draws,
+        "draw_kind": spec.draw_kind,
+        "seed": spec.seed,
+        "draws_per": "user" if units is not None else "case",
+        "n_draw_units": table.n_units,
+        "simulation_standard_error": mixed.simulation_standard_error(
+            mixed_spec, table, fitted.theta, draws, options.draw_batch
+        ),
+        "seconds": round(time.perf_counter() - started, 4),
+        "device": str(device),
+    }
+    return FitResult(
+        spec=_spec_document(problem, options),
+        labels={"items": data.item_labels, "users": data.user_labels, "nests": None},
+        parameters=parameters,
+        estimate=estimate,
+        std_error=std_error,
+        identified=identified,
+        covariance=cov,
+        estimated_index=order,
+        fit=statistics,
+        warnings=warnings,
+    )
+
+
+def _check_random_identified(
+    problem: Problem, unidentified: list[int], reasons: dict[int, str], warnings: list[str]
+) -> None:
+    """A random coefficient the data cannot estimate (its mean) is an error naming it."""
+    for position in problem.mixed.means:
+        if position in unidentified:
+            parameter = problem.parameters[position]
+            reason = reasons.get(position) or (warnings[-1] if warnings else "")
+            raise ModelError(
+                f"--random {parameter.term}={parameter.distribution}: the term cannot be "
+                f"estimated from this data, so it cannot be random ({reason}); drop it from "
+                "--random"
+            )

@@ -29,7 +29,7 @@ from choicecli.modeldir import (
     parse_model_json,
     reading_model,
 )
-from choicecli.results import FIT_ID_KEY, SCHEMA_VERSION, FitResult
+from choicecli.results import FIT_ID_KEY, MIXED_FIELDS, SCHEMA_VERSION, FitResult
 from choicecli.spec import spec_from_document
 
 TENSORS = ("estimate", "std_error", "identified", "covariance", "estimated_index")
@@ -113,8 +113,9 @@ def _validate_document(document: dict, model_path: Path) -> None:
             raise fail(f"'labels.{key}' must be a list")
     parameters = document.get("parameters")
     names = set(Parameter.__dataclass_fields__)
+    required = names - set(MIXED_FIELDS)  # the mixed logit's fields are written where set
     if not isinstance(parameters, list) or not all(
-        isinstance(p, dict) and set(p) == names for p in parameters
+        isinstance(p, dict) and required <= set(p) <= names for p in parameters
     ):
         raise fail("'parameters' must list every parameter with its fields")
     if not all(isinstance(p["term"], str) and isinstance(p["level"], str) for p in parameters):

@@ -129,6 +129,8 @@ def draw_coefficients(
     if selected.height == 0:
         raise FormulaError(_unknown_term_message(table, term, level))
     if _varies_by_user(selected):
+        if "parameter" in selected.columns:  # a mixed logit: its users' conditional means
+            selected = selected.filter(pl.col("user").is_not_null())
         return _draw_user_term(selected, term, level, output, title, dpi, size)
     rows, notes = _interval_rows(selected, term, level)
     reference = 1.0 if term == "lambda" else 0.0

@@ -14,7 +14,7 @@ from choicecli.data import check_columns
 from choicecli.errors import ArtifactError, DataError
 from choicecli.formula import suggest
 from choicecli.models import block_utility
-from choicecli.problem import ModelSpec, build_problem
+from choicecli.problem import ModelSpec, build_problem, dense_design
 from choicecli.results import FitResult
 from choicecli.spec import spec_from_document
 
@@ -73,7 +73,10 @@ def predict_frame(
     estimates = {
         _parameter_key(p): float(v)
         for p, v in zip(result.parameters, result.estimate.tolist(), strict=True)
+        if p.parameter in (None, "mean")  # a mixed logit's spreads: in `spreads` below
     }
+    spreads = [v for p, v in zip(result.parameters, result.estimate.tolist(), strict=True)
+               if p.parameter in ("sd", "cholesky")]  # fmt: skip
     case = spec.roles.case
     cases = lazy.select(pl.col(case).unique().sort()).collect().to_series()
     batch_cases = min(batch_cases, max(cases.len(), 1))  # a huge --batch-cases: one batch
@@ -85,7 +88,16 @@ def predict_frame(
         if cases.null_count() and first == 0:
             batch = pl.concat([batch, lazy.filter(pl.col(case).is_null()).collect()])
         pieces.append(
-            _score_batch(result, spec, batch, where, user_labels, estimates, totals, extra_columns)
+            _score_batch(
+                result,
+                spec,
+                batch,
+                where,
+                user_labels,
+                (estimates, spreads),
+                totals,
+                extra_columns,
+            )  # fmt: skip
         )
     scored = pl.concat(pieces).sort(INPUT_ROW).drop(INPUT_ROW)
     report = {}
@@ -116,8 +128,9 @@ def _with_unseen_users(user_labels: list, lazy: pl.LazyFrame, column: str) -> li
 
 
 def _score_batch(
-    result, spec, batch, where, user_labels, estimates, totals, extra_columns
+    result, spec, batch, where, user_labels, parameters, totals, extra_columns
 ) -> pl.DataFrame:
+    estimates, spreads = parameters
     problem = build_problem(
         batch.drop(INPUT_ROW),
         spec,
@@ -136,10 +149,13 @@ def _score_batch(
         [estimates.get(_parameter_key(p), 0.0) for p in problem.parameters], dtype=torch.float64
     )
     theta = torch.nan_to_num(theta, nan=0.0)  # not-estimated coefficients contribute nothing
-    model = problem.model(torch.device("cpu"))
     data = problem.data
-    log_p = model.row_log_probabilities(theta)  # (R,)
-    utility = block_utility(problem.item_blocks + problem.nest_blocks, theta, data.n_rows)
+    if problem.mixed is not None:
+        log_p, utility = _mixed_scores(problem, theta, torch.tensor(spreads, dtype=torch.float64))
+    else:
+        model = problem.model(torch.device("cpu"))
+        log_p = model.row_log_probabilities(theta)  # (R,)
+        utility = block_utility(problem.item_blocks + problem.nest_blocks, theta, data.n_rows)
     probability = torch.exp(log_p)
     best = segment_best(probability, data.case_index, data.n_cases)  # (R,) bool
     if data.chosen is not None:
@@ -156,6 +172,49 @@ def _score_batch(
         pl.Series("probability", probability.numpy()),
         pl.Series("predicted", best.numpy()),
     )
+
+
+def _mixed_scores(
+    problem, theta: torch.Tensor, spreads: torch.Tensor, draw_batch: int = 50
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A mixed logit's simulated probabilities P = (1/R) sum_r P(beta_r) (log, (R,)) and
+    utilities averaged over the draws (R,), with the fit's draws: kind, seed, and each unit's
+    place (a user's code among the model's users, or the case's in this batch), so a user the
+    fit saw gets the draws the fit gave it. Unconditional probabilities (the population's
+    distribution, not the user's conditional one)."""
+    from choicecli.models import mixed
+
+    spec, layout, data = problem.spec, problem.mixed, problem.data
+    means = torch.tensor(layout.means, dtype=torch.long)  # (Kr,)
+    fixed_theta = theta.clone()
+    fixed_theta[means] = 0.0
+    fixed_utility = block_utility(problem.item_blocks, fixed_theta, data.n_rows)  # (R,)
+    random_design = dense_design(problem, layout.means)  # (R, Kr)
+    mixed_spec = mixed.MixedSpec(0, layout.distributions, layout.correlated)
+    core_theta = torch.cat([theta[means], spreads])  # (2 Kr + Q,)
+    if data.user_of_case is not None:
+        unit_of_row, n_units = data.user_of_row, len(data.user_labels)
+    else:
+        unit_of_row, n_units = data.case_index, data.n_cases
+    draws = mixed.make_draws(mixed_spec, n_units, spec.draws, spec.draw_kind, spec.seed)
+    probability = torch.zeros(data.n_rows, dtype=torch.float64)  # (R,)
+    utility = torch.zeros(data.n_rows, dtype=torch.float64)  # (R,)
+    case = data.case_index  # (R,)
+    for start in range(0, spec.draws, draw_batch):
+        beta = mixed.random_coefficients(
+            mixed_spec, core_theta, draws[:, start : start + draw_batch]
+        )[0]
+        values = fixed_utility.unsqueeze(1) + torch.bmm(
+            beta[unit_of_row], random_design.unsqueeze(2)
+        ).squeeze(2)  # (R, B)
+        index = case.unsqueeze(1).expand_as(values)  # (R, B)
+        top = torch.full((data.n_cases, values.shape[1]), -torch.inf, dtype=values.dtype)
+        top = top.scatter_reduce(0, index, values, reduce="amax")  # (N, B)
+        exponent = torch.exp(values - top[case])  # (R, B)
+        total = torch.zeros_like(top).index_add(0, case, exponent)  # (N, B)
+        probability += (exponent / total[case]).sum(dim=1)
+        utility += values.sum(dim=1)
+    return torch.log(probability / spec.draws), utility / spec.draws
 
 
 def segment_best(probability: torch.Tensor, case_index: torch.Tensor, n_cases: int) -> torch.Tensor:

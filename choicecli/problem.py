@@ -5,13 +5,14 @@ Shared by fitting and prediction, so both build exactly the same parameter layou
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import polars as pl
 import torch
 
 from choicecli.data import ChoiceData, Roles, load_choice_data
 from choicecli.design import Block, Level, Parameter, build_blocks, build_layout, resolve_features
+from choicecli.draws import DEFAULT_DRAWS
 from choicecli.errors import ChoiceError, FormulaError, UsageError
 from choicecli.formula import Term, parse_formula
 from choicecli.models import (
@@ -39,6 +40,12 @@ class ModelSpec:
     lambda_bounds: tuple[float, float] | None = None
     base: str | None = None
     missing: str = "error"
+    # mixed logit (none when `random` is empty): (term, distribution) pairs, how to draw
+    random: tuple[tuple[str, str], ...] = ()
+    correlated: bool = False
+    draws: int = DEFAULT_DRAWS
+    draw_kind: str = "halton"
+    seed: int = 0
 
 
 @dataclass
@@ -61,6 +68,7 @@ class Problem:
     lambda_index: torch.Tensor | None = None  # (M,)
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    mixed: MixedLayout | None = None  # the random coefficients of a mixed logit
     released: bool = False  # the per-row values are gone: no further model can be built
 
     @property
@@ -186,6 +194,7 @@ def build_problem(
         nest_blocks = _nest_blocks(formulas, data, nest_of_item, parameters, where)
         lambda_index = _lambda_layout(nests, spec, parameters)
     start, fixed, lower, upper = _starting_values(parameters, lambda_index, spec)
+    mixed = _mixed_layout(spec, terms, parameters) if spec.random else None
     return Problem(
         spec=spec,
         data=data,
@@ -205,6 +214,7 @@ def build_problem(
         lambda_index=lambda_index,
         notes=list(data.notes),
         warnings=list(data.warnings),
+        mixed=mixed,
     )
 
 
@@ -363,3 +373,77 @@ def _check_constant_within_nest(
                     f"{varying.numel()} (case, nest) pairs (first: case {case!r}); nest-level "
                     "columns must be constant within each nest of a case"
                 )
+
+
+# -- mixed logit: which coefficients are random, their spreads, the design they multiply --
+
+
+@dataclass
+class MixedLayout:
+    """The random coefficients of a mixed logit over the conditional layout of the formula.
+
+    `means` are layout positions (their Parameter rows become the means); the spreads and the
+    Cholesky entries are parameters of their own, appended after the layout (`extra`).
+    """
+
+    means: list[int]  # (Kr,) layout positions of the random coefficients
+    distributions: tuple[str, ...]  # (Kr,)
+    extra: list[Parameter]  # sd per random coefficient, then the Cholesky entries
+    correlated: bool
+
+
+def _mixed_layout(spec: ModelSpec, terms: list[Term], parameters: list[Parameter]) -> MixedLayout:
+    """Mark the random coefficients' rows as means; their spreads (and Cholesky entries)."""
+    from choicecli.models.mixed import MixedSpec
+
+    if spec.nests is not None:
+        raise UsageError(
+            "a nested mixed logit is not supported: drop --random, or --nests and --nest-formula"
+        )
+    names = [term.name for term in terms]
+    for term in terms:
+        if term.variation.by_user:
+            raise FormulaError(
+                f"term {term.name} varies by user, which a mixed logit does not support (its "
+                "random coefficients are the per-user variation); use another variation"
+            )
+    means: list[int] = []
+    distributions: list[str] = []
+    for name, distribution in spec.random:
+        if name not in names:
+            raise FormulaError(
+                f"--random {name}={distribution}: {name!r} is not a term of the formula; its "
+                f"terms are: {', '.join(names)}"
+            )
+        for position, parameter in enumerate(parameters):
+            if parameter.term == name and not parameter.fixed:
+                parameters[position] = replace(
+                    parameter, parameter="mean", distribution=distribution
+                )
+                means.append(position)
+                distributions.append(distribution)
+    mixed_spec = MixedSpec(0, tuple(distributions), spec.correlated)  # checks the names
+    extra = [replace(parameters[p], parameter="sd") for p in means]
+    for row, column in mixed_spec.cholesky_pairs:
+        partner = _coefficient_label(parameters[means[column]])
+        extra.append(replace(parameters[means[row]], parameter="cholesky", partner=partner))
+    return MixedLayout(means, tuple(distributions), extra, spec.correlated)
+
+
+def _coefficient_label(parameter: Parameter) -> str:
+    """A coefficient's name: its term, with the feature and alternative where they differ."""
+    label = parameter.term
+    if parameter.feature not in (None, "intercept", parameter.variable):
+        label += f" {parameter.feature}"
+    return label + (f" {parameter.item}" if parameter.item is not None else "")
+
+
+def dense_design(problem: Problem, positions: list[int]) -> torch.Tensor:
+    """The values each layout position in `positions` multiplies on each row. (R, len)"""
+    problem._check_values()
+    data = problem.data
+    design = torch.zeros((data.n_rows, len(problem.parameters)), dtype=torch.float64)  # (R, P)
+    for block in problem.item_blocks:
+        index = block.layout_index[block.code]  # (R, K) parameter of each value
+        design.scatter_add_(1, index, block.x.to(torch.float64))
+    return design[:, positions].contiguous()  # (R, len)

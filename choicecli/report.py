@@ -230,7 +230,11 @@ def _coefficient_line(row: Mapping[str, Any], with_levels: bool, with_users: boo
     item = row["item"] or ""
     if row.get("feature") not in (None, "intercept", row.get("variable")):
         item = f"{row['feature']}: {item}" if item else row["feature"]
-    cells: dict[str, tuple[str, str]] = {"term": (row["term"], "")}
+    term = row["term"]
+    if row.get("parameter"):  # a mixed logit's mean, sd or Cholesky entry
+        partner = f" with {row['partner']}" if row.get("partner") else ""
+        term = f"{term} {row['parameter']}{partner} ({row['distribution']})"
+    cells: dict[str, tuple[str, str]] = {"term": (term, "")}
     if with_levels:
         cells["level"] = (row["level"] or "", "")
     cells["item"] = (item, "")
@@ -477,7 +481,10 @@ def fit_summary(
     runaway = bool(table.select(runaway_rows().any()).item())
     facts: list[tuple[str, str]] = []
     kind = "nested logit" if result.spec.get("nests") else "conditional logit"
+    kind = "mixed logit" if result.spec.get("random") else kind
     facts.append(("model", f"{kind}: {result.spec['formula']}"))
+    if result.spec.get("random"):
+        facts.append(("draws", _draws_text(result)))
     if result.spec.get("nests"):
         nests = "; ".join(f"{k}={','.join(map(str, v))}" for k, v in result.spec["nests"].items())
         facts.append(("nests", nests))
@@ -586,3 +593,13 @@ def unknown_term_message(table: pl.DataFrame, term: str | None, level: str) -> s
 
 def _distinct(values: list[Any]) -> list[str]:
     return [str(value) for value in dict.fromkeys(values) if value is not None]
+
+
+def _draws_text(result: FitResult) -> str:
+    """A mixed logit's draws and the simulation's standard error of the log-likelihood."""
+    fit = result.fit
+    return (
+        f"{fit['draws']:,} {fit['draw_kind']} draws per {fit['draws_per']} "
+        f"({fit['n_draw_units']:,}), seed {fit['seed']}; simulation standard error of the "
+        f"log-likelihood {fit['simulation_standard_error']:.4g} (as for independent draws)"
+    )

@@ -49,6 +49,12 @@ COEFFICIENT_COLUMNS = {
 }
 
 
+# a mixed logit's table adds which parameter of a coefficient a row is (mean, sd, cholesky;
+# null for a coefficient that is not random), its distribution, a Cholesky entry's partner
+MIXED_COLUMNS = {"parameter": pl.String, "distribution": pl.String, "partner": pl.String}
+MIXED_FIELDS = tuple(MIXED_COLUMNS)
+
+
 @dataclass
 class FitResult:
     """Primitives of a fit; everything else (z, p, intervals) is derived."""
@@ -106,8 +112,9 @@ class FitResult:
             f"std_error_{kind}": pl.Series(values.double().cpu().numpy()).fill_nan(None)
             for kind, values in sorted(self.std_errors.items(), key=_classic_first)
         }
+        mixed = MIXED_COLUMNS if any(p.parameter for p in self.parameters) else {}
         return frame.select(
-            [pl.col(name).cast(dtype) for name, dtype in COEFFICIENT_COLUMNS.items()]
+            [pl.col(name).cast(dtype) for name, dtype in (COEFFICIENT_COLUMNS | mixed).items()]
         ).with_columns(**kinds)
 
     def _at_bound(self, estimate: torch.Tensor, free_lambda: torch.Tensor) -> torch.Tensor:
@@ -125,10 +132,10 @@ class FitResult:
         return {
             "schema_version": SCHEMA_VERSION,
             "fit_id": self.fit_id,
-            "kind": "nested_logit" if self.spec.get("nests") else "conditional_logit",
+            "kind": _kind(self.spec),
             "spec": self.spec,
             "labels": {key: _jsonable(values) for key, values in self.labels.items()},
-            "parameters": [asdict(p) for p in self.parameters],
+            "parameters": [_parameter_document(p) for p in self.parameters],
             "fit": self.fit,
             "warnings": self.warnings,
             "provenance": self.provenance,
@@ -185,3 +192,18 @@ def _jsonable(values: list | None) -> list | None:
     if values is None:
         return None
     return [v if isinstance(v, (int, float, str, bool)) or v is None else str(v) for v in values]
+
+
+def _kind(spec: dict[str, Any]) -> str:
+    if spec.get("random"):
+        return "mixed_logit"
+    return "nested_logit" if spec.get("nests") else "conditional_logit"
+
+
+def _parameter_document(parameter: Parameter) -> dict[str, Any]:
+    """A parameter's fields; the mixed logit's only where set (other models' files keep theirs)."""
+    document = asdict(parameter)
+    for name in MIXED_FIELDS:
+        if document[name] is None:
+            del document[name]
+    return document

@@ -37,6 +37,19 @@ def spec_document(
         "missing": spec.missing,
         "terms": terms or [],
         "options": options or {},
+    } | _random_document(spec)
+
+
+def _random_document(spec: ModelSpec) -> dict[str, Any]:
+    """A mixed logit's random coefficients and draws; nothing for other models."""
+    if not spec.random:
+        return {}
+    return {
+        "random": [{"term": term, "distribution": name} for term, name in spec.random],
+        "correlated": spec.correlated,
+        "draws": spec.draws,
+        "draw_kind": spec.draw_kind,
+        "seed": spec.seed,
     }
 
 
@@ -74,7 +87,43 @@ def spec_from_document(document: Any, where: str = "model.json") -> ModelSpec:
         lambda_bounds=_bounds(document.get("lambda_bounds"), fail),
         base=_base(document.get("base"), fail),
         missing=_missing(document.get("missing", "error"), fail),
+        **_random_fields(document, fail),
     )
+
+
+def _random_fields(document: dict, fail) -> dict[str, Any]:
+    """The mixed logit's ModelSpec fields from the document (none when it has no 'random')."""
+    from choicecli.draws import DISTRIBUTIONS, DRAW_KINDS
+
+    random = document.get("random")
+    if random is None:
+        return {}
+    if not (
+        isinstance(random, list)
+        and random
+        and all(
+            isinstance(entry, dict)
+            and set(entry) == {"term", "distribution"}
+            and isinstance(entry["term"], str)
+            and entry["distribution"] in DISTRIBUTIONS
+            for entry in random
+        )
+    ):
+        raise fail("'spec.random' must list each random term with a known distribution")
+    draws, seed = document.get("draws"), document.get("seed")
+    if not (isinstance(draws, int) and not isinstance(draws, bool) and draws >= 1):
+        raise fail("'spec.draws' must be a positive integer")
+    if not (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0):
+        raise fail("'spec.seed' must be an integer 0 or more")
+    if document.get("draw_kind") not in DRAW_KINDS:
+        raise fail(f"'spec.draw_kind' must be one of {', '.join(DRAW_KINDS)}")
+    return {
+        "random": tuple((entry["term"], entry["distribution"]) for entry in random),
+        "correlated": _flag(document, "correlated", fail),
+        "draws": draws,
+        "draw_kind": document["draw_kind"],
+        "seed": seed,
+    }
 
 
 def _roles(value: Any, fail) -> Roles:

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from choicecli import draws as draws_module
-from choicecli import mixed
 from choicecli.errors import DataError, ModelError
+from choicecli.models import mixed
 from conftest import reference_file
 
 DTYPE = torch.float64

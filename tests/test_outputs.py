@@ -658,6 +658,11 @@ def full_spec() -> ModelSpec:
         lambda_bounds=(0.05, 0.95),
         base="b",
         missing="drop",
+        random=(("price[constant]", "lognormal"),),
+        correlated=True,
+        draws=77,
+        draw_kind="sobol",
+        seed=5,
     )
 
 

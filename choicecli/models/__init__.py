@@ -1,9 +1,10 @@
-"""Conditional and nested logit: utilities, log-likelihoods, gradients, Hessians. No I/O.
+"""Conditional, nested and mixed logit: utilities, log-likelihoods, gradients, Hessians. No I/O.
 
 protocol (what the estimator reads), slots (the slot layout and column store shared by every
 model), segments (sums over segments of rows), conditional and conditional_hessian (the
 conditional logit), nested (the nested logit's factory) with nested_dense and nested_ragged
-(its two strategies).
+(its two strategies), mixed (the mixed logit: simulated likelihood, exact Hessian, fitter;
+its draws in choicecli.draws).
 """
 
 from choicecli.models.conditional import ConditionalLogit
