@@ -377,19 +377,17 @@ def run_coef(
     vcov: bool = False,
 ) -> None:
     from choicecli.loader import load_result
-    from choicecli.output import check_destination, output_format, write_table, write_text
+    from choicecli.output import check_destination, write_table, write_text
     from choicecli.report import coefficient_lines
 
-    if fmt is None and output == "-":
-        fmt = "table" if sys.stdout is not None and sys.stdout.isatty() else "csv"
-    fmt = output_format(output, fmt, "csv")
+    fmt = rows_format(fmt, output)
     check_destination(output)
     result = load_result(model)
     table = select_terms(result.coefficient_table(), term, level)
     if vcov:
         table = covariance_table(result, table)
     if fmt == "table" and vcov:
-        _write_matrix(table, output)
+        _write_renderable(_matrix_renderable(table), output)
     elif fmt == "table" and output == "-":
         screen = plain_console()
         print_lines(screen, coefficient_lines(table, console_width(screen)))
@@ -430,17 +428,30 @@ def covariance_table(result, chosen: pl.DataFrame) -> pl.DataFrame:
     return pl.DataFrame(columns)
 
 
-def _write_matrix(table: pl.DataFrame, output: str) -> None:
-    """The covariance table as text: on stdout as laid out for it, in a file at full width."""
+def rows_format(fmt: str | None, output: str) -> str:
+    """A command's rows: a table on a terminal, CSV when piped, else what --format or the -o
+    suffix names."""
+    from choicecli.output import output_format
+
+    if fmt is None and output == "-":
+        fmt = "table" if sys.stdout is not None and sys.stdout.isatty() else "csv"
+    return output_format(output, fmt, "csv")
+
+
+def _write_renderable(renderable, output: str) -> None:
+    """A rich table as text: on stdout as laid out for it, in a file plain and at full width."""
     import io
 
     from choicecli.output import write_text
 
     if output == "-":
-        plain_console().print(_matrix_renderable(table))
+        screen = plain_console()
+        if not screen.is_terminal:  # piped: no width limit, as in a file
+            screen.width = 100_000
+        screen.print(renderable)
         return
     buffer = io.StringIO()
-    Console(file=buffer, width=100_000, color_system=None).print(_matrix_renderable(table))
+    Console(file=buffer, width=100_000, color_system=None).print(renderable)
     write_text(output, "\n".join(line.rstrip() for line in buffer.getvalue().splitlines()) + "\n")
 
 
@@ -595,28 +606,18 @@ def _emit(
     output: str,
     metadata: dict[str, str],
 ) -> None:
-    """Write a post-estimation table as coef does: a rich table on a terminal, CSV when piped,
-    or the format --format or the -o suffix names (Parquet to stdout too)."""
-    from choicecli.output import check_destination, output_format, write_table
+    """Write a post-estimation table: a table on a terminal, CSV when piped, or the format
+    --format or the -o suffix names."""
+    from choicecli.output import check_destination, write_table
 
-    if fmt is None and output == "-":
-        fmt = "table" if sys.stdout is not None and sys.stdout.isatty() else "csv"
-    fmt = output_format(output, fmt, "csv")
-    if fmt == "table":
-        if output != "-":
-            raise UsageError("--format table prints to the terminal; use csv, json or parquet")
-        Console(width=None if sys.stdout.isatty() else 200).print(renderable)
-        return
+    fmt = rows_format(fmt, output)
+    if fmt == "table" and output != "-":
+        raise UsageError("--format table prints to the terminal; use csv, json or parquet")
     check_destination(output)
-    write_table(frame, output, fmt, metadata)
-
-
-def _is_table(fmt: str | None, output: str) -> bool:
-    from choicecli.output import output_format
-
-    if fmt is None and output == "-":
-        return sys.stdout is not None and sys.stdout.isatty()
-    return output_format(output, fmt, "csv") == "table"
+    if fmt == "table":
+        _write_renderable(renderable, output)
+    else:
+        write_table(frame, output, fmt, metadata)
 
 
 def run_compare(
@@ -641,7 +642,7 @@ def run_compare(
 
 def _say_notes(notes: list[str], fmt: str | None, output: str, console: Console) -> None:
     """Notes on stderr once the output is written; a table on the terminal carries them."""
-    if not _is_table(fmt, output):
+    if rows_format(fmt, output) != "table":
         for note in notes:
             console.print(f"Note: {note}", markup=False, highlight=False, soft_wrap=True)
 
@@ -658,7 +659,7 @@ def run_summary(model: Path, fmt: str | None, output: str) -> None:
 
     check_destination(output)
     result = load_result(model)
-    if not _is_table(fmt, output):
+    if rows_format(fmt, output) != "table":
         metadata = {"choice.formula": result.spec["formula"]}
         _emit(fit_statistics_frame(result), None, fmt, output, metadata)
         return

@@ -27,6 +27,7 @@ softmax over draws; the batches are combined as the logsumexp is (online softmax
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -666,6 +667,25 @@ def standard_errors(information: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(torch.diag(torch.linalg.inv(information)))
 
 
+def _draw_batches(
+    spec: MixedSpec,
+    data: MixedData,
+    theta: torch.Tensor,
+    draws: torch.Tensor,  # (U, R, Kr)
+    draw_batch: int | None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Each batch of draws (U, B, Kr) with the log-probability of every unit's choices under
+    each of them (U, B); no derivatives."""
+    batch = draw_batch or default_draw_batch(data, draws.shape[1])
+    fixed_utility = (
+        data.design[:, :, : spec.n_fixed] @ theta[: spec.n_fixed] + data.blocked
+    ).unsqueeze(1)
+    for start in range(0, draws.shape[1], batch):
+        part = draws[:, start : start + batch]  # (U, B, Kr)
+        log_probability, _ = _batch(spec, data, theta, part, fixed_utility, False)
+        yield part, log_probability
+
+
 def conditional_means(
     spec: MixedSpec,
     data: MixedData,
@@ -675,17 +695,11 @@ def conditional_means(
 ) -> torch.Tensor:
     """Each unit's conditional mean of its random coefficients given its choices (Train,
     ch. 11): sum_r w_ur beta_ur with w the softmax over draws of log P_u(beta_ur). (U, Kr)"""
-    n_units, n_draws = draws.shape[0], draws.shape[1]
-    batch = draw_batch or default_draw_batch(data, n_draws)
+    n_units = draws.shape[0]
     with torch.no_grad():
-        fixed_utility = (
-            data.design[:, :, : spec.n_fixed] @ theta[: spec.n_fixed] + data.blocked
-        ).unsqueeze(1)
         running = torch.full((n_units,), -torch.inf, dtype=theta.dtype, device=theta.device)
         means = torch.zeros((n_units, spec.n_random), dtype=theta.dtype, device=theta.device)
-        for start in range(0, n_draws, batch):
-            part = draws[:, start : start + batch]  # (U, B, Kr)
-            log_probability, _ = _batch(spec, data, theta, part, fixed_utility, False)
+        for part, log_probability in _draw_batches(spec, data, theta, draws, draw_batch):
             beta = random_coefficients(spec, theta, part)[0]  # (U, B, Kr)
             weights = torch.softmax(log_probability, dim=1)  # (U, B)
             batch_means = torch.bmm(weights.unsqueeze(1), beta).squeeze(1)  # (U, Kr)
@@ -708,16 +722,10 @@ def simulation_standard_error(
     sqrt(sum_u var_r(P_ur) / (R L_u^2)) (the delta method on each unit's average; quasi-random
     draws usually do better than this says)."""
     n_units, n_draws = draws.shape[0], draws.shape[1]
-    batch = draw_batch or default_draw_batch(data, n_draws)
     with torch.no_grad():
-        fixed_utility = (
-            data.design[:, :, : spec.n_fixed] @ theta[: spec.n_fixed] + data.blocked
-        ).unsqueeze(1)
         first = torch.full((n_units,), -torch.inf, dtype=theta.dtype, device=theta.device)
         second = first.clone()
-        for start in range(0, n_draws, batch):
-            part = draws[:, start : start + batch]  # (U, B, Kr)
-            log_probability, _ = _batch(spec, data, theta, part, fixed_utility, False)
+        for _, log_probability in _draw_batches(spec, data, theta, draws, draw_batch):
             first = torch.logaddexp(first, torch.logsumexp(log_probability, dim=1))
             second = torch.logaddexp(second, torch.logsumexp(2.0 * log_probability, dim=1))
         # var / L^2 = mean(P^2) / mean(P)^2 - 1, in logs
