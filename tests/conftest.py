@@ -35,6 +35,18 @@ HC_FORMULA = (
     "(inc.room|constant) + (inc.cooling|constant) + (int.cooling|constant)"
 )
 
+ELECTRICITY_VARIABLES = ["pf", "cl", "loc", "wk", "tod", "seas"]
+# xlogit's README, 600 plain Halton draws, panel by id: mean, its std. error, sd, its std. error
+# (simulated log-likelihood -3888.4134); tests/data/README.md gives the source
+XLOGIT_ELECTRICITY = {
+    "pf": (-0.9996286, 0.0331488, 0.2357813, 0.0181892),
+    "cl": (-0.2355334, 0.0220401, 0.4025377, 0.0220183),
+    "loc": (2.2307891, 0.1164263, 1.9262893, 0.1187850),
+    "wk": (1.6251657, 0.0918755, -1.2192931, 0.0944581),
+    "tod": (-9.6067367, 0.3112721, 2.3354462, 0.1741859),
+    "seas": (-9.7892800, 0.2913063, -1.4200913, 0.2095869),
+}
+
 
 def reference_file(name: str) -> Path:
     """A reference data set that ships with the tests; a missing one fails the test."""

@@ -11,7 +11,7 @@ import torch
 from choicecli import draws as draws_module
 from choicecli.errors import DataError, ModelError
 from choicecli.models import mixed
-from conftest import reference_file
+from conftest import ELECTRICITY_VARIABLES, XLOGIT_ELECTRICITY, reference_file
 
 DTYPE = torch.float64
 ALL_DISTRIBUTIONS = ("normal", "lognormal", "uniform", "triangular", "truncated_normal")
@@ -435,18 +435,6 @@ def test_lognormal_keeps_its_sign_and_a_negative_effect_is_fitted_on_the_negated
     estimate[3:] = estimate[3:].abs()
     assert bool(((estimate - truth).abs() < 2 * fit.standard_errors).all()), estimate
     assert bool((mixed.random_coefficients(spec, fit.theta, draws)[0][:, :, 1] > 0).all())
-
-
-ELECTRICITY_VARIABLES = ["pf", "cl", "loc", "wk", "tod", "seas"]
-# xlogit's README, 600 Halton draws: mean, its std. error, sd, its std. error (LL -3888.4134)
-XLOGIT_ELECTRICITY = {
-    "pf": (-0.9996286, 0.0331488, 0.2357813, 0.0181892),
-    "cl": (-0.2355334, 0.0220401, 0.4025377, 0.0220183),
-    "loc": (2.2307891, 0.1164263, 1.9262893, 0.1187850),
-    "wk": (1.6251657, 0.0918755, -1.2192931, 0.0944581),
-    "tod": (-9.6067367, 0.3112721, 2.3354462, 0.1741859),
-    "seas": (-9.7892800, 0.2913063, -1.4200913, 0.2095869),
-}
 
 
 @pytest.fixture(scope="module")

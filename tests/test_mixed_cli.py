@@ -15,20 +15,16 @@ from choicecli.data import Roles
 from choicecli.models import mixed
 from choicecli.problem import ModelSpec, build_problem, dense_design
 from choicecli.spec import spec_document, spec_from_document
-from conftest import CHOICE_EXECUTABLE, reference_file
+from conftest import (
+    CHOICE_EXECUTABLE,
+    ELECTRICITY_VARIABLES,
+    XLOGIT_ELECTRICITY,
+    reference_file,
+)
 
-VARIABLES = ["pf", "cl", "loc", "wk", "tod", "seas"]
+VARIABLES = ELECTRICITY_VARIABLES
 FORMULA = " + ".join(f"({name}|constant)" for name in VARIABLES)
 ROLES = ["--case", "chid", "--item", "alt", "--choice", "choice"]
-# xlogit's README, 600 plain Halton draws: mean, its std. error, sd, its std. error
-XLOGIT = {
-    "pf": (-0.9996286, 0.0331488, 0.2357813, 0.0181892),
-    "cl": (-0.2355334, 0.0220401, 0.4025377, 0.0220183),
-    "loc": (2.2307891, 0.1164263, 1.9262893, 0.1187850),
-    "wk": (1.6251657, 0.0918755, -1.2192931, 0.0944581),
-    "tod": (-9.6067367, 0.3112721, 2.3354462, 0.1741859),
-    "seas": (-9.7892800, 0.2913063, -1.4200913, 0.2095869),
-}
 
 
 def invoke(*arguments: str):
@@ -90,7 +86,7 @@ def test_electricity_estimates_are_near_xlogits(electricity_fit):
     assert completed.returncode == 0, completed.stderr
     table = pl.read_parquet(model / "coefficients.parquet").filter(pl.col("user").is_null())
     for row in table.iter_rows(named=True):
-        mean, mean_error, sd, sd_error = XLOGIT[row["variable"]]
+        mean, mean_error, sd, sd_error = XLOGIT_ELECTRICITY[row["variable"]]
         if row["parameter"] == "mean":
             assert abs(row["estimate"] - mean) < 2.0 * mean_error, row
         else:
