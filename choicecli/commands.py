@@ -270,7 +270,7 @@ def run_fit(request: FitRequest, console: Console) -> int:
     }
     table = result.coefficient_table()
     result.warnings.extend(estimate_warnings(table, result.spec))
-    result.save(request.model)
+    result.save(request.model, table)
     for warning in result.warnings:
         console.print(
             f"Warning: {warning}", markup=False, highlight=False, style="yellow", soft_wrap=True

@@ -141,8 +141,9 @@ class FitResult:
             "provenance": self.provenance,
         }
 
-    def save(self, directory: Path) -> None:
+    def save(self, directory: Path, table: pl.DataFrame | None = None) -> None:
         """Write the model directory atomically: all three files appear together or none.
+        `table`: the coefficient table, when the caller has made it already.
 
         The three files carry one fit id (model.json, the safetensors and Parquet metadata),
         so the loader can tell files of different fits apart. Every file is written here with
@@ -175,7 +176,8 @@ class FitResult:
             _write_file(temp / PARAMS_FILE, payload)
             del payload
             with open(temp / COEFFICIENTS_FILE, "wb") as handle:
-                write_parquet(self.coefficient_table(), handle, metadata)
+                table = self.coefficient_table() if table is None else table
+                write_parquet(table, handle, metadata)
 
 
 def _classic_first(item: tuple[str, torch.Tensor]) -> tuple[bool, str]:
