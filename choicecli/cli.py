@@ -102,6 +102,18 @@ def say_error(message: str) -> None:
     stderr_console().print(f"Error: {message}", markup=False, highlight=False, soft_wrap=True)
 
 
+def say_usage_error(error: typer.TyperException) -> int:
+    """A usage error as one line naming the command's help (Typer prints four); `choice` or a
+    command run bare prints its help, as before. Returns the exit code (2)."""
+    if type(error).__name__ == "NoArgsIsHelpError":  # its message is the help text
+        typer.echo(error.format_message(), err=True)
+        return error.exit_code
+    context = getattr(error, "ctx", None)
+    hint = f" (see '{context.command_path} -h')" if context is not None else ""
+    say_error(f"{error.format_message()}{hint}")
+    return error.exit_code
+
+
 def say_interrupted(number: int) -> int:
     """The one line of an interrupted command; returns its exit code, 128 + the signal."""
     stderr_console().print(process.interruption_message(number), markup=False, highlight=False)
@@ -583,10 +595,15 @@ def main() -> NoReturn:
     code: int | str | None = 1
     try:
         try:
-            app()  # standalone: it ends in SystemExit with the command's code
-            code = 0
+            returned = app(standalone_mode=False)  # a command's typer.Exit comes back as its code
+            code = returned if isinstance(returned, int) else 0
         except SystemExit as done:
             code = done.code
+        except typer.Abort:
+            code = 1
+            say_error("aborted")
+        except typer.TyperException as error:  # a usage error: bad option, missing argument
+            code = say_usage_error(error)
         except process.Interrupted as stop:  # outside a command (parsing, after it returned)
             code = 128 + stop.number
             say_interrupted(stop.number)

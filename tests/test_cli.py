@@ -219,6 +219,33 @@ def test_help_does_not_import_torch():
     assert completed.stdout.strip() == "False"
 
 
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        (["fit", "--bogus", "x.csv"], "Error: No such option: --bogus"),
+        (["fitt"], "Error: No such command 'fitt'. Did you mean 'fit'?"),
+        (["coef", "--format", "xml"], "Error: Invalid value for '--format'"),
+        (["fit"], "Error: Missing argument 'data'."),
+    ],
+)
+def test_usage_errors_are_one_line_naming_the_help(arguments, expected):
+    """Typer prints usage, a hint and a blank line before the error; the tool prints one line."""
+    completed = subprocess.run(
+        [CHOICE_EXECUTABLE, *arguments], capture_output=True, text=True, timeout=60
+    )
+    assert completed.returncode == 2 and completed.stdout == ""
+    lines = completed.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), completed.stderr
+    command = "choice" if arguments[0] == "fitt" else f"choice {arguments[0]}"
+    assert lines[0].endswith(f"(see '{command} -h')")
+
+
+def test_bare_command_prints_its_help():
+    completed = subprocess.run([CHOICE_EXECUTABLE], capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 2 and completed.stderr.startswith("Usage: choice [OPTIONS]")
+    assert "fit" in completed.stderr and "Error" not in completed.stderr
+
+
 @pytest.mark.parametrize("entry", ["console-script", "python-m"])
 @pytest.mark.parametrize(
     ("inherited", "own"),
